@@ -1,0 +1,3 @@
+from rangefs.cli import main
+import sys
+sys.exit(main())

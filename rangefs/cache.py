@@ -1,0 +1,348 @@
+"""The block cache: per URL a sparse data file and a persisted bitmap; single-flight fetches.
+
+Imports rangefs.fetcher, origin, state and bitmap; never pyfuse3. Concurrency rules (one trio
+thread; blocking disk I/O goes to worker threads):
+
+- A block's bit is set only after its data is written to the data file.
+- A persisted bitmap never claims data that is not durable: a checkpoint snapshots the bitmap,
+  then fdatasyncs the data file, then replaces the state file atomically.
+- Between testing a block and claiming it (``_claim``) there is no ``await``, so two readers
+  that need the same block start one fetch; the second waits on the first one's event.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from rangefs import state
+from rangefs.bitmap import Bitmap
+from rangefs.errors import CacheError, RangefsError
+from rangefs.fetcher import BlockRun, BlockSink, Fetcher, plan_runs
+from rangefs.origin import RemoteFile
+from rangefs.urllist import redact_url
+
+log = logging.getLogger(__name__)
+
+# 256 KiB: two of the kernel's default 128 KiB FUSE reads, small enough that a random 4 KiB
+# read or `tail -c 1000` costs one small request; the bitmap of a 1 TiB file is still 512 KiB.
+DEFAULT_BLOCK_SIZE = 256 * 1024
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Where the cache lives and how often progress is made durable."""
+
+    cache_dir: Path
+    block_size: int = DEFAULT_BLOCK_SIZE
+    checkpoint_interval: float = 5.0  # seconds: the most progress a kill -9 can lose, by time
+    checkpoint_bytes: int = 64 * 1024 * 1024  # ... and by volume, whichever comes first
+    max_request_blocks: int = 64  # longest Range request, in blocks (16 MiB at the default)
+
+
+class _Abandoned(CacheError):
+    """The reader that was fetching a block went away; whoever needs it fetches it again."""
+
+
+class _Flight:
+    """One fetch of a block run in progress; waiters are woken per block."""
+
+    def __init__(self, run: BlockRun) -> None:
+        self.run = run
+        self.events = {block: trio.Event() for block in range(run.first, run.stop)}
+        self.error: BaseException | None = None
+
+    def finish(self, error: BaseException | None) -> None:
+        """Wake everyone still waiting; blocks not delivered carry ``error``."""
+        self.error = error
+        for event in self.events.values():
+            event.set()
+
+
+def cache_key(url: str) -> str:
+    """The name of a URL's cache files: a hash, so no credential or odd character reaches a path."""
+    return hashlib.sha256(url.encode()).hexdigest()[:32]
+
+
+class CachedFile:
+    """The cache of one remote file. Opened lazily, closed when its last user is done."""
+
+    def __init__(self, cache: Cache, url: str, remote: RemoteFile) -> None:
+        self.cache = cache
+        self.remote = remote
+        self.key = cache_key(url)
+        self.identity = state.Identity(
+            key=self.key,
+            url=redact_url(url),
+            size=remote.size,
+            etag=remote.etag,
+            last_modified=remote.last_modified,
+            block_size=cache.config.block_size,
+        )
+        base = cache.files_dir / self.key
+        self.data_path = base.with_suffix(".data")
+        self.state_path = base.with_suffix(".state")
+        self.bitmap: Bitmap | None = None
+        self._fd = -1
+        self._users = 0
+        self._lock = trio.Lock()
+        self._inflight: dict[int, _Flight] = {}
+        self._dirty = False
+        self._unsaved_bytes = 0
+        self._checkpoint_lock = trio.Lock()
+
+    @property
+    def block_size(self) -> int:
+        return self.identity.block_size
+
+    @property
+    def size(self) -> int:
+        return self.identity.size
+
+    def cached_bytes(self) -> int:
+        """Bytes present in the cache (as of the last load if the file is not open)."""
+        if self.bitmap is None:
+            return 0
+        last = self.identity.nblocks - 1
+        tail_short = self.block_size * self.identity.nblocks - self.size
+        return len(self.bitmap) * self.block_size - (tail_short if last in self.bitmap else 0)
+
+    async def acquire(self) -> None:
+        """Open the cache files for one more user (the first one loads or creates them)."""
+        async with self._lock:
+            if self._users == 0:
+                await trio.to_thread.run_sync(self._open_files)
+            self._users += 1
+
+    async def release(self) -> None:
+        """Drop one user; the last one checkpoints and closes the files."""
+        async with self._lock:
+            self._users -= 1
+            if self._users == 0:
+                await self.checkpoint()
+                await trio.to_thread.run_sync(self._close_files)
+
+    async def close(self) -> None:
+        """Checkpoint and close the files whatever the number of users (at unmount)."""
+        async with self._lock:
+            await self.checkpoint()
+            await trio.to_thread.run_sync(self._close_files)
+            self._users = 0
+
+    async def read(self, offset: int, size: int) -> bytes:
+        """Bytes ``offset .. offset+size`` (clipped at the end), fetching missing blocks first."""
+        end = min(offset + size, self.size)
+        if offset >= end:
+            return b""
+        await self.ensure(offset // self.block_size, (end - 1) // self.block_size + 1)
+        return await trio.to_thread.run_sync(os.pread, self._fd, end - offset, offset)
+
+    async def ensure(self, first: int, stop: int) -> None:
+        """Return once blocks ``first <= b < stop`` are all present, fetching what is missing.
+
+        Raises:
+            RangefsError: a fetch this read needed failed.
+        """
+        bitmap = self._bitmap()
+        while True:
+            missing = [b for b in range(first, stop) if b not in bitmap]
+            if not missing:
+                return
+            waits = {self._inflight[b] for b in missing if b in self._inflight}
+            mine = self._claim([b for b in missing if b not in self._inflight])
+            async with trio.open_nursery() as nursery:
+                for flight in mine:
+                    nursery.start_soon(self._fetch, flight)
+            for flight in mine:
+                if flight.error is not None:
+                    raise flight.error
+            await self._wait_for(waits, missing)
+
+    def _claim(self, blocks: list[int]) -> list[_Flight]:
+        flights = [_Flight(run) for run in plan_runs(blocks, self.cache.config.max_request_blocks)]
+        for flight in flights:
+            for block in flight.events:
+                self._inflight[block] = flight
+        return flights
+
+    async def _wait_for(self, flights: set[_Flight], blocks: list[int]) -> None:
+        """Wait for other readers' fetches of ``blocks``; re-raise their errors, not abandonment."""
+        for flight in flights:
+            for block in blocks:
+                if block in flight.events:
+                    await flight.events[block].wait()
+                    if block not in self._bitmap() and not isinstance(flight.error, (_Abandoned, type(None))):
+                        raise flight.error  # type: ignore[misc]
+
+    async def _fetch(self, flight: _Flight) -> None:
+        error: BaseException | None = _Abandoned("fetch abandoned")
+        try:
+            await self.cache.fetcher.fetch(self.remote, flight.run, self._store_block(flight))
+            error = None
+        except RangefsError as exc:
+            error = exc
+            log.warning("%s: %s", self.identity.url, exc)
+        except OSError as exc:
+            error = CacheError(f"{self.identity.url}: cannot write the cache file: {exc.strerror}")
+            log.warning("%s", error)
+        finally:
+            for block in flight.events:
+                if self._inflight.get(block) is flight:
+                    del self._inflight[block]
+            flight.finish(error)
+
+    def _store_block(self, flight: _Flight) -> BlockSink:
+        async def store(block: int, data: bytes) -> None:
+            await trio.to_thread.run_sync(_pwrite_all, self._fd, data, block * self.block_size)
+            self._bitmap().add(block)
+            self._dirty = True
+            self._unsaved_bytes += len(data)
+            flight.events[block].set()
+            if self._unsaved_bytes >= self.cache.config.checkpoint_bytes:
+                self.cache.request_checkpoint()
+
+        return store
+
+    async def checkpoint(self) -> None:
+        """Make the present blocks durable and save the bitmap that claims them."""
+        async with self._checkpoint_lock:
+            if not self._dirty or self._fd < 0:
+                return
+            snapshot = self._bitmap().copy()
+            self._dirty, self._unsaved_bytes = False, 0
+            try:
+                await trio.to_thread.run_sync(self._save, snapshot)
+            except OSError as exc:
+                self._dirty = True
+                log.warning("%s: cannot save cache state: %s", self.identity.url, exc.strerror)
+
+    def _save(self, snapshot: Bitmap) -> None:
+        os.fdatasync(self._fd)
+        state.save(self.state_path, self.identity, snapshot)
+
+    def _bitmap(self) -> Bitmap:
+        if self.bitmap is None or self._fd < 0:
+            raise CacheError(f"{self.identity.url}: cache file used while closed")
+        return self.bitmap
+
+    # -- blocking helpers, run in worker threads --------------------------------------------
+
+    def _open_files(self) -> None:
+        existed = self.data_path.exists()
+        try:
+            fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise CacheError(f"cannot open cache file {self.data_path}: {exc.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self.bitmap = self._load_bitmap(fd, existed)
+        except BlockingIOError:
+            os.close(fd)
+            raise CacheError(f"{self.identity.url}: cache in use by another rangefs process") from None
+        except OSError as exc:
+            os.close(fd)
+            raise CacheError(f"{self.identity.url}: cannot prepare the cache: {exc.strerror}") from None
+        self._fd = fd
+
+    def _load_bitmap(self, fd: int, existed: bool) -> Bitmap:
+        """The saved bitmap if it is for this version and the data file is whole; else a fresh cache."""
+        try:
+            stored, bitmap = state.load(self.state_path)
+        except FileNotFoundError:
+            stored, bitmap = None, None
+        except (OSError, state.StateCorrupt) as exc:
+            log.warning("%s: cache state not trusted (%s); starting afresh", self.identity.url, exc)
+            stored, bitmap = None, None
+        if stored == self.identity and existed and os.fstat(fd).st_size == self.size and bitmap is not None:
+            log.debug("%s: cache has %d of %d blocks", self.identity.url, len(bitmap), bitmap.nblocks)
+            return bitmap
+        if stored is not None:
+            log.info("%s: remote version or cache layout changed; dropping the cached blocks", self.identity.url)
+        return self._reset(fd)
+
+    def _reset(self, fd: int) -> Bitmap:
+        """An empty cache: the old state goes first, so it can never pair with new data."""
+        self.state_path.unlink(missing_ok=True)
+        os.ftruncate(fd, 0)
+        os.ftruncate(fd, self.size)
+        bitmap = Bitmap(self.identity.nblocks)
+        state.save(self.state_path, self.identity, bitmap)
+        return bitmap
+
+    def _close_files(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)  # also drops the flock
+            self._fd = -1
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        if written == 0:
+            raise OSError(errno.EIO, "pwrite wrote nothing")
+        view, offset = view[written:], offset + written
+
+
+class Cache:
+    """All cached files of one mount, and the task that checkpoints them."""
+
+    def __init__(self, config: CacheConfig, fetcher: Fetcher) -> None:
+        self.config = config
+        self.fetcher = fetcher
+        self.files_dir = config.cache_dir / "files"
+        self._files: dict[str, CachedFile] = {}
+        self._wakeup = trio.Event()
+
+    @staticmethod
+    def prepare(cache_dir: Path) -> None:
+        """Create the cache directory and check it is writable (called before mounting).
+
+        Raises:
+            CacheError: it cannot be created or written.
+        """
+        files_dir = cache_dir / "files"
+        try:
+            files_dir.mkdir(parents=True, exist_ok=True)
+            probe = files_dir / f".probe{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise CacheError(f"cache directory '{cache_dir}' is not writable: {exc.strerror}") from None
+
+    def file(self, url: str, remote: RemoteFile) -> CachedFile:
+        """The cache of ``url``; creating the object touches no file."""
+        cached = self._files.get(url)
+        if cached is None:
+            cached = self._files[url] = CachedFile(self, url, remote)
+        return cached
+
+    def __iter__(self) -> Iterator[CachedFile]:
+        return iter(self._files.values())
+
+    def request_checkpoint(self) -> None:
+        """Ask the checkpoint task to run now rather than at its next tick."""
+        self._wakeup.set()
+
+    async def checkpoint_all(self) -> None:
+        for cached in list(self._files.values()):
+            await cached.checkpoint()
+
+    async def run_checkpoints(self) -> None:
+        """Checkpoint dirty files every ``checkpoint_interval`` seconds, or sooner on request."""
+        while True:
+            with trio.move_on_after(self.config.checkpoint_interval):
+                await self._wakeup.wait()
+            self._wakeup = trio.Event()
+            started = time.monotonic()
+            await self.checkpoint_all()
+            log.debug("checkpoint took %.3fs", time.monotonic() - started)

@@ -1,0 +1,124 @@
+"""The command line: parse arguments, call rangefs.mount, turn errors into one line and an exit code."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+from rangefs import __version__
+from rangefs.cache import DEFAULT_BLOCK_SIZE, CacheConfig
+from rangefs.errors import RangefsError, UsageError
+from rangefs.mount import MountOptions, default_cache_dir, mount, unmount
+from rangefs.origin import OriginConfig
+
+_SIZE = re.compile(r"(\d+)([KMG]?)(i?B)?", re.IGNORECASE)
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line, not a usage dump."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"rangefs: {message} (see '{self.prog} --help')", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _size(text: str) -> int:
+    match = _SIZE.fullmatch(text.strip())
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a size: '{text}' (e.g. 256K, 1M)")
+    return int(match.group(1)) * _UNITS[match.group(2).upper()]
+
+
+def _block_size(text: str) -> int:
+    value = _size(text)
+    if value < 4096 or value > 64 << 20 or value & (value - 1):
+        raise argparse.ArgumentTypeError(f"block size '{text}' must be a power of two from 4K to 64M")
+    return value
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: '{text}'") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number: '{text}'")
+    return value
+
+
+def _count(text: str) -> int:
+    if not text.isdigit() or int(text) > 100:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 0 to 100: '{text}'")
+    return int(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="rangefs", description="Mount HTTP(S) URLs as read-only files, fetched by range.")
+    parser.add_argument("--version", action="version", version=f"rangefs {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    m = commands.add_parser("mount", help="mount a URL list", description="Mount a URL list as read-only files.")
+    m.add_argument("url_list", metavar="URLS", type=Path, help="the URL list: 'URL [PATH]' per line")
+    m.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path, help="an existing empty directory")
+    m.add_argument("--cache-dir", type=Path, default=None, help="cache directory (default: %(default)s)")
+    m.add_argument("-f", "--foreground", action="store_true", help="stay attached; log to stderr")
+    m.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    m.add_argument("--log-file", type=Path, help="log file (default: CACHE_DIR/rangefs.log)")
+    m.add_argument("--skip-unavailable", action="store_true",
+                   help="mount without the URLs that answer 404 or cannot be reached (default: fail)")
+    m.add_argument("--allow-other", action="store_true", help="let other users read the mount")
+    m.add_argument("--block-size", type=_block_size, default=DEFAULT_BLOCK_SIZE,
+                   help="cache block size, a power of two (default: 256K)")
+    m.add_argument("--checkpoint-interval", type=_positive, default=5.0, metavar="SECONDS",
+                   help="save cache state at least this often while reading (default: 5)")
+    m.add_argument("--connect-timeout", type=_positive, default=10.0, metavar="SECONDS")
+    m.add_argument("--read-timeout", type=_positive, default=30.0, metavar="SECONDS",
+                   help="longest wait for the next bytes of an answer (default: 30)")
+    m.add_argument("--retries", type=_count, default=5, help="retries without progress per request (default: 5)")
+
+    u = commands.add_parser("unmount", help="unmount and wait for the daemon to save its state",
+                            description="Unmount a rangefs mount; waits until its state is saved.")
+    u.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path)
+    u.add_argument("-z", "--lazy", action="store_true", help="detach now even if files are open")
+    u.add_argument("--timeout", type=_positive, default=60.0, metavar="SECONDS")
+    return parser
+
+
+def _mount_options(args: argparse.Namespace) -> MountOptions:
+    cache_dir = (args.cache_dir or default_cache_dir()).absolute()
+    return MountOptions(
+        url_list=args.url_list,
+        mountpoint=args.mountpoint.absolute(),
+        cache_dir=cache_dir,
+        foreground=args.foreground,
+        verbose=args.verbose,
+        log_file=args.log_file.absolute() if args.log_file else None,
+        skip_unavailable=args.skip_unavailable,
+        allow_other=args.allow_other,
+        cache=CacheConfig(cache_dir, block_size=args.block_size, checkpoint_interval=args.checkpoint_interval),
+        origin=OriginConfig(connect_timeout=args.connect_timeout, read_timeout=args.read_timeout,
+                            retries=args.retries),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "mount":
+            mount(_mount_options(args))
+        else:
+            unmount(args.mountpoint.absolute(), lazy=args.lazy, timeout=args.timeout)
+    except (RangefsError, UsageError) as exc:
+        print(f"rangefs: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

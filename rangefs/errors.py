@@ -1,0 +1,51 @@
+"""The rangefs exception hierarchy; imports nothing else of rangefs.
+
+    RangefsError                  anything rangefs raises on purpose
+     +-- UsageError               bad input from the user: message is a one-line reason shown as is
+     |    +-- UrlListError        a URL list that cannot be used (names the file and line)
+     +-- OriginError              the remote did not give us the bytes (HTTP or network level)
+     |    +-- RemoteNotFound      404/410: the file is not there
+     |    +-- RemoteUnreachable   connect/read failures and timeouts, after the retries
+     |    +-- RemoteChanged       the validator or size no longer matches what we cached
+     |    +-- BadResponse         an answer we refuse to trust (Content-Range mismatch, short body)
+     +-- CacheError               the local cache cannot be used (unwritable, locked by another process)
+
+The FUSE layer maps these to errno in one table (rangefs.fs); the CLI prints the message of a
+UsageError or any RangefsError raised during start-up as one line.
+"""
+
+
+class RangefsError(Exception):
+    """Base of every error rangefs raises on purpose."""
+
+
+class UsageError(RangefsError):
+    """Bad input given by the user (arguments, files, mount point)."""
+
+
+class UrlListError(UsageError):
+    """A URL list that cannot be used; the message names the file and line."""
+
+
+class OriginError(RangefsError):
+    """The remote server did not deliver what was asked."""
+
+
+class RemoteNotFound(OriginError):
+    """The server answered 404 or 410."""
+
+
+class RemoteUnreachable(OriginError):
+    """The server could not be reached or stopped answering, after the retries."""
+
+
+class RemoteChanged(OriginError):
+    """The remote file is not the version we know (validator or size changed)."""
+
+
+class BadResponse(OriginError):
+    """An answer that does not match the request (status, Content-Range, length)."""
+
+
+class CacheError(RangefsError):
+    """The local cache cannot be used."""

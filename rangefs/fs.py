@@ -1,0 +1,281 @@
+"""The FUSE side: inodes, handles and errno; the only module that imports pyfuse3.
+
+The tree is fixed at mount time (one file per URL-list entry, directories from their paths).
+Errors become errno here and only here, through ``_ERRNO``; an unexpected exception is logged
+with its traceback and answered with EIO, so one bad request never stops the mount.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ParamSpec, TypeVar
+
+import pyfuse3
+
+from rangefs.cache import Cache, CachedFile
+from rangefs.errors import CacheError, OriginError, RangefsError, RemoteChanged
+from rangefs.origin import RemoteFile
+from rangefs.urllist import Entry
+
+log = logging.getLogger(__name__)
+
+# The tree never changes while mounted, so the kernel may keep names and attributes long.
+_ENTRY_TIMEOUT = 300.0
+_ATTR_TIMEOUT = 300.0
+
+# First match wins: the most specific classes first.
+_ERRNO: tuple[tuple[type[BaseException], int], ...] = (
+    (RemoteChanged, errno.ESTALE),
+    (OriginError, errno.EIO),
+    (CacheError, errno.EIO),
+    (RangefsError, errno.EIO),
+)
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def errno_for(exc: BaseException) -> int:
+    """The errno a rangefs error becomes at the FUSE boundary."""
+    for cls, number in _ERRNO:
+        if isinstance(exc, cls):
+            return number
+    return errno.EIO
+
+
+def _fuse_errors(fn: Callable[_P, Awaitable[_R]]) -> Callable[_P, Awaitable[_R]]:
+    """Let FUSEError through, map rangefs errors by table, log and EIO anything else."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return await fn(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except RangefsError as exc:
+            log.error("%s: %s", fn.__name__, exc)
+            raise pyfuse3.FUSEError(errno_for(exc)) from None
+        except Exception:
+            log.exception("unexpected error in %s", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+async def _erofs(*args: Any, **kwargs: Any) -> Any:
+    raise pyfuse3.FUSEError(errno.EROFS)
+
+
+@dataclass
+class Node:
+    """A file or directory of the mount."""
+
+    inode: int
+    name: bytes
+    parent: int
+    children: dict[bytes, int] | None = None  # directories only
+    entry: Entry | None = None  # files only
+    cached: CachedFile | None = None  # files only
+
+    @property
+    def is_dir(self) -> bool:
+        return self.children is not None
+
+
+@dataclass
+class Tree:
+    """Inodes of the mount, built once from the URL list."""
+
+    nodes: dict[int, Node] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, files: Sequence[tuple[Entry, CachedFile]]) -> Tree:
+        tree = cls()
+        tree.nodes[pyfuse3.ROOT_INODE] = Node(pyfuse3.ROOT_INODE, b"", pyfuse3.ROOT_INODE, children={})
+        for entry, cached in files:
+            parent = tree.nodes[pyfuse3.ROOT_INODE]
+            for part in entry.path[:-1]:
+                parent = tree._subdir(parent, os.fsencode(part))
+            node = tree._add(parent, os.fsencode(entry.path[-1]))
+            node.entry, node.cached = entry, cached
+        return tree
+
+    def _add(self, parent: Node, name: bytes, directory: bool = False) -> Node:
+        assert parent.children is not None and name not in parent.children
+        node = Node(len(self.nodes) + pyfuse3.ROOT_INODE, name, parent.inode, children={} if directory else None)
+        self.nodes[node.inode] = node
+        parent.children[name] = node.inode
+        return node
+
+    def _subdir(self, parent: Node, name: bytes) -> Node:
+        assert parent.children is not None
+        inode = parent.children.get(name)
+        return self.nodes[inode] if inode is not None else self._add(parent, name, directory=True)
+
+
+class Filesystem(pyfuse3.Operations):
+    """Read-only operations over a Tree whose files are served by the block cache."""
+
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, tree: Tree, cache: Cache) -> None:
+        super().__init__()
+        self.tree = tree
+        self.cache = cache
+        self._handles: dict[int, CachedFile] = {}
+        self._next_fh = 1
+        self._mount_time_ns = time.time_ns()
+        self._uid, self._gid = os.getuid(), os.getgid()
+
+    def _node(self, inode: int) -> Node:
+        try:
+            return self.tree.nodes[inode]
+        except KeyError:
+            raise pyfuse3.FUSEError(errno.ENOENT) from None
+
+    def _attributes(self, node: Node) -> pyfuse3.EntryAttributes:
+        attrs = pyfuse3.EntryAttributes()
+        attrs.st_ino = pyfuse3.InodeT(node.inode)
+        attrs.entry_timeout = _ENTRY_TIMEOUT
+        attrs.attr_timeout = _ATTR_TIMEOUT
+        attrs.st_uid, attrs.st_gid = self._uid, self._gid
+        mtime = self._mount_time_ns
+        if node.cached is not None:
+            remote: RemoteFile = node.cached.remote
+            attrs.st_mode = pyfuse3.ModeT(stat.S_IFREG | 0o444)
+            attrs.st_nlink = 1
+            attrs.st_size = remote.size
+            attrs.st_blksize = node.cached.block_size
+            attrs.st_blocks = -(-node.cached.cached_bytes() // 512)  # `du` shows what is cached
+            mtime = remote.mtime_ns or mtime
+        else:
+            attrs.st_mode = pyfuse3.ModeT(stat.S_IFDIR | 0o555)
+            attrs.st_nlink = 2
+            attrs.st_size = 0
+        attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = mtime
+        return attrs
+
+    @_fuse_errors
+    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        parent = self._node(parent_inode)
+        if parent.children is None:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        if name == b".":
+            return self._attributes(parent)
+        if name == b"..":
+            return self._attributes(self._node(parent.parent))
+        inode = parent.children.get(name)
+        if inode is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._attributes(self._node(inode))
+
+    @_fuse_errors
+    async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        return self._attributes(self._node(inode))
+
+    @_fuse_errors
+    async def opendir(self, inode: int, ctx: Any) -> int:
+        if not self._node(inode).is_dir:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return inode
+
+    @_fuse_errors
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        children = self._node(fh).children or {}
+        for index, (name, inode) in enumerate(sorted(children.items())):
+            if index < start_id:
+                continue
+            if not pyfuse3.readdir_reply(token, name, self._attributes(self._node(inode)), index + 1):
+                return
+
+    async def releasedir(self, fh: int) -> None:
+        return None
+
+    @_fuse_errors
+    async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
+        node = self._node(inode)
+        if node.cached is None:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
+            raise pyfuse3.FUSEError(errno.EROFS)
+        await node.cached.acquire()
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = node.cached
+        # keep_cache: pages read once stay valid; the version is fixed while mounted.
+        return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), keep_cache=True)
+
+    @_fuse_errors
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        return await self._handle(fh).read(off, size)
+
+    @_fuse_errors
+    async def release(self, fh: int) -> None:
+        cached = self._handles.pop(fh, None)
+        if cached is not None:
+            await cached.release()
+
+    def _handle(self, fh: int) -> CachedFile:
+        try:
+            return self._handles[fh]
+        except KeyError:
+            raise pyfuse3.FUSEError(errno.EBADF) from None
+
+    @_fuse_errors
+    async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
+        data = pyfuse3.StatvfsData()
+        files = [n.cached for n in self.tree.nodes.values() if n.cached is not None]
+        data.f_bsize = data.f_frsize = 4096
+        data.f_blocks = sum(-(-f.size // 4096) for f in files)
+        data.f_bfree = data.f_bavail = 0
+        data.f_files = len(self.tree.nodes)
+        data.f_ffree = data.f_favail = 0
+        data.f_namemax = 255
+        return data
+
+    @_fuse_errors
+    async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+        node = self._node(inode)
+        if node.cached is None:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        values = _xattrs(node.cached)
+        if name not in values:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        return values[name]
+
+    @_fuse_errors
+    async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
+        node = self._node(inode)
+        return [] if node.cached is None else list(_xattrs(node.cached))
+
+    # Everything that would change the tree or a file answers EROFS.
+    setattr = _erofs
+    mknod = _erofs
+    mkdir = _erofs
+    unlink = _erofs
+    rmdir = _erofs
+    symlink = _erofs
+    rename = _erofs
+    link = _erofs
+    write = _erofs
+    create = _erofs
+    setxattr = _erofs
+    removexattr = _erofs
+
+
+def _xattrs(cached: CachedFile) -> dict[bytes, bytes]:
+    """Per-file cache state, readable with ``getfattr -d``; URLs are shown redacted."""
+    return {
+        b"user.rangefs.url": cached.identity.url.encode(),
+        b"user.rangefs.cached_bytes": str(cached.cached_bytes()).encode(),
+        b"user.rangefs.block_size": str(cached.block_size).encode(),
+    }

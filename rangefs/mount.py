@@ -1,0 +1,414 @@
+"""The mount lifecycle: check the input, probe the URLs, mount, serve, shut down cleanly.
+
+Sits on top of every other module. ``mount()`` returns once the filesystem is mounted and ready
+(a daemon keeps serving it) or raises a RangefsError whose message is the one line to show.
+``unmount()`` asks the kernel to unmount and waits for the daemon to save its state and exit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from rangefs.cache import DEFAULT_BLOCK_SIZE, Cache, CacheConfig
+from rangefs.errors import CacheError, OriginError, RangefsError, UsageError
+from rangefs.fetcher import Fetcher
+from rangefs.fs import Filesystem, Tree
+from rangefs.origin import Origin, OriginConfig, RemoteFile
+from rangefs.urllist import Entry, load_url_list, redact_url
+
+log = logging.getLogger(__name__)
+
+_PROBE_CONCURRENCY = 16
+_LOG_FORMAT = "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"
+
+
+@dataclass(frozen=True)
+class MountOptions:
+    """Everything ``rangefs mount`` was asked to do."""
+
+    url_list: Path
+    mountpoint: Path
+    cache_dir: Path
+    foreground: bool = False
+    verbose: bool = False
+    log_file: Path | None = None
+    skip_unavailable: bool = False
+    allow_other: bool = False
+    startup_timeout: float = 300.0
+    cache: CacheConfig = field(default_factory=lambda: CacheConfig(Path(".")))
+    origin: OriginConfig = field(default_factory=OriginConfig)
+
+    @property
+    def log_path(self) -> Path:
+        return self.log_file or self.cache_dir / "rangefs.log"
+
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/rangefs``, else ``~/.cache/rangefs``."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "rangefs"
+
+
+def pidfile_path(mountpoint: str | os.PathLike[str]) -> Path:
+    """Where the daemon serving ``mountpoint`` records its pid."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    base = Path(runtime) / "rangefs" if runtime else Path(f"/tmp/rangefs-{os.getuid()}")
+    digest = hashlib.sha256(os.path.abspath(mountpoint).encode()).hexdigest()[:16]
+    return base / f"{digest}.pid"
+
+
+# -- checks before anything is started ------------------------------------------------------
+
+
+def check_mountpoint(mountpoint: Path) -> None:
+    """Raise UsageError unless ``mountpoint`` is an existing directory with nothing mounted on it."""
+    try:
+        st = mountpoint.stat()
+    except FileNotFoundError:
+        raise UsageError(f"mount point '{mountpoint}' does not exist") from None
+    except OSError as exc:
+        if exc.errno == 107:  # ENOTCONN: a FUSE mount whose daemon is gone
+            raise UsageError(
+                f"mount point '{mountpoint}' holds a stale mount; run 'rangefs unmount {mountpoint}' first"
+            ) from None
+        raise UsageError(f"mount point '{mountpoint}': {exc.strerror}") from None
+    if not os.path.isdir(mountpoint):
+        raise UsageError(f"mount point '{mountpoint}' is not a directory")
+    if os.path.ismount(mountpoint) or _mount_fstype(mountpoint) is not None:
+        raise UsageError(f"mount point '{mountpoint}' is already mounted")
+    del st
+
+
+def _mount_fstype(mountpoint: Path) -> str | None:
+    """The filesystem type mounted exactly at ``mountpoint``, from /proc/self/mountinfo."""
+    target = os.path.abspath(mountpoint)
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        left, _, right = line.partition(" - ")
+        fields = left.split()
+        if len(fields) > 4 and _unescape_mountinfo(fields[4]) == target:
+            return right.split()[0]
+    return None
+
+
+def _unescape_mountinfo(path: str) -> str:
+    return path.encode().decode("unicode_escape").encode("latin-1").decode(errors="replace")
+
+
+# -- mount ----------------------------------------------------------------------------------
+
+
+def mount(opts: MountOptions) -> None:
+    """Mount ``opts.url_list`` at ``opts.mountpoint``; return when ready (or when unmounted, in the foreground).
+
+    Raises:
+        RangefsError: with the one-line reason the mount could not be made.
+    """
+    entries = load_url_list(opts.url_list)
+    check_mountpoint(opts.mountpoint)
+    Cache.prepare(opts.cache_dir)
+    _setup_logging(opts)
+    if opts.foreground:
+        trio.run(_serve, opts, entries, _ForegroundReporter())
+        return
+    _daemonize(opts, entries)
+
+
+class _ForegroundReporter:
+    """Start-up news for a mount in the foreground: straight to stderr."""
+
+    def warn(self, message: str) -> None:
+        print(f"rangefs: warning: {message}", file=sys.stderr, flush=True)
+
+    def ready(self) -> None:
+        log.info("mounted")
+
+
+class _PipeReporter:
+    """Start-up news from the daemon to the waiting parent, one line each: W warning, R ready."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def warn(self, message: str) -> None:
+        self._send(f"W {message}")
+
+    def ready(self) -> None:
+        self._send("R")
+        os.close(self.fd)
+        self.fd = -1
+
+    def fail(self, message: str) -> None:
+        self._send(f"E {message}")
+
+    def _send(self, line: str) -> None:
+        if self.fd >= 0:
+            os.write(self.fd, line.replace("\n", " ").encode() + b"\n")
+
+
+def _daemonize(opts: MountOptions, entries: list[Entry]) -> None:
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_fd)
+        _run_daemon(opts, entries, write_fd)
+    os.close(write_fd)
+    _await_daemon(pid, read_fd, opts)
+
+
+def _run_daemon(opts: MountOptions, entries: list[Entry], write_fd: int) -> None:
+    """The daemon: detach, serve until unmounted, exit. Never returns."""
+    os.setsid()
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    reporter = _PipeReporter(write_fd)
+    code = 0
+    try:
+        trio.run(_serve, opts, entries, reporter)
+    except RangefsError as exc:
+        reporter.fail(str(exc))
+        code = 1
+    except BaseException:
+        log.exception("daemon failed")
+        reporter.fail(f"the daemon failed; see {opts.log_path}")
+        code = 1
+    logging.shutdown()
+    os._exit(code)
+
+
+def _await_daemon(pid: int, read_fd: int, opts: MountOptions) -> None:
+    """Relay the daemon's start-up news; return once it says ready, raise if it fails."""
+    deadline = time.monotonic() + opts.startup_timeout
+    try:
+        for line in _daemon_news(read_fd, deadline):
+            kind, _, message = line.partition(" ")
+            if kind == "W":
+                print(f"rangefs: warning: {message}", file=sys.stderr, flush=True)
+            elif kind == "R":
+                return
+            elif kind == "E":
+                os.waitpid(pid, 0)
+                raise RangefsError(message)
+    finally:
+        os.close(read_fd)
+    if time.monotonic() >= deadline:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        raise RangefsError(f"mount not ready after {opts.startup_timeout:.0f}s; gave up (see {opts.log_path})")
+    os.waitpid(pid, 0)
+    raise RangefsError(f"the daemon exited during start-up; see {opts.log_path}")
+
+
+def _daemon_news(read_fd: int, deadline: float) -> Iterator[str]:
+    """Lines from the daemon's pipe until it closes it or the deadline passes."""
+    buffer = b""
+    while True:
+        while b"\n" in buffer:
+            line, buffer = buffer.split(b"\n", 1)
+            yield line.decode(errors="replace")
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not select.select([read_fd], [], [], remaining)[0]:
+            return
+        chunk = os.read(read_fd, 4096)
+        if not chunk:
+            return
+        buffer += chunk
+
+
+def _setup_logging(opts: MountOptions) -> None:
+    root = logging.getLogger()
+    root.setLevel(logging.DEBUG if opts.verbose else logging.INFO)
+    formatter = logging.Formatter(_LOG_FORMAT)
+    try:
+        file_handler = logging.FileHandler(opts.log_path)
+    except OSError as exc:
+        raise UsageError(f"cannot write log file '{opts.log_path}': {exc.strerror}") from None
+    file_handler.setFormatter(formatter)
+    root.addHandler(file_handler)
+    if opts.foreground:
+        stream = logging.StreamHandler(sys.stderr)
+        stream.setFormatter(formatter)
+        root.addHandler(stream)
+
+
+async def _probe_all(
+    origin: Origin, entries: list[Entry], opts: MountOptions, warn: Callable[[str], None]
+) -> list[tuple[Entry, RemoteFile]]:
+    """Probe every URL, at most _PROBE_CONCURRENCY at once; unusable ones fail the mount or are skipped."""
+    results: dict[int, RemoteFile | OriginError] = {}
+    limiter = trio.CapacityLimiter(_PROBE_CONCURRENCY)
+
+    async def probe(index: int, entry: Entry) -> None:
+        async with limiter:
+            try:
+                results[index] = await origin.probe(entry.url)
+            except OriginError as exc:
+                results[index] = exc
+
+    async with trio.open_nursery() as nursery:
+        for index, entry in enumerate(entries):
+            nursery.start_soon(probe, index, entry)
+    found: list[tuple[Entry, RemoteFile]] = []
+    failures: list[str] = []
+    for index, entry in enumerate(entries):
+        result = results[index]
+        if isinstance(result, RemoteFile):
+            found.append((entry, result))
+        else:
+            failures.append(f"{opts.url_list} line {entry.line}: {result}")
+    return _settle_failures(found, failures, opts, warn)
+
+
+def _settle_failures(
+    found: list[tuple[Entry, RemoteFile]], failures: list[str], opts: MountOptions, warn: Callable[[str], None]
+) -> list[tuple[Entry, RemoteFile]]:
+    for failure in failures:
+        log.warning("%s", failure)
+    if failures and not opts.skip_unavailable:
+        more = f" (and {len(failures) - 1} more; --skip-unavailable mounts the rest)" if len(failures) > 1 else ""
+        raise UsageError(failures[0] + more)
+    for failure in failures:
+        warn(f"{failure}; skipped")
+    if not found:
+        raise UsageError(f"no URL in '{opts.url_list}' could be used")
+    return found
+
+
+async def _serve(opts: MountOptions, entries: list[Entry], reporter: _ForegroundReporter | _PipeReporter) -> None:
+    async with Origin(opts.origin) as origin:
+        files = await _probe_all(origin, entries, opts, reporter.warn)
+        cache = Cache(opts.cache, Fetcher(origin, opts.cache.block_size))
+        tree = Tree.build([(entry, cache.file(entry.url, remote)) for entry, remote in files])
+        _mount_fuse(Filesystem(tree, cache), opts)
+        pidfile = _write_pidfile(opts.mountpoint)
+        unmount_ourselves = True
+        try:
+            reporter.ready()
+            log.info("serving %d files at %s", len(files), opts.mountpoint)
+            unmount_ourselves = await _run_until_unmounted(cache)
+        finally:
+            with trio.CancelScope(shield=True):
+                await _shutdown(cache)
+            pyfuse3.close(unmount=unmount_ourselves)
+            pidfile.unlink(missing_ok=True)
+            log.info("unmounted %s", opts.mountpoint)
+
+
+def _mount_fuse(fs: Filesystem, opts: MountOptions) -> None:
+    options = set(pyfuse3.default_options) | {"fsname=rangefs", "subtype=rangefs", "ro"}
+    if opts.allow_other:
+        options.add("allow_other")
+    try:
+        pyfuse3.init(fs, str(opts.mountpoint), options)
+    except (RuntimeError, OSError) as exc:
+        raise UsageError(f"cannot mount at '{opts.mountpoint}': {exc}") from None
+
+
+async def _run_until_unmounted(cache: Cache) -> bool:
+    """Serve until the kernel unmounts us (False) or a signal asks us to stop (True: we unmount)."""
+    stopped_by_signal = False
+
+    async def watch_signals() -> None:
+        nonlocal stopped_by_signal
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async for signum in signals:
+                log.info("%s: unmounting", signal.Signals(signum).name)
+                stopped_by_signal = True
+                pyfuse3.terminate()
+                return
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(cache.run_checkpoints)
+        nursery.start_soon(watch_signals)
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+    return stopped_by_signal
+
+
+async def _shutdown(cache: Cache) -> None:
+    """Save every file's state and close the cache files."""
+    for cached in cache:
+        try:
+            await cached.checkpoint()
+            await cached.close()
+        except (RangefsError, OSError) as exc:
+            log.warning("%s: %s", cached.identity.url, exc)
+
+
+def _write_pidfile(mountpoint: Path) -> Path:
+    path = pidfile_path(mountpoint)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path.write_text(f"{os.getpid()}\n{os.path.abspath(mountpoint)}\n")
+    return path
+
+
+# -- unmount --------------------------------------------------------------------------------
+
+
+def unmount(mountpoint: Path, lazy: bool = False, timeout: float = 60.0) -> None:
+    """Unmount a rangefs mount and wait until its daemon has saved its state and exited.
+
+    Raises:
+        UsageError: not a rangefs mount, busy, or the daemon did not exit in time.
+    """
+    fstype = _mount_fstype(mountpoint)
+    if fstype != "fuse.rangefs":
+        raise UsageError(f"'{mountpoint}' is not a rangefs mount")
+    pid = _read_pid(mountpoint)
+    command = ["fusermount3", "-u", *(["-z"] if lazy else []), str(mountpoint)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        reason = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"
+        if "busy" in reason.lower():
+            raise UsageError(f"'{mountpoint}' is busy (files are open); close them or use --lazy")
+        raise UsageError(f"cannot unmount '{mountpoint}': {reason}")
+    if pid is not None and not _wait_for_exit(pid, timeout):
+        raise UsageError(f"unmounted '{mountpoint}', but its daemon (pid {pid}) did not exit within {timeout:.0f}s")
+
+
+def _read_pid(mountpoint: Path) -> int | None:
+    try:
+        pid = int(pidfile_path(mountpoint).read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    return pid if b"rangefs" in cmdline else None
+
+
+def _wait_for_exit(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not os.path.exists(f"/proc/{pid}") or _is_zombie(pid):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
+
+
+__all__ = ["DEFAULT_BLOCK_SIZE", "MountOptions", "mount", "unmount", "pidfile_path", "CacheError"]

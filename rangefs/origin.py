@@ -1,0 +1,304 @@
+"""The only module that speaks HTTP: probe a URL, fetch byte ranges, verify answers, retry.
+
+The only module that imports httpx; it raises rangefs.errors exceptions, never httpx ones.
+Every ranged GET carries ``If-Range`` with the file's validator and ``Accept-Encoding:
+identity`` (ranges count bytes of the encoded body), and every 206 is checked against the
+request before a byte of it is handed on.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from typing import TypeVar
+
+import httpx
+import trio
+
+from rangefs.errors import BadResponse, OriginError, RemoteChanged, RemoteNotFound, RemoteUnreachable
+from rangefs.urllist import redact_url
+
+log = logging.getLogger(__name__)
+
+# Our own log lines carry redacted URLs; httpx's INFO lines would carry them in full.
+logging.getLogger("httpx").setLevel(logging.WARNING)
+logging.getLogger("httpcore").setLevel(logging.WARNING)
+
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)$")
+_CONTENT_RANGE_UNSATISFIED = re.compile(r"bytes \*/(\d+)$")
+_HEAD_REFUSED = {403, 405, 501}  # answers that may mean "no HEAD here" rather than "no file"
+
+Sink = Callable[[int, bytes], Awaitable[None]]
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """One version of a remote file, as the server described it."""
+
+    url: str  # where ranges are fetched from: the final URL after redirects
+    size: int
+    etag: str | None
+    last_modified: str | None
+    accept_ranges: bool = True
+
+    @property
+    def if_range(self) -> str | None:
+        """The validator for If-Range: a strong ETag, else the Last-Modified date (RFC 9110 13.1.5)."""
+        if self.etag and not self.etag.startswith("W/"):
+            return self.etag
+        return self.last_modified
+
+    @property
+    def mtime_ns(self) -> int | None:
+        """Last-Modified as nanoseconds since the epoch, when given and parseable."""
+        if not self.last_modified:
+            return None
+        try:
+            return int(parsedate_to_datetime(self.last_modified).timestamp()) * 1_000_000_000
+        except (TypeError, ValueError):
+            return None
+
+
+@dataclass(frozen=True)
+class OriginConfig:
+    """Bounds on the HTTP side; every wait and every retry loop is finite."""
+
+    connect_timeout: float = 10.0
+    read_timeout: float = 30.0  # per read of a body, not per request
+    retries: int = 5  # attempts after the first without progress
+    retry_max_delay: float = 10.0  # cap of one backoff sleep, Retry-After included
+    max_connections: int = 16
+
+
+class _Retry(Exception):
+    """An attempt failed in a way another attempt may fix."""
+
+    def __init__(self, reason: str, delay: float | None = None) -> None:
+        super().__init__(reason)
+        self.delay = delay
+
+
+class Origin:
+    """An HTTP client for probing and fetching ranges; use as ``async with Origin(cfg) as origin``."""
+
+    def __init__(self, config: OriginConfig | None = None) -> None:
+        self.config = config or OriginConfig()
+        self._client: httpx.AsyncClient | None = None
+
+    async def __aenter__(self) -> Origin:
+        cfg = self.config
+        timeout = httpx.Timeout(cfg.read_timeout, connect=cfg.connect_timeout, pool=None)
+        limits = httpx.Limits(max_connections=cfg.max_connections, max_keepalive_connections=cfg.max_connections)
+        self._client = httpx.AsyncClient(
+            timeout=timeout,
+            limits=limits,
+            follow_redirects=True,
+            max_redirects=10,
+            headers={"Accept-Encoding": "identity", "User-Agent": "rangefs"},
+        )
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    @property
+    def client(self) -> httpx.AsyncClient:
+        if self._client is None:
+            raise RuntimeError("Origin used outside 'async with'")
+        return self._client
+
+    async def probe(self, url: str) -> RemoteFile:
+        """Learn size and validator with HEAD, or a ``bytes=0-0`` GET where HEAD is refused.
+
+        Raises:
+            RemoteNotFound, RemoteUnreachable, BadResponse.
+        """
+        return await self._with_retries(url, lambda: self._probe_once(url))
+
+    async def _probe_once(self, url: str) -> RemoteFile:
+        resp = await self.client.head(url)
+        _raise_for_status(url, resp)
+        size = resp.headers.get("Content-Length")
+        if resp.status_code in _HEAD_REFUSED or not size or not size.isdigit():
+            return await self._probe_by_get(url)
+        if not resp.is_success:
+            raise BadResponse(f"{redact_url(url)}: HEAD answered {_status(resp)}")
+        return _remote_from(resp, int(size), resp.headers.get("Accept-Ranges", "bytes") != "none")
+
+    async def _probe_by_get(self, url: str) -> RemoteFile:
+        async with self.client.stream("GET", url, headers={"Range": "bytes=0-0"}) as resp:
+            _raise_for_status(url, resp)
+            if resp.status_code == 206:
+                size = _total_from_content_range(url, resp)
+                return _remote_from(resp, size, True)
+            if resp.status_code == 416:
+                match = _CONTENT_RANGE_UNSATISFIED.match(resp.headers.get("Content-Range", ""))
+                if match and match.group(1) == "0":
+                    return _remote_from(resp, 0, True)
+            length = resp.headers.get("Content-Length", "")
+            if resp.status_code == 200 and length.isdigit():
+                return _remote_from(resp, int(length), False)
+            raise BadResponse(f"{redact_url(url)}: cannot learn the size (GET answered {_status(resp)})")
+
+    async def fetch(self, remote: RemoteFile, start: int, stop: int, sink: Sink) -> None:
+        """Deliver bytes ``start <= i < stop`` of ``remote`` to ``sink(offset, chunk)``, in order.
+
+        A failed attempt resumes from the last byte delivered, so a server that cuts every
+        response short still delivers the whole range; attempts that make no progress are
+        bounded by ``config.retries``.
+
+        Raises:
+            RemoteChanged: the server no longer has this version (200 to If-Range, 416, other size).
+            RemoteNotFound, RemoteUnreachable, BadResponse.
+        """
+        position = start
+
+        async def advance(offset: int, chunk: bytes) -> None:
+            nonlocal position
+            await sink(offset, chunk)
+            position = offset + len(chunk)
+
+        async def attempt() -> None:
+            before = position
+            try:
+                await self._fetch_once(remote, position, stop, advance)
+            except (_Retry, httpx.TransportError) as exc:
+                if position == before:
+                    raise
+                log.info("%s: %s at byte %d; resuming", redact_url(remote.url), _describe(exc), position)
+                raise _Retry("progress made", delay=0) from None
+
+        while position < stop:
+            await self._with_retries(remote.url, attempt)
+
+    async def _fetch_once(self, remote: RemoteFile, start: int, stop: int, sink: Sink) -> None:
+        headers = {"Range": f"bytes={start}-{stop - 1}"}
+        if remote.if_range:
+            headers["If-Range"] = remote.if_range
+        position = start
+        async with self.client.stream("GET", remote.url, headers=headers) as resp:
+            _check_range_answer(remote, resp, start, stop)
+            async for chunk in resp.aiter_raw():
+                chunk = chunk[: stop - position]
+                await sink(position, chunk)
+                position += len(chunk)
+                if position >= stop:
+                    return
+        raise _Retry(f"body ended at byte {position}, expected {stop}")
+
+    async def _with_retries(self, url: str, attempt: Callable[[], Awaitable[_T]]) -> _T:
+        failures = 0
+        while True:
+            try:
+                return await attempt()
+            except (httpx.UnsupportedProtocol, httpx.TooManyRedirects) as exc:
+                raise BadResponse(f"{redact_url(url)}: {_describe(exc)}") from None
+            except httpx.TransportError as exc:
+                error: _Retry = _Retry(_describe(exc))
+            except _Retry as exc:
+                error = exc
+            except httpx.HTTPError as exc:
+                raise BadResponse(f"{redact_url(url)}: {_describe(exc)}") from None
+            if error.delay == 0:
+                failures = 0
+                continue
+            failures += 1
+            if failures > self.config.retries:
+                raise RemoteUnreachable(f"{redact_url(url)}: {error} (gave up after {failures} attempts)")
+            delay = error.delay if error.delay is not None else self._backoff(failures)
+            log.info("%s: %s; retry %d in %.2fs", redact_url(url), error, failures, delay)
+            await trio.sleep(delay)
+
+    def _backoff(self, failures: int) -> float:
+        """Full-jitter exponential backoff: uniform in [0, min(cap, 0.1 s * 2^failures)]."""
+        return random.uniform(0, min(self.config.retry_max_delay, 0.1 * 2**failures))
+
+
+def _describe(exc: BaseException) -> str:
+    """An exception as one line; httpx messages may embed the URL, so keep only the class for those."""
+    if isinstance(exc, _Retry):
+        return str(exc)
+    words = _TRANSPORT_WORDS.get(type(exc).__name__, type(exc).__name__)
+    detail = str(exc)
+    if detail and "://" not in detail and "@" not in detail and len(detail) < 200:
+        return f"{words} ({detail})"
+    return words
+
+
+_TRANSPORT_WORDS = {
+    "ConnectError": "cannot connect",
+    "ConnectTimeout": "connect timed out",
+    "ReadTimeout": "read timed out",
+    "WriteTimeout": "write timed out",
+    "PoolTimeout": "no free connection",
+    "ReadError": "connection lost while reading",
+    "WriteError": "connection lost while writing",
+    "RemoteProtocolError": "server broke the HTTP protocol",
+    "UnsupportedProtocol": "redirected to an unsupported scheme",
+    "TooManyRedirects": "too many redirects",
+}
+
+
+def _status(resp: httpx.Response) -> str:
+    return f"{resp.status_code} {resp.reason_phrase}".strip()
+
+
+def _raise_for_status(url: str, resp: httpx.Response) -> None:
+    """Map the statuses that mean "not there" or "try again" to our errors."""
+    if resp.status_code in (404, 410):
+        raise RemoteNotFound(f"{redact_url(url)} answered {_status(resp)}")
+    if resp.status_code == 429 or resp.status_code >= 500 and resp.status_code != 501:
+        raise _Retry(f"server answered {_status(resp)}", delay=_retry_after(resp))
+
+
+def _retry_after(resp: httpx.Response) -> float | None:
+    value = resp.headers.get("Retry-After", "")
+    return min(float(value), 60.0) if value.isdigit() else None
+
+
+def _check_range_answer(remote: RemoteFile, resp: httpx.Response, start: int, stop: int) -> None:
+    """Accept only a 206 for exactly ``bytes start-(stop-1)/size`` with an identity body."""
+    _raise_for_status(remote.url, resp)
+    if resp.status_code == 200 or resp.status_code == 416:
+        raise RemoteChanged(f"{redact_url(remote.url)}: answered {_status(resp)} to a ranged GET with If-Range")
+    if resp.status_code != 206:
+        raise BadResponse(f"{redact_url(remote.url)}: answered {_status(resp)} to a ranged GET")
+    encoding = resp.headers.get("Content-Encoding", "identity").lower()
+    if encoding not in ("identity", ""):
+        raise _Retry(f"answered with Content-Encoding {encoding!r} to a ranged GET")
+    match = _CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
+    expected = (start, stop - 1, remote.size)
+    if not match or match.group(3) == "*":
+        raise _Retry(f"206 without a usable Content-Range ({resp.headers.get('Content-Range')!r})")
+    got = (int(match.group(1)), int(match.group(2)), int(match.group(3)))
+    if got[2] != remote.size:
+        raise RemoteChanged(f"{redact_url(remote.url)}: size changed from {remote.size} to {got[2]}")
+    if got != expected:
+        raise _Retry(f"Content-Range {got[0]}-{got[1]} does not match the request {start}-{stop - 1}")
+
+
+def _total_from_content_range(url: str, resp: httpx.Response) -> int:
+    match = _CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
+    if not match or match.group(3) == "*":
+        raise BadResponse(f"{redact_url(url)}: 206 without a total in Content-Range")
+    return int(match.group(3))
+
+
+def _remote_from(resp: httpx.Response, size: int, accept_ranges: bool) -> RemoteFile:
+    return RemoteFile(
+        url=str(resp.url),
+        size=size,
+        etag=resp.headers.get("ETag"),
+        last_modified=resp.headers.get("Last-Modified"),
+        accept_ranges=accept_ranges,
+    )
+
+
+__all__ = ["Origin", "OriginConfig", "OriginError", "RemoteFile", "Sink"]

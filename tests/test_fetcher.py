@@ -1,0 +1,47 @@
+"""Unit tests of block planning and of cutting a byte stream into blocks."""
+
+import trio
+
+from rangefs.fetcher import BlockRun, _BlockAssembler, plan_runs
+
+
+def test_adjacent_blocks_coalesce_into_one_run() -> None:
+    assert plan_runs([3, 1, 2, 7, 8, 10], max_blocks=64) == [BlockRun(1, 4), BlockRun(7, 9), BlockRun(10, 11)]
+
+
+def test_runs_are_capped() -> None:
+    assert plan_runs(range(10), max_blocks=4) == [BlockRun(0, 4), BlockRun(4, 8), BlockRun(8, 10)]
+
+
+def test_duplicates_and_empty_input() -> None:
+    assert plan_runs([5, 5, 5], max_blocks=2) == [BlockRun(5, 6)]
+    assert plan_runs([], max_blocks=2) == []
+
+
+def test_byte_range_is_clipped_at_end_of_file() -> None:
+    assert BlockRun(2, 5).byte_range(block_size=100, file_size=450) == (200, 450)
+    assert BlockRun(0, 1).byte_range(block_size=100, file_size=1000) == (0, 100)
+
+
+def test_assembler_cuts_any_chunking_into_whole_blocks() -> None:
+    data = (bytes(range(256)) * 10)[:2500]  # blocks 4..8 of 512 bytes, the last one 452
+    got: list[tuple[int, bytes]] = []
+
+    async def on_block(block: int, payload: bytes) -> None:
+        got.append((block, payload))
+
+    async def feed(sizes: list[int]) -> None:
+        assembler = _BlockAssembler(512, 4, len(data), on_block)
+        offset, i = 0, 0
+        while offset < len(data):
+            size = sizes[i % len(sizes)]
+            await assembler.feed(offset, data[offset : offset + size])
+            offset += size
+            i += 1
+
+    for sizes in ([1], [7, 900], [512], [2500], [511, 2]):
+        got.clear()
+        trio.run(feed, sizes)
+        assert [block for block, _ in got] == [4, 5, 6, 7, 8]
+        assert b"".join(payload for _, payload in got) == data
+        assert [len(payload) for _, payload in got] == [512, 512, 512, 512, 452]

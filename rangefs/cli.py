@@ -106,7 +106,12 @@ def _mount_options(args: argparse.Namespace) -> MountOptions:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        parser.print_help(sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     try:
         if args.command == "mount":
             mount(_mount_options(args))

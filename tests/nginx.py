@@ -1,0 +1,309 @@
+"""A real nginx on 127.0.0.1 for the test suite and the benchmark; standard library only.
+
+``Nginx(root_dir, www_dir)`` writes its own config into ``root_dir``, runs nginx in the
+foreground as a child process and reads back its access log. Locations served:
+
+    /<rel>          static files from www_dir (strong ETag, Last-Modified, Range, If-Range)
+    /slow/<rel>     the same files, sent at ``slow_rate`` bytes/s per connection (nginx syntax,
+                    e.g. "4m"), so a test can interrupt a transfer mid-way
+    /nohead/<rel>   the same files, but HEAD answers 405; GET (with Range) works
+    anything else   a missing file is a plain 404 from "/", e.g. /missing/x
+    /.nginx-helper-ready   start()'s readiness probe (not logged): proves the port is ours
+
+limit_rate lets the first second's worth (``slow_rate`` bytes) out at once, and what nginx counts
+as sent includes what sits in the loopback socket buffers; so a transfer interrupted on /slow/
+stops short only when the file is well above ``slow_rate`` plus a few hundred KiB.
+
+The access log is unbuffered, but nginx writes a record just after the last byte reaches the
+socket, so a client can hold a whole response before its record exists. ``requests()`` and
+``mark()`` therefore first send an unlogged request and wait for its answer: the one worker is
+single-threaded and logs in the same step as the final write, so by then every response a client
+has received is logged. When a client closes early nginx still logs the body bytes it actually
+sent, but only once it notices (at its next write); poll for that record.
+"""
+
+from __future__ import annotations
+
+import json
+import http.client
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from urllib.parse import quote, unquote
+
+NGINX_BIN = shutil.which("nginx") or "/usr/sbin/nginx"
+START_TIMEOUT = 10.0  # seconds for nginx to accept connections
+STOP_TIMEOUT = 10.0  # seconds for the master to exit after SIGTERM before SIGKILL
+POLL_INTERVAL = 0.05
+PORT_ATTEMPTS = 5  # a port picked with port=0 may be taken before nginx binds it
+LOG_FIELDS = ("$request_method", "$request_uri", "$status", "$body_bytes_sent", "$http_range", "$http_if_range")
+
+
+@dataclass(frozen=True)
+class Request:
+    """One access-log record."""
+
+    method: str
+    path: str  # percent-decoded request path, without the query
+    status: int
+    body_bytes: int  # $body_bytes_sent: what was really sent, also when the client hung up
+    range: str  # the Range request header, "" when absent
+    if_range: str  # the If-Range request header, "" when absent
+
+
+class Nginx:
+    """An nginx master (1 worker) serving ``www_dir`` on 127.0.0.1; see the module docstring."""
+
+    def __init__(self, root_dir: Path, www_dir: Path, port: int = 0, slow_rate: str = "4m") -> None:
+        """Prepare, but do not start, an nginx whose conf, logs, pid and temp dirs live in root_dir.
+
+        Raises:
+            ValueError: a path that cannot be written into an nginx config string.
+        """
+        self.root_dir = Path(root_dir).resolve()
+        self.www_dir = Path(www_dir).resolve()
+        for path in (self.root_dir, self.www_dir):
+            if any(c in str(path) for c in '"\\$'):  # nginx expands $ even inside quotes
+                raise ValueError(f"unsupported character in path {path}")
+        self.slow_rate = slow_rate
+        self.port = port
+        self._fixed_port = port != 0
+        self._proc: subprocess.Popen[bytes] | None = None
+        self.conf_path = self.root_dir / "nginx.conf"
+        self.access_log = self.root_dir / "access.log"
+        self.error_log = self.root_dir / "error.log"
+        self._stderr_path = self.root_dir / "nginx.stderr"
+        self._token = secrets.token_hex(8)  # answered by the readiness location
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        """The master's pid while started, else None."""
+        return self._proc.pid if self._proc is not None else None
+
+    def url(self, rel: str) -> str:
+        """The URL of ``rel`` (a "/"-separated path under the server root), each component quoted."""
+        return self.base_url + "/" + "/".join(quote(part, safe="") for part in rel.split("/"))
+
+    def start(self) -> None:
+        """Start nginx and wait until it accepts connections.
+
+        Raises:
+            RuntimeError: nginx did not come up within START_TIMEOUT; carries its stderr/error.log tail.
+        """
+        if self._proc is not None:
+            raise RuntimeError("nginx already started")
+        attempts = 1 if self._fixed_port else PORT_ATTEMPTS
+        for attempt in range(attempts):
+            if not self._fixed_port:
+                self.port = _free_port()
+            error = self._start_once()
+            if error is None:
+                return
+            self.stop()
+            if "Address already in use" not in error or attempt == attempts - 1:
+                raise RuntimeError(f"nginx did not start on port {self.port}:\n{error}")
+
+    def stop(self) -> None:
+        """Stop the master we started (SIGTERM, then SIGKILL after STOP_TIMEOUT); idempotent."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)  # fast shutdown: SIGQUIT would wait for slow transfers
+        try:
+            proc.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            # The group is the one start() created for this master (start_new_session), so
+            # this reaches only its own workers, which would outlive a killed master.
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+    def __enter__(self) -> Nginx:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    def requests(self, since: int = 0) -> list[Request]:
+        """The parsed access log in order, from record ``since`` (a ``mark()``) on."""
+        self._sync_log()
+        return _parse_log(self.access_log)[since:]
+
+    def bytes_sent(self, rel_prefix: str = "", since: int = 0) -> int:
+        """Body bytes sent for requests (from ``since`` on) whose decoded path starts with "/"+rel_prefix."""
+        prefix = "/" + rel_prefix
+        return sum(r.body_bytes for r in self.requests(since) if r.path.startswith(prefix))
+
+    def mark(self) -> int:
+        """The number of access-log records so far; pass it as ``since`` to count only later ones."""
+        self._sync_log()
+        return len(_parse_log(self.access_log))
+
+    def _sync_log(self) -> None:
+        """Wait until every response already received by a client is in the access log."""
+        if self._proc is not None and self._proc.poll() is None and not _answers(self.port, self._token):
+            raise RuntimeError(f"nginx on port {self.port} does not answer")
+
+    def _start_once(self) -> str | None:
+        """Launch nginx once; None when it accepts connections, else the text explaining why not."""
+        self._write_config()
+        for log in (self.access_log, self.error_log):
+            log.unlink(missing_ok=True)
+        with open(self._stderr_path, "wb") as stderr:
+            self._proc = subprocess.Popen(
+                [NGINX_BIN, "-p", str(self.root_dir), "-c", str(self.conf_path), "-e", str(self.error_log)],
+                stdin=subprocess.DEVNULL,
+                stdout=stderr,
+                stderr=stderr,
+                start_new_session=True,  # own process group: stop() can reach the workers
+            )
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                return f"exited with status {self._proc.returncode}\n{self._diagnostics()}"
+            if "Address already in use" in _read(self.error_log):
+                return self._diagnostics()  # nginx would retry bind() for 2.5 s before exiting
+            if _answers(self.port, self._token):
+                return None
+            time.sleep(POLL_INTERVAL)
+        return f"not accepting connections after {START_TIMEOUT} s\n{self._diagnostics()}"
+
+    def _diagnostics(self) -> str:
+        parts = []
+        for path in (self._stderr_path, self.error_log):
+            tail = _read(path).splitlines()[-20:]
+            if tail:
+                parts.append(f"--- {path.name}\n" + "\n".join(tail))
+        return "\n".join(parts)
+
+    def _write_config(self) -> None:
+        for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
+            (self.root_dir / "tmp" / name).mkdir(parents=True, exist_ok=True)
+        self.conf_path.write_text(_CONFIG.format(
+            root=self.root_dir, www=self.www_dir, port=self.port, slow_rate=self.slow_rate, token=self._token,
+            log_format="\\t".join(LOG_FIELDS),
+        ))
+
+
+# worker_processes 1: Nginx._sync_log relies on one single-threaded worker.
+# `user root;`: we run as root and pytest's tmp dirs are mode 0700, so the default worker user
+# (nobody) could read neither www_dir nor the log dir; nginx 1.22 accepts `user root` (no warning).
+# It is only honoured when the master runs as root, and ignored with a notice otherwise.
+# escape=json: the request line and headers can hold tabs, quotes or control bytes; JSON escaping
+# turns them into \t, \", \u00XX, so the tab separator is unambiguous, and absent headers log as ""
+# rather than "-". Bytes >= 0x80 are written unescaped (decoded as UTF-8 when parsing).
+_CONFIG = """\
+user root;
+worker_processes 1;
+daemon off;
+master_process on;
+pid "{root}/nginx.pid";
+error_log "{root}/error.log" notice;
+
+events {{
+    worker_connections 1024;
+}}
+
+http {{
+    default_type application/octet-stream;
+    log_format rangefs escape=json "{log_format}";
+    access_log "{root}/access.log" rangefs;
+    client_body_temp_path "{root}/tmp/client_body";
+    proxy_temp_path "{root}/tmp/proxy";
+    fastcgi_temp_path "{root}/tmp/fastcgi";
+    uwsgi_temp_path "{root}/tmp/uwsgi";
+    scgi_temp_path "{root}/tmp/scgi";
+    sendfile on;
+    keepalive_requests 10000;
+    keepalive_timeout 60s;
+    etag on;
+    server_tokens off;
+
+    server {{
+        listen 127.0.0.1:{port};
+        server_name localhost;
+        root "{www}";
+
+        location / {{
+        }}
+        location = /.nginx-helper-ready {{
+            access_log off;
+            return 200 "{token}";
+        }}
+        location /slow/ {{
+            alias "{www}/";
+            limit_rate {slow_rate};
+        }}
+        location /nohead/ {{
+            alias "{www}/";
+            if ($request_method = HEAD) {{
+                return 405;
+            }}
+        }}
+    }}
+}}
+"""
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _answers(port: int, token: str) -> bool:
+    """Whether our nginx answers the unlogged probe: a bare connect could reach another listener."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1.0)
+    try:
+        conn.request("GET", "/.nginx-helper-ready")
+        return conn.getresponse().read() == token.encode()
+    except OSError:
+        return False
+    finally:
+        conn.close()
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
+def _parse_log(path: Path) -> list[Request]:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    # A record is complete only once its newline is written.
+    lines = data.decode("utf-8", errors="replace").split("\n")[:-1]
+    return [_parse_record(line) for line in lines if line]
+
+
+def _parse_record(line: str) -> Request:
+    fields = line.split("\t")
+    if len(fields) != len(LOG_FIELDS):
+        raise ValueError(f"unexpected access-log record {line!r}")
+    method, uri, status, body_bytes, range_, if_range = (json.loads(f'"{f}"') for f in fields)
+    return Request(
+        method=method,
+        path=unquote(uri.split("?", 1)[0], errors="replace"),
+        status=int(status),
+        body_bytes=int(body_bytes),
+        range=range_,
+        if_range=if_range,
+    )

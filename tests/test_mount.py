@@ -1,0 +1,308 @@
+"""End to end: a real rangefs mount of files served by a real nginx, read with real tools."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import random
+import signal
+import subprocess
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from proxy import ThrottleProxy
+from util import RANGEFS, Mount, Mounts, Server, alive, fstype, seeded_bytes, wait_until
+
+from rangefs import state
+from rangefs.cache import DEFAULT_BLOCK_SIZE, cache_key
+from rangefs.mount import pidfile_path
+
+BLOCK = DEFAULT_BLOCK_SIZE
+MiB = 1 << 20
+
+
+def gets(server: Server, rel: str, since: int) -> list[object]:
+    return [r for r in server.nginx.requests(since) if r.method == "GET" and r.path == "/" + rel]
+
+
+def sh(*args: str | os.PathLike[str], input: bytes | None = None) -> bytes:
+    done = subprocess.run([str(a) for a in args], capture_output=True, input=input, timeout=60)
+    assert done.returncode == 0, f"{args[0]} failed: {done.stderr.decode(errors='replace')}"
+    return done.stdout
+
+
+def test_ls_stat_cp_cat_dd_sha256sum_give_the_servers_bytes(mounts: Mounts, nginx: Server, tmp_path: Path) -> None:
+    big = seeded_bytes(3 * MiB + 12345, seed=1)
+    small = b"hello, rangefs\n"
+    lines = [nginx.put("basic/big.bin", big), nginx.put("basic/small.txt", small)]
+    m = mounts.mount(lines)
+
+    listing = sh("ls", "-l", m.path).decode()
+    assert "big.bin" in listing and "small.txt" in listing and "-r--r--r--" in listing
+    st = os.stat(m.path / "big.bin")
+    assert st.st_size == len(big)
+    assert int(st.st_mtime) == int(os.stat(nginx.www / "basic/big.bin").st_mtime)  # from Last-Modified
+
+    sh("cp", m.path / "big.bin", tmp_path / "copy.bin")
+    assert (tmp_path / "copy.bin").read_bytes() == big
+    assert sh("cat", m.path / "small.txt") == small
+    assert sh("sha256sum", m.path / "big.bin").split()[0].decode() == hashlib.sha256(big).hexdigest()
+    part = sh("dd", f"if={m.path / 'big.bin'}", "bs=4096", "skip=300", "count=7", "status=none")
+    assert part == big[300 * 4096 : 307 * 4096]
+
+
+def test_tail_fetches_one_block_near_the_end(mounts: Mounts, nginx: Server) -> None:
+    data = seeded_bytes(16 * MiB + 5000, seed=2)  # the last 1000 bytes lie in one block
+    m = mounts.mount([nginx.put("tail/big.bin", data)])
+    mark = nginx.mark()
+
+    assert sh("tail", "-c", "1000", m.path / "big.bin") == data[-1000:]
+
+    requests = gets(nginx, "tail/big.bin", mark)
+    assert len(requests) == 1
+    assert nginx.bytes_sent("tail/big.bin", since=mark) <= BLOCK
+
+
+def test_random_preads_match_the_source(mounts: Mounts, nginx: Server) -> None:
+    data = seeded_bytes(5 * MiB + 3, seed=3)
+    m = mounts.mount([nginx.put("random/r.bin", data)])
+    rng = random.Random(3)
+    fd = os.open(m.path / "r.bin", os.O_RDONLY)
+    try:
+        for _ in range(300):
+            offset = rng.randrange(0, len(data) + 100)
+            size = rng.choice([1, 17, 4096, 65536, 300_000, 1_100_000])
+            assert os.pread(fd, size, offset) == data[offset : offset + size], (offset, size)
+    finally:
+        os.close(fd)
+
+
+def test_concurrent_readers_fetch_each_block_once(mounts: Mounts, nginx: Server) -> None:
+    data = seeded_bytes(12 * MiB, seed=4)
+    m = mounts.mount([nginx.put("concurrent/c.bin", data)])
+    mark = nginx.mark()
+    results: dict[int, bytes] = {}
+
+    def read_all(index: int) -> None:
+        fd = os.open(m.path / "c.bin", os.O_RDONLY)
+        try:
+            chunks, offset = [], 0
+            step = [65536, 131072, 1 << 20, 4096][index]
+            while chunk := os.pread(fd, step, offset):
+                chunks.append(chunk)
+                offset += len(chunk)
+            results[index] = b"".join(chunks)
+        finally:
+            os.close(fd)
+
+    threads = [threading.Thread(target=read_all, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert sorted(results) == [0, 1, 2, 3]
+    assert all(result == data for result in results.values())
+    assert nginx.bytes_sent("concurrent/c.bin", since=mark) == len(data)
+
+
+def test_empty_file(mounts: Mounts, nginx: Server) -> None:
+    m = mounts.mount([nginx.put("empty/e.bin", b"")])
+    mark = nginx.mark()
+    assert os.stat(m.path / "e.bin").st_size == 0
+    assert sh("cat", m.path / "e.bin") == b""
+    assert gets(nginx, "empty/e.bin", mark) == []
+
+
+def test_unicode_names_and_subdirectories(mounts: Mounts, nginx: Server) -> None:
+    one = seeded_bytes(70_000, seed=5)
+    two = seeded_bytes(300_000, seed=6)
+    lines = [
+        "# names: derived from the URL, and given explicitly with subdirectories",
+        nginx.put("names/café déjà.bin", one),
+        f"{nginx.put('names/plain.bin', two)}  deep/er/данные%20файл.bin",
+    ]
+    m = mounts.mount(lines)
+    assert sorted(os.listdir(m.path)) == ["café déjà.bin", "deep"]
+    assert os.listdir(m.path / "deep" / "er") == ["данные файл.bin"]
+    assert (m.path / "café déjà.bin").read_bytes() == one
+    assert (m.path / "deep/er/данные файл.bin").read_bytes() == two
+    assert os.path.isdir(m.path / "deep") and not os.access(m.path / "deep", os.W_OK)
+
+
+def test_remount_serves_cached_blocks_without_fetching(mounts: Mounts, nginx: Server, tmp_path: Path) -> None:
+    data = seeded_bytes(6 * MiB + 5, seed=7)
+    m = mounts.mount([nginx.put("remount/r.bin", data)])
+    sh("cp", m.path / "r.bin", tmp_path / "first.bin")
+    assert m.unmount().returncode == 0
+    assert not m.mounted()
+
+    mark = nginx.mark()
+    mounts.remount(m)
+    sh("cp", m.path / "r.bin", tmp_path / "second.bin")
+    assert (tmp_path / "second.bin").read_bytes() == data
+    assert gets(nginx, "remount/r.bin", mark) == []  # only the revalidation HEAD
+    assert nginx.bytes_sent("remount/r.bin", since=mark) == 0
+
+
+def test_changed_file_is_not_served_from_the_old_cache(mounts: Mounts, nginx: Server) -> None:
+    old = seeded_bytes(2 * MiB, seed=8)
+    m = mounts.mount([nginx.put("changed/c.bin", old)])
+    assert (m.path / "c.bin").read_bytes() == old
+    assert m.unmount().returncode == 0
+
+    new = seeded_bytes(2 * MiB + 100, seed=9)
+    nginx.put("changed/c.bin", new)
+    os.utime(nginx.www / "changed/c.bin", (1, 1))  # a different Last-Modified, hence ETag, even within a second
+    mounts.remount(m)
+    assert os.stat(m.path / "c.bin").st_size == len(new)
+    assert (m.path / "c.bin").read_bytes() == new
+
+
+def test_kill_9_mid_copy_then_resume_fetches_only_what_was_missing(
+    mounts: Mounts, nginx: Server, tmp_path: Path, throttled: Callable[[float], ThrottleProxy]
+) -> None:
+    data = seeded_bytes(10 * MiB, seed=10)
+    nginx.put("crash/k.bin", data)
+    proxy = throttled(2 * MiB)  # the copy takes ~5 s
+    url = f"http://127.0.0.1:{proxy.port}/crash/k.bin"
+    m = mounts.mount([url], "--checkpoint-interval", "0.5")
+    state_path = m.cache_dir / "files" / f"{cache_key(url)}.state"
+    mark = nginx.mark()
+    copy = subprocess.Popen(["cp", str(m.path / "k.bin"), str(tmp_path / "first.bin")])
+    try:
+        assert wait_until(lambda: _persisted_blocks(state_path) >= 8, timeout=30)  # >= 2 MiB made durable
+        os.kill(m.pid(), signal.SIGKILL)
+        assert wait_until(lambda: not alive(m.pid()), timeout=10)
+    finally:
+        copy.kill()
+        copy.wait(timeout=30)
+    persisted = _persisted_blocks(state_path)
+    first_run = nginx.bytes_sent("crash/k.bin", since=mark)
+    assert persisted * BLOCK < len(data), "the copy finished before the kill; nothing to resume"
+    assert first_run - persisted * BLOCK <= 2 * MiB + 2 * BLOCK  # lost: at most ~one checkpoint interval
+
+    subprocess.run(["fusermount3", "-u", "-z", str(m.path)], check=True, timeout=30)
+    mark = nginx.mark()
+    mounts.remount(m)
+    sh("cp", m.path / "k.bin", tmp_path / "second.bin")
+    assert (tmp_path / "second.bin").read_bytes() == data
+    assert nginx.bytes_sent("crash/k.bin", since=mark) == len(data) - persisted * BLOCK
+
+
+def _persisted_blocks(path: Path) -> int:
+    try:
+        return len(state.load(path)[1])
+    except (FileNotFoundError, state.StateCorrupt):
+        return 0
+
+
+def test_writes_and_namespace_changes_answer_erofs(mounts: Mounts, nginx: Server) -> None:
+    m = mounts.mount([nginx.put("ro/f.txt", b"read only\n")])
+    f = m.path / "f.txt"
+    attempts = [
+        lambda: os.open(f, os.O_WRONLY),
+        lambda: os.open(f, os.O_RDWR),
+        lambda: os.open(m.path / "new.txt", os.O_WRONLY | os.O_CREAT, 0o644),
+        lambda: os.truncate(f, 0),
+        lambda: os.mkdir(m.path / "d"),
+        lambda: os.unlink(f),
+        lambda: os.rename(f, m.path / "g.txt"),
+        lambda: os.symlink("f.txt", m.path / "link"),
+        lambda: os.chmod(f, 0o600),
+        lambda: os.setxattr(f, "user.x", b"1"),
+    ]
+    for attempt in attempts:
+        with pytest.raises(OSError) as info:
+            attempt()
+        assert info.value.errno == errno.EROFS
+    assert f.read_bytes() == b"read only\n"
+
+
+def test_head_refused_falls_back_to_a_range_get(mounts: Mounts, nginx: Server) -> None:
+    data = seeded_bytes(1 * MiB + 1, seed=11)
+    nginx.put("nohead-src/n.bin", data)
+    m = mounts.mount([nginx.url("nohead/nohead-src/n.bin")])
+    assert os.stat(m.path / "n.bin").st_size == len(data)
+    assert (m.path / "n.bin").read_bytes() == data
+
+
+def test_ffprobe_reads_the_video(mounts: Mounts, nginx: Server, video: Path) -> None:
+    url = nginx.put("video/clip.mp4", video.read_bytes())
+    m = mounts.mount([url])
+    probe = ["ffprobe", "-v", "error", "-show_format", "-show_streams", "-of", "json"]
+    local = sh(*probe, video)
+    mounted = sh(*probe, m.path / "clip.mp4")
+    assert mounted.replace(str(m.path / "clip.mp4").encode(), b"X") == local.replace(str(video).encode(), b"X")
+
+
+def test_xattrs_tell_the_cache_state(mounts: Mounts, nginx: Server) -> None:
+    data = seeded_bytes(4 * BLOCK, seed=12)
+    url = nginx.put("xattr/x.bin", data)
+    m = mounts.mount([url])
+    with open(m.path / "x.bin", "rb") as f:
+        f.read(10)
+        assert os.getxattr(m.path / "x.bin", "user.rangefs.cached_bytes") == str(BLOCK).encode()
+    assert os.getxattr(m.path / "x.bin", "user.rangefs.url") == url.encode()
+
+
+# -- shutting down ----------------------------------------------------------------------------
+
+
+def _assert_clean_exit(m: Mount, pid: int, state_path: Path, blocks: int) -> None:
+    assert wait_until(lambda: not alive(pid), timeout=20), "daemon still running"
+    assert fstype(m.path) is None
+    assert not pidfile_path(m.path).exists()
+    assert len(state.load(state_path)[1]) == blocks
+
+
+@pytest.mark.parametrize("how", ["rangefs unmount", "fusermount3 -u", "SIGTERM", "SIGINT"])
+def test_every_way_of_stopping_unmounts_cleanly_and_saves_state(mounts: Mounts, nginx: Server, how: str) -> None:
+    data = seeded_bytes(3 * BLOCK, seed=13)
+    name = how.split()[0] + ".bin"
+    url = nginx.put(f"stop/{name}", data)
+    m = mounts.mount([url], "--checkpoint-interval", "3600")  # no periodic checkpoint can save it
+    pid = m.pid()
+    state_path = m.cache_dir / "files" / f"{cache_key(url)}.state"
+    fd = os.open(m.path / name, os.O_RDONLY)
+    try:
+        assert os.pread(fd, 10, 0) == data[:10]  # one block fetched
+        if how.startswith("SIG"):
+            # the file stays open: only the shutdown can save the state
+            os.kill(pid, getattr(signal, how))
+            _assert_clean_exit(m, pid, state_path, blocks=1)
+            return
+    finally:
+        try:
+            os.close(fd)
+        except OSError as exc:  # after a signal the mount is gone: the kernel cannot flush
+            assert how.startswith("SIG") and exc.errno == errno.ENOTCONN
+    if how == "rangefs unmount":
+        done = m.unmount()
+        assert done.returncode == 0, done.stderr
+        assert not alive(pid)  # the command returns only once the daemon has exited
+    else:
+        subprocess.run(["fusermount3", "-u", str(m.path)], check=True, timeout=30)
+    _assert_clean_exit(m, pid, state_path, blocks=1)
+
+
+def test_foreground_mount_stops_on_ctrl_c(mounts: Mounts, nginx: Server, tmp_path: Path) -> None:
+    url_list = mounts.write_list([nginx.put("fg/f.txt", b"foreground\n")], "fg.txt")
+    mountpoint = tmp_path / "fg"
+    mountpoint.mkdir()
+    command = [*RANGEFS, "mount", str(url_list), str(mountpoint), "--cache-dir", str(tmp_path / "c"), "-f"]
+    daemon = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert wait_until(lambda: fstype(mountpoint) == "fuse.rangefs", timeout=30)
+        assert (mountpoint / "f.txt").read_bytes() == b"foreground\n"
+        daemon.send_signal(signal.SIGINT)
+        assert daemon.wait(timeout=30) == 0
+        assert fstype(mountpoint) is None
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait(timeout=10)
+        if fstype(mountpoint):
+            subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], timeout=30)

@@ -1,0 +1,162 @@
+"""Helpers for the real-mount tests: run the CLI, make and tear down mounts, inspect processes."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nginx import Nginx
+
+from rangefs.mount import pidfile_path
+
+RANGEFS = [sys.executable, "-m", "rangefs"]
+COMMAND_TIMEOUT = 60
+
+
+def seeded_bytes(size: int, seed: int) -> bytes:
+    """Deterministic random test data."""
+    return random.Random(seed).randbytes(size)
+
+
+def run_rangefs(*args: str | os.PathLike[str], timeout: float = COMMAND_TIMEOUT) -> subprocess.CompletedProcess[str]:
+    """Run the rangefs CLI as a user would; returns the finished process (never raises on exit code)."""
+    return subprocess.run([*RANGEFS, *map(str, args)], capture_output=True, text=True, timeout=timeout)
+
+
+class Server:
+    """A running nginx and its document root; ``put`` adds a file, ``url`` names it."""
+
+    def __init__(self, nginx: Nginx, www: Path) -> None:
+        self.nginx = nginx
+        self.www = www
+
+    def put(self, rel: str, data: bytes) -> str:
+        path = self.www / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)  # a new inode: nginx's open-file cache cannot serve the old bytes
+        return self.nginx.url(rel)
+
+    def url(self, rel: str) -> str:
+        return self.nginx.url(rel)
+
+    def bytes_sent(self, rel: str = "", since: int = 0) -> int:
+        return self.nginx.bytes_sent(rel, since=since)
+
+    def mark(self) -> int:
+        return self.nginx.mark()
+
+
+@dataclass
+class Mount:
+    """One rangefs mount made by a test."""
+
+    path: Path
+    cache_dir: Path
+    url_list: Path
+    result: subprocess.CompletedProcess[str] | None = None
+
+    def pid(self) -> int:
+        return int(pidfile_path(self.path).read_text().split()[0])
+
+    def mounted(self) -> bool:
+        return fstype(self.path) is not None
+
+    def unmount(self) -> subprocess.CompletedProcess[str]:
+        return run_rangefs("unmount", self.path)
+
+
+@dataclass
+class Mounts:
+    """Factory of mounts for one test; everything it made is unmounted and killed afterwards."""
+
+    tmp: Path
+    made: list[Mount] = field(default_factory=list)
+    pids: set[int] = field(default_factory=set)
+
+    def write_list(self, lines: list[str], name: str = "urls.txt") -> Path:
+        path = self.tmp / name
+        path.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
+        return path
+
+    def mount(self, lines: list[str], *args: str, cache_dir: Path | None = None, check: bool = True) -> Mount:
+        """Mount a URL list given as lines; with check=False the CLI's failure is returned, not raised."""
+        index = len(self.made)
+        mountpoint = self.tmp / f"mnt{index}"
+        mountpoint.mkdir(exist_ok=True)
+        cache = cache_dir or self.tmp / "cache"
+        url_list = self.write_list(lines, f"urls{index}.txt")
+        m = Mount(mountpoint, cache, url_list)
+        self.made.append(m)
+        m.result = run_rangefs("mount", url_list, mountpoint, "--cache-dir", cache, *args)
+        if m.mounted():
+            self.pids.add(m.pid())
+        if check:
+            assert m.result.returncode == 0, f"mount failed: {m.result.stderr}"
+            assert m.mounted()
+        return m
+
+    def remount(self, m: Mount, *args: str) -> Mount:
+        """Mount the same list on the same mount point and cache again."""
+        m.result = run_rangefs("mount", m.url_list, m.path, "--cache-dir", m.cache_dir, *args)
+        assert m.result.returncode == 0, f"remount failed: {m.result.stderr}"
+        self.pids.add(m.pid())
+        return m
+
+    def cleanup(self) -> None:
+        for m in self.made:
+            if m.mounted():
+                subprocess.run(["fusermount3", "-u", "-z", str(m.path)], capture_output=True, timeout=30)
+        for pid in self.pids:
+            end_process(pid)
+
+
+def fstype(path: Path) -> str | None:
+    target = os.path.abspath(path)
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        left, _, right = line.partition(" - ")
+        fields = left.split()
+        if fields[4].encode().decode("unicode_escape") == target:
+            return right.split()[0]
+    return None
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def end_process(pid: int) -> None:
+    """Stop a daemon we started: SIGTERM, a bounded wait, then SIGKILL."""
+    for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+        if not alive(pid):
+            return
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait
+        while alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, interval: float = 0.05) -> bool:
+    """Poll ``predicate`` until it holds (True) or ``timeout`` passes (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return False
+

@@ -1,3 +1,5 @@
-from rangefs.cli import main
 import sys
+
+from rangefs.cli import main
+
 sys.exit(main())

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 class Bitmap:
     """A set of block numbers in ``range(nblocks)``."""
 
-    __slots__ = ("nblocks", "_bits", "_count")
+    __slots__ = ("_bits", "_count", "nblocks")
 
     def __init__(self, nblocks: int, data: bytes | None = None) -> None:
         """Create an empty bitmap, or one loaded from ``to_bytes()`` output.

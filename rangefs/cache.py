@@ -181,7 +181,7 @@ class CachedFile:
                 if block in flight.events:
                     await flight.events[block].wait()
                     if block not in self._bitmap() and not isinstance(flight.error, (_Abandoned, type(None))):
-                        raise flight.error  # type: ignore[misc]
+                        raise flight.error
 
     async def _fetch(self, flight: _Flight) -> None:
         error: BaseException | None = _Abandoned("fetch abandoned")

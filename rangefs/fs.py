@@ -13,7 +13,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ParamSpec, TypeVar
 
@@ -50,7 +50,7 @@ def errno_for(exc: BaseException) -> int:
     return errno.EIO
 
 
-def _fuse_errors(fn: Callable[_P, Awaitable[_R]]) -> Callable[_P, Awaitable[_R]]:
+def _fuse_errors(fn: Callable[_P, Coroutine[Any, Any, _R]]) -> Callable[_P, Coroutine[Any, Any, _R]]:
     """Let FUSEError through, map rangefs errors by table, log and EIO anything else."""
 
     @functools.wraps(fn)
@@ -165,7 +165,9 @@ class Filesystem(pyfuse3.Operations):
         return attrs
 
     @_fuse_errors
-    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
+    async def lookup(
+        self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
         parent = self._node(parent_inode)
         if parent.children is None:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
@@ -179,29 +181,32 @@ class Filesystem(pyfuse3.Operations):
         return self._attributes(self._node(inode))
 
     @_fuse_errors
-    async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
+    async def getattr(self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         return self._attributes(self._node(inode))
 
     @_fuse_errors
-    async def opendir(self, inode: int, ctx: Any) -> int:
+    async def opendir(self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext) -> pyfuse3.FileHandleT:
         if not self._node(inode).is_dir:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
-        return inode
+        return pyfuse3.FileHandleT(inode)
 
     @_fuse_errors
-    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+    async def readdir(self, fh: pyfuse3.FileHandleT, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         children = self._node(fh).children or {}
         for index, (name, inode) in enumerate(sorted(children.items())):
             if index < start_id:
                 continue
-            if not pyfuse3.readdir_reply(token, name, self._attributes(self._node(inode)), index + 1):
+            attrs = self._attributes(self._node(inode))
+            if not pyfuse3.readdir_reply(token, pyfuse3.FileNameT(name), attrs, index + 1):
                 return
 
-    async def releasedir(self, fh: int) -> None:
+    async def releasedir(self, fh: pyfuse3.FileHandleT) -> None:
         return None
 
     @_fuse_errors
-    async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
+    async def open(
+        self, inode: pyfuse3.InodeT, flags: pyfuse3.FlagT, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.FileInfo:
         node = self._node(inode)
         if node.cached is None:
             raise pyfuse3.FUSEError(errno.EISDIR)
@@ -215,11 +220,11 @@ class Filesystem(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), keep_cache=True)
 
     @_fuse_errors
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
         return await self._handle(fh).read(off, size)
 
     @_fuse_errors
-    async def release(self, fh: int) -> None:
+    async def release(self, fh: pyfuse3.FileHandleT) -> None:
         cached = self._handles.pop(fh, None)
         if cached is not None:
             await cached.release()
@@ -231,7 +236,7 @@ class Filesystem(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EBADF) from None
 
     @_fuse_errors
-    async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         data = pyfuse3.StatvfsData()
         files = [n.cached for n in self.tree.nodes.values() if n.cached is not None]
         data.f_bsize = data.f_frsize = 4096
@@ -243,7 +248,9 @@ class Filesystem(pyfuse3.Operations):
         return data
 
     @_fuse_errors
-    async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+    async def getxattr(
+        self, inode: pyfuse3.InodeT, name: pyfuse3.XAttrNameT, ctx: pyfuse3.RequestContext
+    ) -> bytes:
         node = self._node(inode)
         if node.cached is None:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
@@ -253,9 +260,9 @@ class Filesystem(pyfuse3.Operations):
         return values[name]
 
     @_fuse_errors
-    async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
+    async def listxattr(self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext) -> Sequence[pyfuse3.XAttrNameT]:
         node = self._node(inode)
-        return [] if node.cached is None else list(_xattrs(node.cached))
+        return [] if node.cached is None else [pyfuse3.XAttrNameT(name) for name in _xattrs(node.cached)]
 
     # Everything that would change the tree or a file answers EROFS.
     setattr = _erofs

@@ -27,7 +27,7 @@ from rangefs.errors import CacheError, OriginError, RangefsError, UsageError
 from rangefs.fetcher import Fetcher
 from rangefs.fs import Filesystem, Tree
 from rangefs.origin import Origin, OriginConfig, RemoteFile
-from rangefs.urllist import Entry, load_url_list, redact_url
+from rangefs.urllist import Entry, load_url_list
 
 log = logging.getLogger(__name__)
 
@@ -411,4 +411,4 @@ def _is_zombie(pid: int) -> bool:
         return True
 
 
-__all__ = ["DEFAULT_BLOCK_SIZE", "MountOptions", "mount", "unmount", "pidfile_path", "CacheError"]
+__all__ = ["DEFAULT_BLOCK_SIZE", "CacheError", "MountOptions", "mount", "pidfile_path", "unmount"]

@@ -254,7 +254,7 @@ def _raise_for_status(url: str, resp: httpx.Response) -> None:
     """Map the statuses that mean "not there" or "try again" to our errors."""
     if resp.status_code in (404, 410):
         raise RemoteNotFound(f"{redact_url(url)} answered {_status(resp)}")
-    if resp.status_code == 429 or resp.status_code >= 500 and resp.status_code != 501:
+    if resp.status_code == 429 or (resp.status_code >= 500 and resp.status_code != 501):
         raise _Retry(f"server answered {_status(resp)}", delay=_retry_after(resp))
 
 

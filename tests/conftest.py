@@ -17,9 +17,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from nginx import Nginx  # noqa: E402
-from proxy import ThrottleProxy  # noqa: E402
-from util import Mounts, Server  # noqa: E402
+from nginx import Nginx
+from proxy import ThrottleProxy
+from util import Mounts, Server
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from util import Mounts, Server, alive, fstype, run_rangefs
 
 

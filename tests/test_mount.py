@@ -13,12 +13,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from proxy import ThrottleProxy
-from util import RANGEFS, Mount, Mounts, Server, alive, fstype, seeded_bytes, wait_until
 
 from rangefs import state
 from rangefs.cache import DEFAULT_BLOCK_SIZE, cache_key
 from rangefs.mount import pidfile_path
+
+from proxy import ThrottleProxy
+from util import RANGEFS, Mount, Mounts, Server, alive, fstype, seeded_bytes, wait_until
 
 BLOCK = DEFAULT_BLOCK_SIZE
 MiB = 1 << 20

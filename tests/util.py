@@ -12,9 +12,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nginx import Nginx
-
 from rangefs.mount import pidfile_path
+
+from nginx import Nginx
 
 RANGEFS = [sys.executable, "-m", "rangefs"]
 COMMAND_TIMEOUT = 60

@@ -92,6 +92,7 @@ class CachedFile:
         self.data_path = base.with_suffix(".data")
         self.state_path = base.with_suffix(".state")
         self.bitmap: Bitmap | None = None
+        self._peeked = False
         self._fd = -1
         self._users = 0
         self._lock = trio.Lock()
@@ -109,7 +110,10 @@ class CachedFile:
         return self.identity.size
 
     def cached_bytes(self) -> int:
-        """Bytes present in the cache (as of the last load if the file is not open)."""
+        """Bytes present in the cache; for a file not opened yet, as its state file says."""
+        if self.bitmap is None and not self._peeked:
+            self._peeked = True
+            self.bitmap = self._peek_bitmap()
         if self.bitmap is None:
             return 0
         last = self.identity.nblocks - 1
@@ -233,6 +237,14 @@ class CachedFile:
         if self.bitmap is None or self._fd < 0:
             raise CacheError(f"{self.identity.url}: cache file used while closed")
         return self.bitmap
+
+    def _peek_bitmap(self) -> Bitmap | None:
+        """The saved bitmap, if it is for this version (read once, without taking the lock)."""
+        try:
+            stored, bitmap = state.load(self.state_path)
+        except (OSError, state.StateCorrupt):
+            return None
+        return bitmap if stored == self.identity else None
 
     # -- blocking helpers, run in worker threads --------------------------------------------
 

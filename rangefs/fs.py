@@ -26,9 +26,10 @@ from rangefs.urllist import Entry
 
 log = logging.getLogger(__name__)
 
-# The tree never changes while mounted, so the kernel may keep names and attributes long.
+# The tree never changes while mounted, so the kernel may keep names long; attributes carry
+# st_blocks (what is cached, for `du`), so they are refreshed every second.
 _ENTRY_TIMEOUT = 300.0
-_ATTR_TIMEOUT = 300.0
+_ATTR_TIMEOUT = 1.0
 
 # First match wins: the most specific classes first.
 _ERRNO: tuple[tuple[type[BaseException], int], ...] = (

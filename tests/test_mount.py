@@ -239,14 +239,21 @@ def test_ffprobe_reads_the_video(mounts: Mounts, nginx: Server, video: Path) -> 
     assert mounted.replace(str(m.path / "clip.mp4").encode(), b"X") == local.replace(str(video).encode(), b"X")
 
 
-def test_xattrs_tell_the_cache_state(mounts: Mounts, nginx: Server) -> None:
+def test_xattrs_and_du_tell_the_cache_state(mounts: Mounts, nginx: Server) -> None:
     data = seeded_bytes(4 * BLOCK, seed=12)
     url = nginx.put("xattr/x.bin", data)
     m = mounts.mount([url])
-    with open(m.path / "x.bin", "rb") as f:
+    path = m.path / "x.bin"
+    assert os.stat(path).st_blocks == 0
+    with open(path, "rb") as f:
         f.read(10)
-        assert os.getxattr(m.path / "x.bin", "user.rangefs.cached_bytes") == str(BLOCK).encode()
-    assert os.getxattr(m.path / "x.bin", "user.rangefs.url") == url.encode()
+        assert os.getxattr(path, "user.rangefs.cached_bytes") == str(BLOCK).encode()
+    assert os.getxattr(path, "user.rangefs.url") == url.encode()
+    assert m.unmount().returncode == 0
+    saved = len(state.load(m.cache_dir / "files" / f"{cache_key(url)}.state")[1])
+    assert saved >= 1  # kernel readahead may have fetched more than the block read
+    mounts.remount(m)
+    assert os.stat(path).st_blocks * 512 == saved * BLOCK  # known from the state file, before any open
 
 
 # -- shutting down ----------------------------------------------------------------------------

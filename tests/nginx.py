@@ -7,12 +7,13 @@ foreground as a child process and reads back its access log. Locations served:
     /slow/<rel>     the same files, sent at ``slow_rate`` bytes/s per connection (nginx syntax,
                     e.g. "4m"), so a test can interrupt a transfer mid-way
     /nohead/<rel>   the same files, but HEAD answers 405; GET (with Range) works
+    /.nginx-helper-ready   the readiness and log-sync probe, not logged (see below)
     anything else   a missing file is a plain 404 from "/", e.g. /missing/x
-    /.nginx-helper-ready   start()'s readiness probe (not logged): proves the port is ours
 
 limit_rate lets the first second's worth (``slow_rate`` bytes) out at once, and what nginx counts
-as sent includes what sits in the loopback socket buffers; so a transfer interrupted on /slow/
-stops short only when the file is well above ``slow_rate`` plus a few hundred KiB.
+as sent includes what sits in the socket buffers (up to a few MiB on loopback); so a transfer
+interrupted on /slow/ stops short only when the file is well above ``slow_rate`` plus those.
+The probe answers a per-instance token, so start() cannot mistake another listener for nginx.
 
 The access log is unbuffered, but nginx writes a record just after the last byte reaches the
 socket, so a client can hold a whole response before its record exists. ``requests()`` and
@@ -24,8 +25,8 @@ sent, but only once it notices (at its next write); poll for that record.
 
 from __future__ import annotations
 
-import json
 import http.client
+import json
 import os
 import secrets
 import shutil
@@ -41,6 +42,7 @@ from urllib.parse import quote, unquote
 NGINX_BIN = shutil.which("nginx") or "/usr/sbin/nginx"
 START_TIMEOUT = 10.0  # seconds for nginx to accept connections
 STOP_TIMEOUT = 10.0  # seconds for the master to exit after SIGTERM before SIGKILL
+SYNC_TIMEOUT = 10.0  # seconds for the log-sync probe; generous, the worker may be busy with a benchmark
 POLL_INTERVAL = 0.05
 PORT_ATTEMPTS = 5  # a port picked with port=0 may be taken before nginx binds it
 LOG_FIELDS = ("$request_method", "$request_uri", "$status", "$body_bytes_sent", "$http_range", "$http_if_range")
@@ -81,6 +83,8 @@ class Nginx:
         self.error_log = self.root_dir / "error.log"
         self._stderr_path = self.root_dir / "nginx.stderr"
         self._token = secrets.token_hex(8)  # answered by the readiness location
+        self._records: list[Request] = []  # the access log parsed up to _log_offset
+        self._log_offset = 0
 
     @property
     def base_url(self) -> str:
@@ -124,10 +128,11 @@ class Nginx:
         try:
             proc.wait(STOP_TIMEOUT)
         except subprocess.TimeoutExpired:
-            # The group is the one start() created for this master (start_new_session), so
-            # this reaches only its own workers, which would outlive a killed master.
-            os.killpg(proc.pid, signal.SIGKILL)
+            workers = _children(proc.pid)  # they would outlive a killed master
+            proc.kill()
             proc.wait()
+            for pid in workers:
+                _kill(pid)
 
     def __enter__(self) -> Nginx:
         self.start()
@@ -141,7 +146,7 @@ class Nginx:
     def requests(self, since: int = 0) -> list[Request]:
         """The parsed access log in order, from record ``since`` (a ``mark()``) on."""
         self._sync_log()
-        return _parse_log(self.access_log)[since:]
+        return self._read_log()[since:]
 
     def bytes_sent(self, rel_prefix: str = "", since: int = 0) -> int:
         """Body bytes sent for requests (from ``since`` on) whose decoded path starts with "/"+rel_prefix."""
@@ -150,12 +155,25 @@ class Nginx:
 
     def mark(self) -> int:
         """The number of access-log records so far; pass it as ``since`` to count only later ones."""
-        self._sync_log()
-        return len(_parse_log(self.access_log))
+        return len(self.requests())
+
+    def _read_log(self) -> list[Request]:
+        """All records so far; parses only what was appended since the last call."""
+        try:
+            with open(self.access_log, "rb") as log:
+                log.seek(self._log_offset)
+                data = log.read()
+        except FileNotFoundError:
+            return self._records
+        complete = data[: data.rfind(b"\n") + 1]  # a record is complete once its newline is written
+        self._log_offset += len(complete)
+        self._records += [_parse_record(line) for line in complete.decode("utf-8", "replace").split("\n")[:-1]]
+        return self._records
 
     def _sync_log(self) -> None:
         """Wait until every response already received by a client is in the access log."""
-        if self._proc is not None and self._proc.poll() is None and not _answers(self.port, self._token):
+        alive = self._proc is not None and self._proc.poll() is None
+        if alive and not _answers(self.port, self._token, timeout=SYNC_TIMEOUT):
             raise RuntimeError(f"nginx on port {self.port} does not answer")
 
     def _start_once(self) -> str | None:
@@ -163,13 +181,13 @@ class Nginx:
         self._write_config()
         for log in (self.access_log, self.error_log):
             log.unlink(missing_ok=True)
+        self._records, self._log_offset = [], 0
         with open(self._stderr_path, "wb") as stderr:
             self._proc = subprocess.Popen(
                 [NGINX_BIN, "-p", str(self.root_dir), "-c", str(self.conf_path), "-e", str(self.error_log)],
                 stdin=subprocess.DEVNULL,
                 stdout=stderr,
                 stderr=stderr,
-                start_new_session=True,  # own process group: stop() can reach the workers
             )
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
@@ -193,16 +211,22 @@ class Nginx:
     def _write_config(self) -> None:
         for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
             (self.root_dir / "tmp" / name).mkdir(parents=True, exist_ok=True)
-        self.conf_path.write_text(_CONFIG.format(
-            root=self.root_dir, www=self.www_dir, port=self.port, slow_rate=self.slow_rate, token=self._token,
-            log_format="\\t".join(LOG_FIELDS),
-        ))
+        self.conf_path.write_text(
+            _CONFIG.format(
+                root=self.root_dir,
+                www=self.www_dir,
+                port=self.port,
+                slow_rate=self.slow_rate,
+                token=self._token,
+                log_format="\\t".join(LOG_FIELDS),
+            )
+        )
 
 
 # worker_processes 1: Nginx._sync_log relies on one single-threaded worker.
 # `user root;`: we run as root and pytest's tmp dirs are mode 0700, so the default worker user
 # (nobody) could read neither www_dir nor the log dir; nginx 1.22 accepts `user root` (no warning).
-# It is only honoured when the master runs as root, and ignored with a notice otherwise.
+# A master not running as root ignores it, logging a [warn].
 # escape=json: the request line and headers can hold tabs, quotes or control bytes; JSON escaping
 # turns them into \t, \", \u00XX, so the tab separator is unambiguous, and absent headers log as ""
 # rather than "-". Bytes >= 0x80 are written unescaped (decoded as UTF-8 when parsing).
@@ -265,16 +289,30 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _answers(port: int, token: str) -> bool:
+def _answers(port: int, token: str, timeout: float = 1.0) -> bool:
     """Whether our nginx answers the unlogged probe: a bare connect could reach another listener."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1.0)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
         conn.request("GET", "/.nginx-helper-ready")
         return conn.getresponse().read() == token.encode()
-    except OSError:
+    except (OSError, http.client.HTTPException):
         return False
     finally:
         conn.close()
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def _read(path: Path) -> str:
@@ -284,21 +322,11 @@ def _read(path: Path) -> str:
         return ""
 
 
-def _parse_log(path: Path) -> list[Request]:
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return []
-    # A record is complete only once its newline is written.
-    lines = data.decode("utf-8", errors="replace").split("\n")[:-1]
-    return [_parse_record(line) for line in lines if line]
-
-
 def _parse_record(line: str) -> Request:
     fields = line.split("\t")
     if len(fields) != len(LOG_FIELDS):
         raise ValueError(f"unexpected access-log record {line!r}")
-    method, uri, status, body_bytes, range_, if_range = (json.loads(f'"{f}"') for f in fields)
+    method, uri, status, body_bytes, range_, if_range = (_unescape(field) for field in fields)
     return Request(
         method=method,
         path=unquote(uri.split("?", 1)[0], errors="replace"),
@@ -307,3 +335,8 @@ def _parse_record(line: str) -> Request:
         range=range_,
         if_range=if_range,
     )
+
+
+def _unescape(field: str) -> str:
+    r"""Undo escape=json (\" \\ \t \u001b ...): it writes JSON string syntax, bytes >= 0x80 as is."""
+    return json.loads(f'"{field}"') if "\\" in field else field

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import random
+import signal
 import socket
 import time
 import urllib.error
@@ -14,10 +16,12 @@ import pytest
 
 from nginx import NGINX_BIN, Nginx
 
-pytestmark = [
-    pytest.mark.timeout(60),
-    pytest.mark.skipif(not Path(NGINX_BIN).exists(), reason=f"no nginx binary at {NGINX_BIN}"),
-]
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_nginx_is_installed() -> None:
+    # a missing nginx is a loud failure (run `make deps`), never a silent skip
+    assert Path(NGINX_BIN).exists(), f"no nginx binary at {NGINX_BIN}"
 
 SIZE = 300 * 1024
 UNICODE_REL = "sub dir/café.bin"
@@ -131,6 +135,17 @@ def test_access_log(server: Nginx) -> None:
     assert server.bytes_sent("other") == 0
 
 
+def test_log_escaping_round_trips(server: Nginx) -> None:
+    if_range = 'x"\tb\\c é\x1b'
+    raw = b"GET /data.bin HTTP/1.1\r\nHost: x\r\nRange: bytes=0-0\r\nIf-Range: " + if_range.encode()
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(raw + b"\r\nConnection: close\r\n\r\n")
+        while sock.recv(65536):
+            pass
+    [record] = server.requests()
+    assert (record.range, record.if_range, record.status) == ("bytes=0-0", if_range, 200)
+
+
 def test_mark_since(server: Nginx) -> None:
     fetch(server.url("data.bin"))
     mark = server.mark()
@@ -153,8 +168,7 @@ def test_unicode_path(server: Nginx, content: bytes) -> None:
 
 
 def test_interrupted_transfer_logs_bytes_actually_sent(slow_server: Nginx) -> None:
-    port = int(slow_server.base_url.rsplit(":", 1)[1])
-    with socket.create_connection(("127.0.0.1", port)) as sock:
+    with socket.create_connection(("127.0.0.1", slow_server.port)) as sock:
         sock.sendall(b"GET /slow/data.bin HTTP/1.1\r\nHost: x\r\n\r\n")
         assert sock.recv(4096)
     deadline = time.monotonic() + 10  # nginx notices the close at its next rate-limited write
@@ -205,3 +219,28 @@ def test_free_port_is_picked_again_when_taken(tmp_path: Path, www: Path, monkeyp
         with Nginx(tmp_path, www) as server:
             assert server.port != taken.getsockname()[1]
             assert fetch(server.url("data.bin"))[0] == 200
+
+
+def test_stop_kills_a_stuck_master_and_its_worker(server: Nginx, monkeypatch: pytest.MonkeyPatch) -> None:
+    import nginx as nginx_module
+
+    master = server.pid
+    assert master is not None
+    [worker] = nginx_module._children(master)
+    os.kill(master, signal.SIGSTOP)  # SIGTERM stays pending: stop() must fall back to SIGKILL
+    monkeypatch.setattr(nginx_module, "STOP_TIMEOUT", 0.5)
+    server.stop()
+    assert not Path(f"/proc/{master}").exists()
+    deadline = time.monotonic() + 5  # the worker is not our child: something else reaps it
+    while _alive(worker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(worker)
+
+
+def _alive(pid: int) -> bool:
+    """Whether pid runs; a zombie (state Z) or a vanished pid does not."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"

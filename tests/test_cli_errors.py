@@ -153,9 +153,8 @@ def test_unmount_of_something_else(tmp_path: Path) -> None:
 
 
 def test_failed_mount_leaves_no_daemon(mounts: Mounts) -> None:
-    before = _rangefs_daemons()
     _mount_fails(mounts, ["http://127.0.0.1:1/closed.bin"], "--retries", "0")
-    assert _rangefs_daemons() - before == set()
+    assert _rangefs_daemons(str(mounts.made[-1].path)) == set()
 
 
 def test_stale_mount_is_reported(mounts: Mounts, nginx: Server) -> None:
@@ -175,7 +174,8 @@ def _wait_dead(pid: int) -> bool:
     return wait_until(lambda: not alive(pid), timeout=10)
 
 
-def _rangefs_daemons() -> set[int]:
+def _rangefs_daemons(mountpoint: str) -> set[int]:
+    """Live rangefs processes whose command line names ``mountpoint``."""
     found = set()
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -183,6 +183,6 @@ def _rangefs_daemons() -> set[int]:
                 cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
             except OSError:
                 continue
-            if b"rangefs\0mount" in cmdline and alive(int(entry)):
+            if b"rangefs\0mount" in cmdline and mountpoint.encode() in cmdline and alive(int(entry)):
                 found.add(int(entry))
     return found

@@ -18,7 +18,7 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +27,7 @@ import trio
 from rangefs import state
 from rangefs.bitmap import Bitmap
 from rangefs.errors import CacheError, RangefsError
-from rangefs.fetcher import BlockRun, BlockSink, Fetcher, plan_runs
+from rangefs.fetcher import BlockRun, BlockSink, Fetcher, Readahead, plan_runs
 from rangefs.origin import RemoteFile
 from rangefs.urllist import redact_url
 
@@ -47,6 +47,16 @@ class CacheConfig:
     checkpoint_interval: float = 5.0  # seconds: the most progress a kill -9 can lose, by time
     checkpoint_bytes: int = 64 * 1024 * 1024  # ... and by volume, whichever comes first
     max_request_blocks: int = 64  # longest Range request, in blocks (16 MiB at the default)
+    # Prefetch window of a sequential reader: mountpoint-s3's first request, 1 MiB + 128 KiB,
+    # covers the kernel's readahead; doubling to 32 MiB keeps two 16 MiB requests in flight.
+    readahead_initial: int = 1024 * 1024 + 128 * 1024
+    readahead_max: int = 32 * 1024 * 1024
+    # Kernel readahead sends reads out of order and concurrently; this much disorder is sequential.
+    readahead_tolerance: int = 4 * 1024 * 1024
+
+    def readahead(self) -> Readahead:
+        """A fresh sequential-access detector for one open handle."""
+        return Readahead(self.readahead_initial, self.readahead_max, self.readahead_tolerance)
 
 
 class _Abandoned(CacheError):
@@ -100,6 +110,8 @@ class CachedFile:
         self._dirty = False
         self._unsaved_bytes = 0
         self._checkpoint_lock = trio.Lock()
+        self._prefetches: set[trio.CancelScope] = set()
+        self._prefetches_done = trio.Event()
 
     @property
     def block_size(self) -> int:
@@ -128,27 +140,77 @@ class CachedFile:
             self._users += 1
 
     async def release(self) -> None:
-        """Drop one user; the last one checkpoints and closes the files."""
+        """Drop one user; the last one stops prefetching, checkpoints and closes the files."""
         async with self._lock:
             self._users -= 1
             if self._users == 0:
-                await self.checkpoint()
-                await trio.to_thread.run_sync(self._close_files)
+                await self._shut()
 
     async def close(self) -> None:
-        """Checkpoint and close the files whatever the number of users (at unmount)."""
+        """Stop prefetching, checkpoint and close the files whatever the number of users (at unmount)."""
         async with self._lock:
-            await self.checkpoint()
-            await trio.to_thread.run_sync(self._close_files)
+            if self._fd >= 0:
+                await self._shut()
             self._users = 0
 
-    async def read(self, offset: int, size: int) -> bytes:
-        """Bytes ``offset .. offset+size`` (clipped at the end), fetching missing blocks first."""
+    async def _shut(self) -> None:
+        # No fetch may outlive the descriptor it writes to.
+        for scope in self._prefetches:
+            scope.cancel()
+        if self._prefetches:
+            await self._prefetches_done.wait()
+        await self.checkpoint()
+        await trio.to_thread.run_sync(self._close_files)
+
+    async def read(self, offset: int, size: int, readahead: Readahead | None = None) -> bytes | bytearray:
+        """Bytes ``offset .. offset+size`` (clipped at the end), fetching missing blocks first.
+
+        With ``readahead``, a sequential reader also gets the blocks ahead of it fetched in the
+        background, in large requests, so later reads find them present or in flight.
+        """
         end = min(offset + size, self.size)
         if offset >= end:
             return b""
+        if readahead is not None:
+            self._read_ahead(readahead, offset, end)
         await self.ensure(offset // self.block_size, (end - 1) // self.block_size + 1)
-        return await trio.to_thread.run_sync(os.pread, self._fd, end - offset, offset)
+        return await self._pread(end - offset, offset)
+
+    async def _pread(self, size: int, offset: int) -> bytes | bytearray:
+        """Read from the data file: on this thread when the page cache has it, else in a worker."""
+        buffer = bytearray(size)
+        try:
+            if os.preadv(self._fd, [buffer], offset, os.RWF_NOWAIT) == size:
+                return buffer
+        except (BlockingIOError, OSError):
+            pass  # not (all) in the page cache, or no RWF_NOWAIT here: a blocking read, off-thread
+        return await trio.to_thread.run_sync(os.pread, self._fd, size, offset)
+
+    def _read_ahead(self, readahead: Readahead, offset: int, end: int) -> None:
+        target = min(readahead.advise(offset, end - offset), self.size)
+        start = max(readahead.frontier, end)
+        # Fetch ahead in pieces of at least half the window: few large requests, not one per read.
+        if target <= start or (target - start < readahead.window // 2 and target < self.size):
+            return
+        readahead.frontier = target
+        bitmap = self._bitmap()
+        first, stop = start // self.block_size, -(-target // self.block_size)
+        blocks = [b for b in range(first, stop) if b not in bitmap and b not in self._inflight]
+        for flight in self._claim(blocks):
+            if not self.cache.spawn(self._prefetch, flight):
+                flight.finish(_Abandoned("no prefetch task group"))
+                self._forget(flight)
+
+    async def _prefetch(self, flight: _Flight) -> None:
+        with trio.CancelScope() as scope:
+            self._prefetches.add(scope)
+            try:
+                await self._fetch(flight)
+            finally:
+                self._prefetches.discard(scope)
+                if not self._prefetches:
+                    self._prefetches_done.set()
+                    self._prefetches_done = trio.Event()
 
     async def ensure(self, first: int, stop: int) -> None:
         """Return once blocks ``first <= b < stop`` are all present, fetching what is missing.
@@ -199,22 +261,31 @@ class CachedFile:
             error = CacheError(f"{self.identity.url}: cannot write the cache file: {exc.strerror}")
             log.warning("%s", error)
         finally:
-            for block in flight.events:
-                if self._inflight.get(block) is flight:
-                    del self._inflight[block]
+            self._forget(flight)
             flight.finish(error)
 
+    def _forget(self, flight: _Flight) -> None:
+        for block in flight.events:
+            if self._inflight.get(block) is flight:
+                del self._inflight[block]
+
     def _store_block(self, flight: _Flight) -> BlockSink:
-        async def store(block: int, data: bytes) -> None:
-            await trio.to_thread.run_sync(_pwrite_all, self._fd, data, block * self.block_size)
-            self._bitmap().add(block)
+        async def store(first: int, data: bytes | memoryview) -> None:
+            await self._pwrite(data, first * self.block_size)
+            bitmap = self._bitmap()
+            for block in range(first, first + -(-len(data) // self.block_size)):
+                bitmap.add(block)
+                flight.events[block].set()
             self._dirty = True
             self._unsaved_bytes += len(data)
-            flight.events[block].set()
             if self._unsaved_bytes >= self.cache.config.checkpoint_bytes:
                 self.cache.request_checkpoint()
 
         return store
+
+    async def _pwrite(self, data: bytes | memoryview, offset: int) -> None:
+        """Write to the data file in a worker thread: a buffered write may block (dirty throttling)."""
+        await trio.to_thread.run_sync(_pwrite_all, self._fd, data, offset)
 
     async def checkpoint(self) -> None:
         """Make the present blocks durable and save the bitmap that claims them."""
@@ -296,7 +367,7 @@ class CachedFile:
             self._fd = -1
 
 
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
     view = memoryview(data)
     while view:
         written = os.pwrite(fd, view, offset)
@@ -314,6 +385,7 @@ class Cache:
         self.files_dir = config.cache_dir / "files"
         self._files: dict[str, CachedFile] = {}
         self._wakeup = trio.Event()
+        self._nursery: trio.Nursery | None = None
 
     @staticmethod
     def prepare(cache_dir: Path) -> None:
@@ -349,7 +421,24 @@ class Cache:
         for cached in list(self._files.values()):
             await cached.checkpoint()
 
-    async def run_checkpoints(self) -> None:
+    def spawn(self, fn: Callable[..., Awaitable[None]], *args: object) -> bool:
+        """Run ``fn(*args)`` in the background task group; False when there is none (not running)."""
+        if self._nursery is None:
+            return False
+        self._nursery.start_soon(fn, *args)
+        return True
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Host the background fetches and checkpoint dirty files until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            try:
+                await self._run_checkpoints()
+            finally:
+                self._nursery = None
+
+    async def _run_checkpoints(self) -> None:
         """Checkpoint dirty files every ``checkpoint_interval`` seconds, or sooner on request."""
         while True:
             with trio.move_on_after(self.config.checkpoint_interval):

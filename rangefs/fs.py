@@ -15,12 +15,14 @@ import stat
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar, cast
 
 import pyfuse3
+import trio
 
 from rangefs.cache import Cache, CachedFile
 from rangefs.errors import CacheError, OriginError, RangefsError, RemoteChanged
+from rangefs.fetcher import Readahead
 from rangefs.origin import RemoteFile
 from rangefs.urllist import Entry
 
@@ -132,10 +134,15 @@ class Filesystem(pyfuse3.Operations):
         super().__init__()
         self.tree = tree
         self.cache = cache
-        self._handles: dict[int, CachedFile] = {}
+        self._handles: dict[int, tuple[CachedFile, Readahead]] = {}
         self._next_fh = 1
         self._mount_time_ns = time.time_ns()
         self._uid, self._gid = os.getuid(), os.getgid()
+        self.initialized = trio.Event()
+
+    def init(self) -> None:
+        # Called while the kernel's INIT is handled; the reply is sent before any waiter runs.
+        self.initialized.set()
 
     def _node(self, inode: int) -> Node:
         try:
@@ -216,21 +223,23 @@ class Filesystem(pyfuse3.Operations):
         await node.cached.acquire()
         fh = self._next_fh
         self._next_fh += 1
-        self._handles[fh] = node.cached
+        self._handles[fh] = (node.cached, self.cache.config.readahead())
         # keep_cache: pages read once stay valid; the version is fixed while mounted.
         return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), keep_cache=True)
 
     @_fuse_errors
     async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
-        return await self._handle(fh).read(off, size)
+        cached, readahead = self._handle(fh)
+        # pyfuse3 takes any buffer; its stub says bytes. A bytearray spares a copy per read.
+        return cast(bytes, await cached.read(off, size, readahead))
 
     @_fuse_errors
     async def release(self, fh: pyfuse3.FileHandleT) -> None:
-        cached = self._handles.pop(fh, None)
-        if cached is not None:
-            await cached.release()
+        handle = self._handles.pop(fh, None)
+        if handle is not None:
+            await handle[0].release()
 
-    def _handle(self, fh: int) -> CachedFile:
+    def _handle(self, fh: int) -> tuple[CachedFile, Readahead]:
         try:
             return self._handles[fh]
         except KeyError:

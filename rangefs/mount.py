@@ -7,6 +7,7 @@ Sits on top of every other module. ``mount()`` returns once the filesystem is mo
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import logging
 import os
@@ -22,6 +23,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
+from rangefs import kernel
 from rangefs.cache import DEFAULT_BLOCK_SIZE, Cache, CacheConfig
 from rangefs.errors import CacheError, OriginError, RangefsError, UsageError
 from rangefs.fetcher import Fetcher
@@ -32,6 +34,8 @@ from rangefs.urllist import Entry, load_url_list
 log = logging.getLogger(__name__)
 
 _PROBE_CONCURRENCY = 16
+_M_TRIM_THRESHOLD = -1  # glibc mallopt() parameters, from <malloc.h>
+_M_MMAP_THRESHOLD = -3
 _LOG_FORMAT = "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"
 
 
@@ -93,22 +97,9 @@ def check_mountpoint(mountpoint: Path) -> None:
 
 
 def _mount_fstype(mountpoint: Path) -> str | None:
-    """The filesystem type mounted exactly at ``mountpoint``, from /proc/self/mountinfo."""
-    target = os.path.abspath(mountpoint)
-    try:
-        lines = Path("/proc/self/mountinfo").read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        left, _, right = line.partition(" - ")
-        fields = left.split()
-        if len(fields) > 4 and _unescape_mountinfo(fields[4]) == target:
-            return right.split()[0]
-    return None
-
-
-def _unescape_mountinfo(path: str) -> str:
-    return path.encode().decode("unicode_escape").encode("latin-1").decode(errors="replace")
+    """The filesystem type mounted exactly at ``mountpoint``, if any."""
+    entry = kernel.find_mount(mountpoint)
+    return entry.fstype if entry else None
 
 
 # -- mount ----------------------------------------------------------------------------------
@@ -125,6 +116,7 @@ def mount(opts: MountOptions) -> None:
     Cache.prepare(opts.cache_dir)
     _setup_logging(opts)
     if opts.foreground:
+        tune_malloc()
         trio.run(_serve, opts, entries, _ForegroundReporter())
         return
     _daemonize(opts, entries)
@@ -175,6 +167,7 @@ def _daemonize(opts: MountOptions, entries: list[Entry]) -> None:
 def _run_daemon(opts: MountOptions, entries: list[Entry], write_fd: int) -> None:
     """The daemon: detach, serve until unmounted, exit. Never returns."""
     os.setsid()
+    tune_malloc()
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
@@ -230,6 +223,21 @@ def _daemon_news(read_fd: int, deadline: float) -> Iterator[str]:
         if not chunk:
             return
         buffer += chunk
+
+
+def tune_malloc() -> None:
+    """Keep glibc from mmap()ing and unmapping every MiB-sized buffer (best effort).
+
+    Each body chunk and block is a fresh 1 MiB bytes object; above glibc's adaptive mmap
+    threshold every one is a new mapping whose pages fault in zeroed, which halves streaming
+    speed until the threshold adapts. Fixed thresholds keep them on the heap.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, 64 * 1024 * 1024)
+        libc.mallopt(_M_TRIM_THRESHOLD, 256 * 1024 * 1024)
+    except (OSError, AttributeError):
+        log.debug("mallopt not available; default malloc thresholds")
 
 
 def _setup_logging(opts: MountOptions) -> None:
@@ -296,13 +304,14 @@ async def _serve(opts: MountOptions, entries: list[Entry], reporter: _Foreground
         files = await _probe_all(origin, entries, opts, reporter.warn)
         cache = Cache(opts.cache, Fetcher(origin, opts.cache.block_size))
         tree = Tree.build([(entry, cache.file(entry.url, remote)) for entry, remote in files])
-        _mount_fuse(Filesystem(tree, cache), opts)
+        fs = Filesystem(tree, cache)
+        _mount_fuse(fs, opts)
         pidfile = _write_pidfile(opts.mountpoint)
         unmount_ourselves = True
         try:
             reporter.ready()
             log.info("serving %d files at %s", len(files), opts.mountpoint)
-            unmount_ourselves = await _run_until_unmounted(cache)
+            unmount_ourselves = await _run_until_unmounted(fs, opts.mountpoint)
         finally:
             with trio.CancelScope(shield=True):
                 await _shutdown(cache)
@@ -321,7 +330,7 @@ def _mount_fuse(fs: Filesystem, opts: MountOptions) -> None:
         raise UsageError(f"cannot mount at '{opts.mountpoint}': {exc}") from None
 
 
-async def _run_until_unmounted(cache: Cache) -> bool:
+async def _run_until_unmounted(fs: Filesystem, mountpoint: Path) -> bool:
     """Serve until the kernel unmounts us (False) or a signal asks us to stop (True: we unmount)."""
     stopped_by_signal = False
 
@@ -335,11 +344,17 @@ async def _run_until_unmounted(cache: Cache) -> bool:
                 return
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(cache.run_checkpoints)
+        await nursery.start(fs.cache.run)
         nursery.start_soon(watch_signals)
+        nursery.start_soon(_tune_kernel, fs, mountpoint)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
     return stopped_by_signal
+
+
+async def _tune_kernel(fs: Filesystem, mountpoint: Path) -> None:
+    await fs.initialized.wait()
+    await trio.to_thread.run_sync(kernel.tune, str(mountpoint), abandon_on_cancel=True)
 
 
 async def _shutdown(cache: Cache) -> None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import TypeVar
 
+import httpcore._async.http11 as httpcore_http11
 import httpx
 import trio
 
@@ -27,6 +28,13 @@ log = logging.getLogger(__name__)
 # Our own log lines carry redacted URLs; httpx's INFO lines would carry them in full.
 logging.getLogger("httpx").setLevel(logging.WARNING)
 logging.getLogger("httpcore").setLevel(logging.WARNING)
+
+# httpcore reads the socket 64 KiB at a time; for multi-MiB range bodies that costs three times
+# the CPU of 1 MiB reads (a 1 GiB body: ~230 MB/s vs ~700 MB/s on one core here, measured with
+# a bare httpx stream from nginx on loopback). The attribute is httpcore's own knob.
+_SOCKET_READ_SIZE = 1024 * 1024
+if hasattr(httpcore_http11.AsyncHTTP11Connection, "READ_NUM_BYTES"):
+    httpcore_http11.AsyncHTTP11Connection.READ_NUM_BYTES = _SOCKET_READ_SIZE
 
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)$")
 _CONTENT_RANGE_UNSATISFIED = re.compile(r"bytes \*/(\d+)$")

@@ -10,6 +10,9 @@ foreground as a child process and reads back its access log. Locations served:
     /.nginx-helper-ready   the readiness and log-sync probe, not logged (see below)
     anything else   a missing file is a plain 404 from "/", e.g. /missing/x
 
+With ``autoindex=True`` a directory URL under "/" answers nginx's HTML listing with exact sizes
+(rclone's http backend needs it); by default a directory answers 403, as nginx does.
+
 limit_rate lets the first second's worth (``slow_rate`` bytes) out at once, and what nginx counts
 as sent includes what sits in the socket buffers (up to a few MiB on loopback); so a transfer
 interrupted on /slow/ stops short only when the file is well above ``slow_rate`` plus those.
@@ -63,7 +66,9 @@ class Request:
 class Nginx:
     """An nginx master (1 worker) serving ``www_dir`` on 127.0.0.1; see the module docstring."""
 
-    def __init__(self, root_dir: Path, www_dir: Path, port: int = 0, slow_rate: str = "4m") -> None:
+    def __init__(
+        self, root_dir: Path, www_dir: Path, port: int = 0, slow_rate: str = "4m", autoindex: bool = False
+    ) -> None:
         """Prepare, but do not start, an nginx whose conf, logs, pid and temp dirs live in root_dir.
 
         Raises:
@@ -75,6 +80,7 @@ class Nginx:
             if any(c in str(path) for c in '"\\$'):  # nginx expands $ even inside quotes
                 raise ValueError(f"unsupported character in path {path}")
         self.slow_rate = slow_rate
+        self.autoindex = autoindex
         self.port = port
         self._fixed_port = port != 0
         self._proc: subprocess.Popen[bytes] | None = None
@@ -218,6 +224,7 @@ class Nginx:
                 port=self.port,
                 slow_rate=self.slow_rate,
                 token=self._token,
+                autoindex="on" if self.autoindex else "off",
                 log_format="\\t".join(LOG_FIELDS),
             )
         )
@@ -263,6 +270,8 @@ http {{
         root "{www}";
 
         location / {{
+            autoindex {autoindex};
+            autoindex_exact_size on;
         }}
         location = /.nginx-helper-ready {{
             access_log off;

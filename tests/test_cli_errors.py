@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from util import Mounts, Server, alive, fstype, run_rangefs
+from util import Mounts, Server, alive, fstype, run_rangefs, wait_until
 
 
 def assert_one_line_error(done: subprocess.CompletedProcess[str], *words: str) -> str:
@@ -161,17 +161,12 @@ def test_stale_mount_is_reported(mounts: Mounts, nginx: Server) -> None:
     m = mounts.mount([nginx.put("errors/g.txt", b"g")])
     pid = m.pid()
     os.kill(pid, 9)
-    assert not _wait_dead(pid) or fstype(m.path) == "fuse.rangefs"
+    assert wait_until(lambda: not alive(pid), timeout=10)
+    assert fstype(m.path) == "fuse.rangefs"  # still in the mount table, its daemon gone
     done = run_rangefs("mount", m.url_list, m.path, "--cache-dir", m.cache_dir)
     assert_one_line_error(done, str(m.path), "stale", "rangefs unmount")
     assert run_rangefs("unmount", m.path).returncode == 0
     assert fstype(m.path) is None
-
-
-def _wait_dead(pid: int) -> bool:
-    from util import wait_until
-
-    return wait_until(lambda: not alive(pid), timeout=10)
 
 
 def _rangefs_daemons(mountpoint: str) -> set[int]:

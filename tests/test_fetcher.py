@@ -27,8 +27,9 @@ def test_assembler_cuts_any_chunking_into_whole_blocks() -> None:
     data = (bytes(range(256)) * 10)[:2500]  # blocks 4..8 of 512 bytes, the last one 452
     got: list[tuple[int, bytes]] = []
 
-    async def on_block(block: int, payload: bytes) -> None:
-        got.append((block, payload))
+    async def on_block(first: int, payload: bytes | memoryview) -> None:
+        for index in range(0, len(payload), 512):
+            got.append((first + index // 512, bytes(payload[index : index + 512])))
 
     async def feed(sizes: list[int]) -> None:
         assembler = _BlockAssembler(512, 4, len(data), on_block)

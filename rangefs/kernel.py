@@ -1,0 +1,100 @@
+"""Kernel-side tuning of a FUSE mount through sysfs; best effort, needs root.
+
+pyfuse3 cannot pass these as mount options. Without them the kernel sends FUSE reads of
+128 KiB (the default readahead of a FUSE mount) and keeps at most 12 of them in flight
+(``max_background``), which caps a sequential reader far below what the cache can serve.
+Imports only the standard library; every failure is logged at debug level and ignored.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+# 16 MiB of readahead: the kernel then asks for 1 MiB reads (its FUSE maximum) and keeps
+# several in flight; measured with `make bench` (warm sequential: 128 KiB -> 200 MB/s,
+# 1 MiB -> 650 MB/s, 16 MiB -> 780 MB/s through a dropped page cache).
+READ_AHEAD_KB = 16 * 1024
+# Async readahead requests in flight: 64 (kernel default 12) so readahead is never starved.
+MAX_BACKGROUND = 64
+CONGESTION_THRESHOLD = 48
+_FUSECTL = Path("/sys/fs/fuse/connections")
+
+
+@dataclass(frozen=True)
+class MountEntry:
+    """What /proc/self/mountinfo says of one mount."""
+
+    major: int
+    minor: int
+    fstype: str
+
+
+def find_mount(mountpoint: str | os.PathLike[str]) -> MountEntry | None:
+    """The mount at exactly ``mountpoint`` (the top one if stacked), from /proc/self/mountinfo.
+
+    Read from mountinfo rather than by stat(): a daemon must not touch its own mount before its
+    request loop runs, and stat() of a mount whose daemon died fails.
+    """
+    target = os.path.abspath(mountpoint)
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return None
+    found = None
+    for line in lines:
+        left, _, right = line.partition(" - ")
+        fields = left.split()
+        if len(fields) > 4 and right and _unescape(fields[4]) == target:
+            major, _, minor = fields[2].partition(":")
+            found = MountEntry(int(major), int(minor), right.split()[0])
+    return found
+
+
+def _unescape(path: str) -> str:
+    """Undo mountinfo's octal escapes (\\040 for a space and so on)."""
+    return path.encode().decode("unicode_escape").encode("latin-1").decode(errors="replace")
+
+
+def tune(mountpoint: str) -> None:
+    """Raise readahead and background-request limits of our FUSE mount, when permitted.
+
+    Must run after the FUSE handshake: the kernel clamps readahead to what INIT negotiated.
+    It must not touch the mount itself: a daemon thread blocked in a request to its own mount
+    cannot die, so a kill -9 would leave a hung mount instead of a stale one.
+    """
+    entry = find_mount(mountpoint)
+    if entry is None:
+        log.debug("kernel tuning: mount %s not found in mountinfo", mountpoint)
+        return
+    major, minor = entry.major, entry.minor
+    _write(Path(f"/sys/class/bdi/{major}:{minor}/read_ahead_kb"), READ_AHEAD_KB)
+    if not _FUSECTL.joinpath(str(minor)).is_dir():
+        _mount_fusectl()
+    connection = _FUSECTL / str(minor)
+    _write(connection / "max_background", MAX_BACKGROUND)
+    _write(connection / "congestion_threshold", CONGESTION_THRESHOLD)
+
+
+def _mount_fusectl() -> None:
+    if os.geteuid() != 0:
+        return
+    try:
+        subprocess.run(
+            ["mount", "-t", "fusectl", "none", str(_FUSECTL)], capture_output=True, timeout=10, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        log.debug("kernel tuning: cannot mount fusectl: %s", exc)
+
+
+def _write(path: Path, value: int) -> None:
+    try:
+        path.write_text(f"{value}\n")
+        log.debug("kernel tuning: %s = %d", path, value)
+    except OSError as exc:
+        log.debug("kernel tuning: cannot set %s: %s", path, exc.strerror)

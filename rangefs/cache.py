@@ -51,8 +51,9 @@ class CacheConfig:
     # covers the kernel's readahead; doubling to 32 MiB keeps two 16 MiB requests in flight.
     readahead_initial: int = 1024 * 1024 + 128 * 1024
     readahead_max: int = 32 * 1024 * 1024
-    # Kernel readahead sends reads out of order and concurrently; this much disorder is sequential.
-    readahead_tolerance: int = 4 * 1024 * 1024
+    # Kernel readahead sends concurrent reads slightly out of order; this much disorder (one
+    # kernel read) is still sequential, while random reads rarely land this close.
+    readahead_tolerance: int = 1024 * 1024
 
     def readahead(self) -> Readahead:
         """A fresh sequential-access detector for one open handle."""
@@ -70,6 +71,7 @@ class _Flight:
         self.run = run
         self.events = {block: trio.Event() for block in range(run.first, run.stop)}
         self.error: BaseException | None = None
+        self.scope = trio.CancelScope()
 
     def finish(self, error: BaseException | None) -> None:
         """Wake everyone still waiting; blocks not delivered carry ``error``."""
@@ -110,8 +112,9 @@ class CachedFile:
         self._dirty = False
         self._unsaved_bytes = 0
         self._checkpoint_lock = trio.Lock()
-        self._prefetches: set[trio.CancelScope] = set()
-        self._prefetches_done = trio.Event()
+        self._fetches: set[trio.CancelScope] = set()  # every fetch writing to the data file
+        self._fetches_done = trio.Event()
+        self._persisted: Bitmap | None = None  # the bitmap the state file holds
 
     @property
     def block_size(self) -> int:
@@ -126,7 +129,7 @@ class CachedFile:
         if self.bitmap is None and not self._peeked:
             self._peeked = True
             self.bitmap = self._peek_bitmap()
-        if self.bitmap is None:
+        if self.bitmap is None or self.identity.nblocks == 0:
             return 0
         last = self.identity.nblocks - 1
         tail_short = self.block_size * self.identity.nblocks - self.size
@@ -155,12 +158,17 @@ class CachedFile:
 
     async def _shut(self) -> None:
         # No fetch may outlive the descriptor it writes to.
-        for scope in self._prefetches:
-            scope.cancel()
-        if self._prefetches:
-            await self._prefetches_done.wait()
+        self.abort_fetches()
+        if self._fetches:
+            await self._fetches_done.wait()
         await self.checkpoint()
-        await trio.to_thread.run_sync(self._close_files)
+        async with self._checkpoint_lock:
+            await trio.to_thread.run_sync(self._close_files)
+
+    def abort_fetches(self) -> None:
+        """Cancel every fetch in flight for this file (their readers get an error)."""
+        for scope in self._fetches:
+            scope.cancel()
 
     async def read(self, offset: int, size: int, readahead: Readahead | None = None) -> bytes | bytearray:
         """Bytes ``offset .. offset+size`` (clipped at the end), fetching missing blocks first.
@@ -197,20 +205,10 @@ class CachedFile:
         first, stop = start // self.block_size, -(-target // self.block_size)
         blocks = [b for b in range(first, stop) if b not in bitmap and b not in self._inflight]
         for flight in self._claim(blocks):
-            if not self.cache.spawn(self._prefetch, flight):
-                flight.finish(_Abandoned("no prefetch task group"))
+            if not self.cache.spawn(self._fetch, flight):
+                self._fetches.discard(flight.scope)
                 self._forget(flight)
-
-    async def _prefetch(self, flight: _Flight) -> None:
-        with trio.CancelScope() as scope:
-            self._prefetches.add(scope)
-            try:
-                await self._fetch(flight)
-            finally:
-                self._prefetches.discard(scope)
-                if not self._prefetches:
-                    self._prefetches_done.set()
-                    self._prefetches_done = trio.Event()
+                flight.finish(_Abandoned("no task group for prefetching"))
 
     async def ensure(self, first: int, stop: int) -> None:
         """Return once blocks ``first <= b < stop`` are all present, fetching what is missing.
@@ -223,6 +221,8 @@ class CachedFile:
             missing = [b for b in range(first, stop) if b not in bitmap]
             if not missing:
                 return
+            if self.cache.closing:
+                raise CacheError(f"{self.identity.url}: unmounting")
             waits = {self._inflight[b] for b in missing if b in self._inflight}
             mine = self._claim([b for b in missing if b not in self._inflight])
             async with trio.open_nursery() as nursery:
@@ -236,6 +236,7 @@ class CachedFile:
     def _claim(self, blocks: list[int]) -> list[_Flight]:
         flights = [_Flight(run) for run in plan_runs(blocks, self.cache.config.max_request_blocks)]
         for flight in flights:
+            self._fetches.add(flight.scope)  # from the claim on, so closing waits for it
             for block in flight.events:
                 self._inflight[block] = flight
         return flights
@@ -250,19 +251,28 @@ class CachedFile:
                         raise flight.error
 
     async def _fetch(self, flight: _Flight) -> None:
+        """Fetch a claimed run; never raises (errors go to the flight's waiters), but Cancelled."""
         error: BaseException | None = _Abandoned("fetch abandoned")
         try:
-            await self.cache.fetcher.fetch(self.remote, flight.run, self._store_block(flight))
-            error = None
+            with flight.scope:
+                await self.cache.fetcher.fetch(self.remote, flight.run, self._store_block(flight))
+                error = None
         except RangefsError as exc:
             error = exc
             log.warning("%s: %s", self.identity.url, exc)
         except OSError as exc:
             error = CacheError(f"{self.identity.url}: cannot write the cache file: {exc.strerror}")
             log.warning("%s", error)
+        except Exception as exc:  # a bug must fail this read, not stop the mount from a background task
+            error = CacheError(f"{self.identity.url}: unexpected error: {exc!r}")
+            log.exception("%s: unexpected error while fetching", self.identity.url)
         finally:
             self._forget(flight)
             flight.finish(error)
+            self._fetches.discard(flight.scope)
+            if not self._fetches:
+                self._fetches_done.set()
+                self._fetches_done = trio.Event()
 
     def _forget(self, flight: _Flight) -> None:
         for block in flight.events:
@@ -297,8 +307,14 @@ class CachedFile:
             try:
                 await trio.to_thread.run_sync(self._save, snapshot)
             except OSError as exc:
+                # After a failed fdatasync the kernel forgets the error: a later one succeeds
+                # without the lost pages. Forget every block written since the last good save.
+                log.warning("%s: cannot save cache state: %s; refetching recent blocks", self.identity.url,
+                            exc.strerror)
+                self.bitmap = (self._persisted or Bitmap(self.identity.nblocks)).copy()
                 self._dirty = True
-                log.warning("%s: cannot save cache state: %s", self.identity.url, exc.strerror)
+            else:
+                self._persisted = snapshot
 
     def _save(self, snapshot: Bitmap) -> None:
         os.fdatasync(self._fd)
@@ -311,6 +327,8 @@ class CachedFile:
 
     def _peek_bitmap(self) -> Bitmap | None:
         """The saved bitmap, if it is for this version (read once, without taking the lock)."""
+        if not self.remote.if_range:
+            return None
         try:
             stored, bitmap = state.load(self.state_path)
         except (OSError, state.StateCorrupt):
@@ -345,8 +363,13 @@ class CachedFile:
         except (OSError, state.StateCorrupt) as exc:
             log.warning("%s: cache state not trusted (%s); starting afresh", self.identity.url, exc)
             stored, bitmap = None, None
+        if not self.remote.if_range:
+            log.warning("%s: the server names no validator (ETag, Last-Modified); the cache is not reused "
+                        "across mounts", self.identity.url)
+            return self._reset(fd)
         if stored == self.identity and existed and os.fstat(fd).st_size == self.size and bitmap is not None:
             log.debug("%s: cache has %d of %d blocks", self.identity.url, len(bitmap), bitmap.nblocks)
+            self._persisted = bitmap.copy()
             return bitmap
         if stored is not None:
             log.info("%s: remote version or cache layout changed; dropping the cached blocks", self.identity.url)
@@ -359,6 +382,7 @@ class CachedFile:
         os.ftruncate(fd, self.size)
         bitmap = Bitmap(self.identity.nblocks)
         state.save(self.state_path, self.identity, bitmap)
+        self._persisted = bitmap.copy()
         return bitmap
 
     def _close_files(self) -> None:
@@ -386,6 +410,7 @@ class Cache:
         self._files: dict[str, CachedFile] = {}
         self._wakeup = trio.Event()
         self._nursery: trio.Nursery | None = None
+        self.closing = False
 
     @staticmethod
     def prepare(cache_dir: Path) -> None:
@@ -412,6 +437,12 @@ class Cache:
 
     def __iter__(self) -> Iterator[CachedFile]:
         return iter(self._files.values())
+
+    def abort(self) -> None:
+        """Unmounting: fail reads that still need the network and cancel every fetch."""
+        self.closing = True
+        for cached in self._files.values():
+            cached.abort_fetches()
 
     def request_checkpoint(self) -> None:
         """Ask the checkpoint task to run now rather than at its next tick."""

@@ -51,7 +51,8 @@ class Readahead:
     """Sequential-access detection for one open handle: how far ahead of a read to prefetch.
 
     Like mountpoint-s3's prefetcher: a read that starts near where the previous one ended is
-    sequential (reads the kernel sends out of order, up to ``tolerance`` apart, still count);
+    sequential (reads the kernel sends out of order, up to ``tolerance`` apart, still count, and
+    so does a forward skip into the window being fetched);
     each sequential read doubles the window, from ``initial`` up to ``maximum``; any other read
     drops it to nothing, so random access fetches only the blocks it touches.
     """
@@ -67,7 +68,8 @@ class Readahead:
         """Record a read; return the offset up to which data should be fetched ahead (0: none)."""
         end = offset + size
         expected = self.expected
-        if expected is not None and expected - self.tolerance <= offset <= expected + self.tolerance:
+        ahead = max(self.tolerance, self.window)  # a skip into what is already being fetched is fine
+        if expected is not None and expected - self.tolerance <= offset <= expected + ahead:
             self.window = min(self.maximum, max(self.initial, 2 * self.window))
             self.expected = max(expected, end)
             return self.expected + self.window

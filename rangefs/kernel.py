@@ -33,6 +33,7 @@ class MountEntry:
     major: int
     minor: int
     fstype: str
+    source: str  # the "fsname" of a FUSE mount
 
 
 def find_mount(mountpoint: str | os.PathLike[str]) -> MountEntry | None:
@@ -52,7 +53,8 @@ def find_mount(mountpoint: str | os.PathLike[str]) -> MountEntry | None:
         fields = left.split()
         if len(fields) > 4 and right and _unescape(fields[4]) == target:
             major, _, minor = fields[2].partition(":")
-            found = MountEntry(int(major), int(minor), right.split()[0])
+            kind = right.split()
+            found = MountEntry(int(major), int(minor), kind[0], _unescape(kind[1]) if len(kind) > 1 else "")
     return found
 
 

@@ -8,7 +8,7 @@ Sits on top of every other module. ``mount()`` returns once the filesystem is mo
 from __future__ import annotations
 
 import ctypes
-import hashlib
+import errno
 import logging
 import os
 import select
@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +34,9 @@ from rangefs.urllist import Entry, load_url_list
 log = logging.getLogger(__name__)
 
 _PROBE_CONCURRENCY = 16
+_FSTYPE = "fuse.rangefs"
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+_ABORT_GRACE = 2.0  # seconds reads in flight get to finish after a stop signal before fetches are cancelled
 _M_TRIM_THRESHOLD = -1  # glibc mallopt() parameters, from <malloc.h>
 _M_MMAP_THRESHOLD = -3
 _LOG_FORMAT = "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"
@@ -66,12 +69,17 @@ def default_cache_dir() -> Path:
     return Path(base) / "rangefs"
 
 
-def pidfile_path(mountpoint: str | os.PathLike[str]) -> Path:
-    """Where the daemon serving ``mountpoint`` records its pid."""
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    base = Path(runtime) / "rangefs" if runtime else Path(f"/tmp/rangefs-{os.getuid()}")
-    digest = hashlib.sha256(os.path.abspath(mountpoint).encode()).hexdigest()[:16]
-    return base / f"{digest}.pid"
+def daemon_pid(mountpoint: str | os.PathLike[str]) -> int | None:
+    """The pid of the daemon serving a rangefs mount: it names itself ``rangefs:PID`` in the mount table.
+
+    The mount table is the one record that lives exactly as long as the mount, so no pid file
+    can go stale or be planted.
+    """
+    entry = kernel.find_mount(mountpoint)
+    if entry is None or entry.fstype != _FSTYPE or not entry.source.startswith("rangefs:"):
+        return None
+    pid = entry.source.removeprefix("rangefs:")
+    return int(pid) if pid.isdigit() else None
 
 
 # -- checks before anything is started ------------------------------------------------------
@@ -79,8 +87,15 @@ def pidfile_path(mountpoint: str | os.PathLike[str]) -> Path:
 
 def check_mountpoint(mountpoint: Path) -> None:
     """Raise UsageError unless ``mountpoint`` is an existing directory with nothing mounted on it."""
+    entry = kernel.find_mount(mountpoint)
+    if entry is not None:
+        if entry.fstype.startswith("fuse") and _stale(mountpoint):
+            raise UsageError(
+                f"mount point '{mountpoint}' holds a stale mount; run 'rangefs unmount {mountpoint}' first"
+            )
+        raise UsageError(f"mount point '{mountpoint}' is already mounted")
     try:
-        st = mountpoint.stat()
+        mountpoint.stat()
     except FileNotFoundError:
         raise UsageError(f"mount point '{mountpoint}' does not exist") from None
     except OSError as exc:
@@ -91,9 +106,15 @@ def check_mountpoint(mountpoint: Path) -> None:
         raise UsageError(f"mount point '{mountpoint}': {exc.strerror}") from None
     if not os.path.isdir(mountpoint):
         raise UsageError(f"mount point '{mountpoint}' is not a directory")
-    if os.path.ismount(mountpoint) or _mount_fstype(mountpoint) is not None:
-        raise UsageError(f"mount point '{mountpoint}' is already mounted")
-    del st
+
+
+def _stale(mountpoint: Path) -> bool:
+    """True for a FUSE mount whose daemon is gone (statvfs fails at once; stat may be cached)."""
+    try:
+        os.statvfs(mountpoint)
+    except OSError as exc:
+        return exc.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+    return False
 
 
 def _mount_fstype(mountpoint: Path) -> str | None:
@@ -167,6 +188,7 @@ def _daemonize(opts: MountOptions, entries: list[Entry]) -> None:
 def _run_daemon(opts: MountOptions, entries: list[Entry], write_fd: int) -> None:
     """The daemon: detach, serve until unmounted, exit. Never returns."""
     os.setsid()
+    os.chdir("/")  # do not keep the caller's directory busy
     tune_malloc()
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
@@ -306,22 +328,25 @@ async def _serve(opts: MountOptions, entries: list[Entry], reporter: _Foreground
         tree = Tree.build([(entry, cache.file(entry.url, remote)) for entry, remote in files])
         fs = Filesystem(tree, cache)
         _mount_fuse(fs, opts)
-        pidfile = _write_pidfile(opts.mountpoint)
-        unmount_ourselves = True
-        try:
-            reporter.ready()
-            log.info("serving %d files at %s", len(files), opts.mountpoint)
-            unmount_ourselves = await _run_until_unmounted(fs, opts.mountpoint)
-        finally:
-            with trio.CancelScope(shield=True):
-                await _shutdown(cache)
-            pyfuse3.close(unmount=unmount_ourselves)
-            pidfile.unlink(missing_ok=True)
-            log.info("unmounted %s", opts.mountpoint)
+        # From here on the mount exists: every path out goes through the finally clauses.
+        # Stop signals stay caught until the very end, so a second Ctrl-C cannot cut the shutdown short.
+        with trio.open_signal_receiver(*_STOP_SIGNALS) as signals:
+            unmount_ourselves = True
+            try:
+                reporter.ready()
+                log.info("serving %d files at %s", len(files), opts.mountpoint)
+                unmount_ourselves = await _run_until_unmounted(fs, opts.mountpoint, signals)
+            finally:
+                try:
+                    with trio.CancelScope(shield=True):
+                        await _shutdown(cache)
+                finally:
+                    pyfuse3.close(unmount=unmount_ourselves)
+                    log.info("unmounted %s", opts.mountpoint)
 
 
 def _mount_fuse(fs: Filesystem, opts: MountOptions) -> None:
-    options = set(pyfuse3.default_options) | {"fsname=rangefs", "subtype=rangefs", "ro"}
+    options = set(pyfuse3.default_options) | {f"fsname=rangefs:{os.getpid()}", "subtype=rangefs", "ro"}
     if opts.allow_other:
         options.add("allow_other")
     try:
@@ -330,22 +355,30 @@ def _mount_fuse(fs: Filesystem, opts: MountOptions) -> None:
         raise UsageError(f"cannot mount at '{opts.mountpoint}': {exc}") from None
 
 
-async def _run_until_unmounted(fs: Filesystem, mountpoint: Path) -> bool:
+async def _run_until_unmounted(fs: Filesystem, mountpoint: Path, signals: AsyncIterator[int]) -> bool:
     """Serve until the kernel unmounts us (False) or a signal asks us to stop (True: we unmount)."""
     stopped_by_signal = False
 
-    async def watch_signals() -> None:
+    async def watch_signals(nursery: trio.Nursery) -> None:
         nonlocal stopped_by_signal
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-            async for signum in signals:
-                log.info("%s: unmounting", signal.Signals(signum).name)
-                stopped_by_signal = True
-                pyfuse3.terminate()
-                return
+        async for signum in signals:
+            if stopped_by_signal:
+                log.info("%s: already unmounting", signal.Signals(signum).name)
+                continue
+            log.info("%s: unmounting", signal.Signals(signum).name)
+            stopped_by_signal = True
+            pyfuse3.terminate()
+            nursery.start_soon(abort_after_grace)
+
+    async def abort_after_grace() -> None:
+        # terminate() waits for the requests in progress; a read stuck on a slow server must not
+        # hold the unmount for minutes of retries.
+        await trio.sleep(_ABORT_GRACE)
+        fs.cache.abort()
 
     async with trio.open_nursery() as nursery:
         await nursery.start(fs.cache.run)
-        nursery.start_soon(watch_signals)
+        nursery.start_soon(watch_signals, nursery)
         nursery.start_soon(_tune_kernel, fs, mountpoint)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
@@ -367,13 +400,6 @@ async def _shutdown(cache: Cache) -> None:
             log.warning("%s: %s", cached.identity.url, exc)
 
 
-def _write_pidfile(mountpoint: Path) -> Path:
-    path = pidfile_path(mountpoint)
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    path.write_text(f"{os.getpid()}\n{os.path.abspath(mountpoint)}\n")
-    return path
-
-
 # -- unmount --------------------------------------------------------------------------------
 
 
@@ -383,12 +409,16 @@ def unmount(mountpoint: Path, lazy: bool = False, timeout: float = 60.0) -> None
     Raises:
         UsageError: not a rangefs mount, busy, or the daemon did not exit in time.
     """
-    fstype = _mount_fstype(mountpoint)
-    if fstype != "fuse.rangefs":
+    if _mount_fstype(mountpoint) != _FSTYPE:
         raise UsageError(f"'{mountpoint}' is not a rangefs mount")
-    pid = _read_pid(mountpoint)
+    pid = daemon_pid(mountpoint)
     command = ["fusermount3", "-u", *(["-z"] if lazy else []), str(mountpoint)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
+    except FileNotFoundError:
+        raise UsageError("fusermount3 not found: install fuse3") from None
+    except subprocess.TimeoutExpired:
+        raise UsageError(f"fusermount3 did not unmount '{mountpoint}' within {timeout:.0f}s") from None
     if done.returncode != 0:
         reason = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"
         if "busy" in reason.lower():
@@ -396,18 +426,6 @@ def unmount(mountpoint: Path, lazy: bool = False, timeout: float = 60.0) -> None
         raise UsageError(f"cannot unmount '{mountpoint}': {reason}")
     if pid is not None and not _wait_for_exit(pid, timeout):
         raise UsageError(f"unmounted '{mountpoint}', but its daemon (pid {pid}) did not exit within {timeout:.0f}s")
-
-
-def _read_pid(mountpoint: Path) -> int | None:
-    try:
-        pid = int(pidfile_path(mountpoint).read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return None
-    return pid if b"rangefs" in cmdline else None
 
 
 def _wait_for_exit(pid: int, timeout: float) -> bool:
@@ -426,4 +444,4 @@ def _is_zombie(pid: int) -> bool:
         return True
 
 
-__all__ = ["DEFAULT_BLOCK_SIZE", "CacheError", "MountOptions", "mount", "pidfile_path", "unmount"]
+__all__ = ["DEFAULT_BLOCK_SIZE", "CacheError", "MountOptions", "daemon_pid", "mount", "unmount"]

@@ -79,7 +79,7 @@ class OriginConfig:
     connect_timeout: float = 10.0
     read_timeout: float = 30.0  # per read of a body, not per request
     retries: int = 5  # attempts after the first without progress
-    retry_max_delay: float = 10.0  # cap of one backoff sleep, Retry-After included
+    retry_max_delay: float = 10.0  # cap of one backoff sleep (a server's Retry-After may ask up to 60 s)
     max_connections: int = 16
 
 
@@ -94,8 +94,10 @@ class _Retry(Exception):
 class Origin:
     """An HTTP client for probing and fetching ranges; use as ``async with Origin(cfg) as origin``."""
 
-    def __init__(self, config: OriginConfig | None = None) -> None:
+    def __init__(self, config: OriginConfig | None = None, transport: httpx.AsyncBaseTransport | None = None) -> None:
+        """``transport`` replaces the network, for tests (``httpx.MockTransport``)."""
         self.config = config or OriginConfig()
+        self._transport = transport
         self._client: httpx.AsyncClient | None = None
 
     async def __aenter__(self) -> Origin:
@@ -108,6 +110,7 @@ class Origin:
             follow_redirects=True,
             max_redirects=10,
             headers={"Accept-Encoding": "identity", "User-Agent": "rangefs"},
+            transport=self._transport,
         )
         return self
 
@@ -206,7 +209,7 @@ class Origin:
         while True:
             try:
                 return await attempt()
-            except (httpx.UnsupportedProtocol, httpx.TooManyRedirects) as exc:
+            except (httpx.UnsupportedProtocol, httpx.TooManyRedirects, httpx.InvalidURL, UnicodeError) as exc:
                 raise BadResponse(f"{redact_url(url)}: {_describe(exc)}") from None
             except httpx.TransportError as exc:
                 error: _Retry = _Retry(_describe(exc))
@@ -233,6 +236,8 @@ def _describe(exc: BaseException) -> str:
     """An exception as one line; httpx messages may embed the URL, so keep only the class for those."""
     if isinstance(exc, _Retry):
         return str(exc)
+    if isinstance(exc, UnicodeError):
+        return _TRANSPORT_WORDS["UnicodeError"]  # its message quotes the host
     words = _TRANSPORT_WORDS.get(type(exc).__name__, type(exc).__name__)
     detail = str(exc)
     if detail and "://" not in detail and "@" not in detail and len(detail) < 200:
@@ -251,6 +256,8 @@ _TRANSPORT_WORDS = {
     "RemoteProtocolError": "server broke the HTTP protocol",
     "UnsupportedProtocol": "redirected to an unsupported scheme",
     "TooManyRedirects": "too many redirects",
+    "InvalidURL": "not a usable URL",
+    "UnicodeError": "not a usable host name",
 }
 
 
@@ -274,8 +281,12 @@ def _retry_after(resp: httpx.Response) -> float | None:
 def _check_range_answer(remote: RemoteFile, resp: httpx.Response, start: int, stop: int) -> None:
     """Accept only a 206 for exactly ``bytes start-(stop-1)/size`` with an identity body."""
     _raise_for_status(remote.url, resp)
-    if resp.status_code == 200 or resp.status_code == 416:
+    if resp.status_code == 200 and _same_version(remote, resp):
+        raise BadResponse(f"{redact_url(remote.url)}: the server ignores Range requests (answered 200 OK)")
+    if resp.status_code in (200, 416):
         raise RemoteChanged(f"{redact_url(remote.url)}: answered {_status(resp)} to a ranged GET with If-Range")
+    if not _same_version(remote, resp):
+        raise RemoteChanged(f"{redact_url(remote.url)}: a 206 for another version (ETag or Last-Modified changed)")
     if resp.status_code != 206:
         raise BadResponse(f"{redact_url(remote.url)}: answered {_status(resp)} to a ranged GET")
     encoding = resp.headers.get("Content-Encoding", "identity").lower()
@@ -290,6 +301,15 @@ def _check_range_answer(remote: RemoteFile, resp: httpx.Response, start: int, st
         raise RemoteChanged(f"{redact_url(remote.url)}: size changed from {remote.size} to {got[2]}")
     if got != expected:
         raise _Retry(f"Content-Range {got[0]}-{got[1]} does not match the request {start}-{stop - 1}")
+
+
+def _same_version(remote: RemoteFile, resp: httpx.Response) -> bool:
+    """False when the answer names a validator other than the one we know (not all servers name one)."""
+    etag = resp.headers.get("ETag")
+    if etag is not None and remote.etag is not None and etag != remote.etag:
+        return False
+    modified = resp.headers.get("Last-Modified")
+    return modified is None or remote.last_modified is None or modified == remote.last_modified
 
 
 def _total_from_content_range(url: str, resp: httpx.Response) -> int:

@@ -55,6 +55,10 @@ SECRET_WORDS = (
     "secret",
     "credential",
     "session",
+    "pass",
+    "pwd",
+    "jwt",
+    "hmac",
 )
 
 _WHITESPACE = " \t\r\f\v"
@@ -181,14 +185,23 @@ def _check_url(url: str) -> None:
     try:
         parts = urlsplit(url)
         _ = parts.port  # only reading the port checks it: raises ValueError on a bad one
-    except ValueError as e:
-        raise _LineError(f"invalid URL {redact_url(url)!r} ({e})") from None
+    except ValueError:
+        # the parser's own message may quote a password: say nothing of it
+        raise _LineError(f"invalid URL {_redact_loosely(url)!r}") from None
     if not parts.scheme:
         raise _LineError(f"URL {redact_url(url)!r} has no scheme (only http and https)")
     if parts.scheme not in SCHEMES:
         raise _LineError(f"unsupported scheme {parts.scheme!r} (only http and https)")
     if not parts.hostname:
         raise _LineError(f"URL {redact_url(url)!r} has no host")
+
+
+def _redact_loosely(url: str) -> str:
+    """For a URL that does not parse: hide all between '://' and the last '@' (a password may hold '#', '/')."""
+    scheme, sep, rest = url.partition("://")
+    if sep and "@" in rest:
+        return redact_url(f"{scheme}://***@{rest.rpartition('@')[2]}")
+    return redact_url(url)
 
 
 def _name_from_url(url: str) -> str:

@@ -46,3 +46,18 @@ def test_assembler_cuts_any_chunking_into_whole_blocks() -> None:
         assert [block for block, _ in got] == [4, 5, 6, 7, 8]
         assert b"".join(payload for _, payload in got) == data
         assert [len(payload) for _, payload in got] == [512, 512, 512, 512, 452]
+
+
+def test_readahead_grows_while_sequential_and_drops_on_a_jump() -> None:
+    from rangefs.fetcher import Readahead
+
+    ra = Readahead(initial=100, maximum=400, tolerance=50)
+    assert ra.advise(0, 10) == 0  # one read says nothing yet
+    assert ra.advise(10, 10) == 20 + 100
+    assert ra.advise(20, 10) == 30 + 200
+    assert ra.advise(30, 10) == 40 + 400
+    assert ra.advise(40, 10) == 50 + 400  # capped
+    assert ra.advise(45, 10) == 55 + 400  # a little disorder is still sequential
+    assert ra.advise(400, 10) == 410 + 400  # a skip into the window being fetched too
+    assert ra.advise(5000, 10) == 0  # a jump: random access, nothing ahead
+    assert ra.window == 0

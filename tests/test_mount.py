@@ -16,7 +16,7 @@ import pytest
 
 from rangefs import state
 from rangefs.cache import DEFAULT_BLOCK_SIZE, cache_key
-from rangefs.mount import pidfile_path
+from rangefs.mount import daemon_pid
 
 from proxy import ThrottleProxy
 from util import RANGEFS, Mount, Mounts, Server, alive, fstype, seeded_bytes, wait_until
@@ -114,7 +114,11 @@ def test_empty_file(mounts: Mounts, nginx: Server) -> None:
     mark = nginx.mark()
     assert os.stat(m.path / "e.bin").st_size == 0
     assert sh("cat", m.path / "e.bin") == b""
+    assert "e.bin" in sh("ls", "-ls", m.path).decode()  # stat after an open, with a cache state
     assert gets(nginx, "empty/e.bin", mark) == []
+    assert m.unmount().returncode == 0
+    mounts.remount(m)
+    assert os.stat(m.path / "e.bin").st_size == 0 and sh("cat", m.path / "e.bin") == b""
 
 
 def test_unicode_names_and_subdirectories(mounts: Mounts, nginx: Server) -> None:
@@ -243,6 +247,21 @@ def test_ffprobe_reads_the_video(mounts: Mounts, nginx: Server, video: Path) -> 
     assert mounted.replace(str(m.path / "clip.mp4").encode(), b"X") == local.replace(str(video).encode(), b"X")
 
 
+def test_credentials_never_reach_xattrs_or_the_log(mounts: Mounts, nginx: Server) -> None:
+    url = nginx.put("secret/s.bin", b"secret\n").replace("http://", "http://alice:hunter2@") + "?token=hunter3"
+    m = mounts.mount([url, "http://127.0.0.1:1/nope.bin?sig=hunter4"], "-v", "--skip-unavailable",
+                     "--retries", "0")
+    assert (m.path / "s.bin").read_bytes() == b"secret\n"
+    shown = os.getxattr(m.path / "s.bin", "user.rangefs.url").decode()
+    assert shown.startswith("http://***@127.0.0.1:") and shown.endswith("?token=***")
+    assert m.unmount().returncode == 0
+    everything = (m.cache_dir / "rangefs.log").read_text() + (m.result.stderr if m.result else "")
+    everything += "".join(p.read_text(errors="replace") for p in (m.cache_dir / "files").glob("*.state"))
+    assert "127.0.0.1:1" in everything  # the failed URL was reported...
+    for secret in ("hunter2", "hunter3", "hunter4"):
+        assert secret not in everything  # ...with no secret in it
+
+
 def test_xattrs_and_du_tell_the_cache_state(mounts: Mounts, nginx: Server) -> None:
     data = seeded_bytes(4 * BLOCK, seed=12)
     url = nginx.put("xattr/x.bin", data)
@@ -266,7 +285,7 @@ def test_xattrs_and_du_tell_the_cache_state(mounts: Mounts, nginx: Server) -> No
 def _assert_clean_exit(m: Mount, pid: int, state_path: Path, blocks: int) -> None:
     assert wait_until(lambda: not alive(pid), timeout=20), "daemon still running"
     assert fstype(m.path) is None
-    assert not pidfile_path(m.path).exists()
+    assert daemon_pid(m.path) is None
     assert len(state.load(state_path)[1]) == blocks
 
 

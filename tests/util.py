@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rangefs.mount import pidfile_path
+from rangefs.mount import daemon_pid
 
 from nginx import Nginx
 
@@ -65,7 +65,9 @@ class Mount:
     result: subprocess.CompletedProcess[str] | None = None
 
     def pid(self) -> int:
-        return int(pidfile_path(self.path).read_text().split()[0])
+        pid = daemon_pid(self.path)
+        assert pid is not None, f"no rangefs daemon serves {self.path}"
+        return pid
 
     def mounted(self) -> bool:
         return fstype(self.path) is not None

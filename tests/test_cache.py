@@ -1,0 +1,181 @@
+"""The block cache against an in-memory origin: single flight, persistence, no stale reuse."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+import trio
+from fakeorigin import FakeOrigin
+
+from rangefs import state
+from rangefs.cache import Cache, CacheConfig, CachedFile
+from rangefs.errors import CacheError
+from rangefs.fetcher import Fetcher
+from rangefs.origin import Origin
+
+BLOCK = 64 * 1024
+DATA = os.urandom(20 * BLOCK + 1234)
+URL = "http://origin.test/f.bin"
+
+
+def with_cache(
+    tmp_path: Path, fake: FakeOrigin, body: Callable[[Cache, CachedFile], Awaitable[None]]
+) -> None:
+    """Run ``body`` against an opened CachedFile of ``fake``'s file, with the cache's task group running."""
+
+    async def run() -> None:
+        config = CacheConfig(tmp_path, block_size=BLOCK)
+        Cache.prepare(tmp_path)
+        async with Origin(transport=fake.transport()) as origin:
+            cache = Cache(config, Fetcher(origin, BLOCK))
+            cached = cache.file(URL, await origin.probe(URL))
+            async with trio.open_nursery() as nursery:
+                await nursery.start(cache.run)
+                await cached.acquire()
+                try:
+                    await body(cache, cached)
+                finally:
+                    await cached.release()
+                nursery.cancel_scope.cancel()
+
+    trio.run(run)
+
+
+def gets(fake: FakeOrigin) -> list[str]:
+    return [r for method, r in fake.requests if method == "GET"]
+
+
+def test_reads_give_the_bytes_and_fetch_each_block_once(tmp_path: Path) -> None:
+    fake = FakeOrigin(DATA)
+
+    async def body(cache: Cache, cached: CachedFile) -> None:
+        assert bytes(await cached.read(100, 1000)) == DATA[100:1100]
+        assert bytes(await cached.read(len(DATA) - 10, 100)) == DATA[-10:]
+        assert bytes(await cached.read(500, 2 * BLOCK)) == DATA[500 : 500 + 2 * BLOCK]
+        assert await cached.read(len(DATA), 10) == b""
+
+    with_cache(tmp_path, fake, body)
+    assert gets(fake) == ["bytes=0-65535", f"bytes={20 * BLOCK}-{len(DATA) - 1}", "bytes=65536-196607"]
+
+
+def test_concurrent_readers_of_one_block_share_one_fetch(tmp_path: Path) -> None:
+    fake = FakeOrigin(DATA)
+
+    async def body(cache: Cache, cached: CachedFile) -> None:
+        results: list[bytes] = []
+
+        async def reader(offset: int) -> None:
+            results.append(bytes(await cached.read(offset, 100)))
+
+        async with trio.open_nursery() as nursery:
+            for offset in (0, 1000, 30_000, 60_000):
+                nursery.start_soon(reader, offset)
+        assert sorted(results) == sorted(DATA[o : o + 100] for o in (0, 1000, 30_000, 60_000))
+
+    with_cache(tmp_path, fake, body)
+    assert gets(fake) == ["bytes=0-65535"]
+
+
+def test_a_new_mount_reuses_the_saved_blocks(tmp_path: Path) -> None:
+    fake = FakeOrigin(DATA)
+
+    async def first(cache: Cache, cached: CachedFile) -> None:
+        await cached.read(0, 3 * BLOCK)
+
+    async def second(cache: Cache, cached: CachedFile) -> None:
+        assert bytes(await cached.read(BLOCK, BLOCK)) == DATA[BLOCK : 2 * BLOCK]
+
+    with_cache(tmp_path, fake, first)
+    fake.requests.clear()
+    with_cache(tmp_path, fake, second)
+    assert gets(fake) == []
+
+
+@pytest.mark.parametrize("etag", ['"v2"', None])
+def test_a_changed_or_unvalidated_file_is_not_served_from_the_old_cache(tmp_path: Path, etag: str | None) -> None:
+    fake = FakeOrigin(DATA)
+
+    async def first(cache: Cache, cached: CachedFile) -> None:
+        await cached.read(0, BLOCK)
+
+    with_cache(tmp_path, fake, first)
+    new = bytes(b ^ 0xFF for b in DATA)
+    fake.data, fake.etag = new, etag
+    if etag is None:
+        fake.last_modified = None  # nothing to tell versions apart: the cache must not be trusted
+
+    async def second(cache: Cache, cached: CachedFile) -> None:
+        assert bytes(await cached.read(0, BLOCK)) == new[:BLOCK]
+
+    fake.requests.clear()
+    with_cache(tmp_path, fake, second)
+    assert gets(fake) == ["bytes=0-65535"]
+
+
+def test_an_empty_file(tmp_path: Path) -> None:
+    async def body(cache: Cache, cached: CachedFile) -> None:
+        assert await cached.read(0, 100) == b""
+        assert cached.cached_bytes() == 0
+
+    with_cache(tmp_path, FakeOrigin(b""), body)
+    with_cache(tmp_path, FakeOrigin(b""), body)
+
+
+def test_checkpoint_saves_only_durable_blocks_and_a_failed_sync_forgets_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = FakeOrigin(DATA)
+
+    async def body(cache: Cache, cached: CachedFile) -> None:
+        await cached.read(0, 10)
+        await cached.checkpoint()
+        assert len(state.load(cached.state_path)[1]) == 1
+        await cached.read(5 * BLOCK, 10)
+
+        def failing_sync(fd: int) -> None:
+            raise OSError(5, "Input/output error")
+
+        monkeypatch.setattr(os, "fdatasync", failing_sync)
+        await cached.checkpoint()
+        monkeypatch.undo()
+        assert len(state.load(cached.state_path)[1]) == 1  # the failed save changed nothing
+        assert cached.bitmap is not None and 5 not in cached.bitmap  # and block 5 is fetched again
+        fake.requests.clear()
+        assert bytes(await cached.read(5 * BLOCK, 10)) == DATA[5 * BLOCK : 5 * BLOCK + 10]
+        assert gets(fake) == [f"bytes={5 * BLOCK}-{6 * BLOCK - 1}"]
+
+    with_cache(tmp_path, fake, body)
+
+
+def test_sequential_reads_prefetch_in_large_requests_random_reads_do_not(tmp_path: Path) -> None:
+    fake = FakeOrigin(DATA)
+    config = CacheConfig(
+        tmp_path, block_size=BLOCK, readahead_initial=2 * BLOCK, readahead_max=8 * BLOCK, readahead_tolerance=BLOCK
+    )
+
+    async def body(cache: Cache, cached: CachedFile) -> None:
+        random = config.readahead()
+        for offset in (15 * BLOCK, 3 * BLOCK, 9 * BLOCK):
+            await cached.read(offset, 4096, random)
+        assert gets(fake) == [f"bytes={o}-{o + BLOCK - 1}" for o in (15 * BLOCK, 3 * BLOCK, 9 * BLOCK)]
+        fake.requests.clear()
+        sequential = config.readahead()
+        for offset in range(0, 3 * BLOCK, BLOCK // 2):
+            assert bytes(await cached.read(offset, BLOCK // 2, sequential)) == DATA[offset : offset + BLOCK // 2]
+        await trio.sleep(0.1)  # let the background fetches land
+        assert len(gets(fake)) < 6  # fewer requests than blocks read: prefetch coalesced them
+        assert cached.bitmap is not None and all(b in cached.bitmap for b in range(0, 6))
+
+    with_cache(tmp_path, fake, body)
+
+
+def test_reads_fail_once_the_cache_is_closing(tmp_path: Path) -> None:
+    async def body(cache: Cache, cached: CachedFile) -> None:
+        cache.abort()
+        with pytest.raises(CacheError, match="unmounting"):
+            await cached.read(0, 10)
+
+    with_cache(tmp_path, FakeOrigin(DATA), body)

@@ -25,11 +25,11 @@ import trio
 
 from rangefs import kernel
 from rangefs.cache import DEFAULT_BLOCK_SIZE, Cache, CacheConfig
-from rangefs.errors import CacheError, OriginError, RangefsError, UsageError
+from rangefs.errors import BadResponse, CacheError, OriginError, RangefsError, UsageError
 from rangefs.fetcher import Fetcher
 from rangefs.fs import Filesystem, Tree
 from rangefs.origin import Origin, OriginConfig, RemoteFile
-from rangefs.urllist import Entry, load_url_list
+from rangefs.urllist import Entry, load_url_list, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -288,7 +288,10 @@ async def _probe_all(
     async def probe(index: int, entry: Entry) -> None:
         async with limiter:
             try:
-                results[index] = await origin.probe(entry.url)
+                remote = await origin.probe(entry.url)
+                if not remote.accept_ranges:
+                    raise BadResponse(f"{redact_url(entry.url)}: the server does not support Range requests")
+                results[index] = remote
             except OriginError as exc:
                 results[index] = exc
 

@@ -40,6 +40,7 @@ from types import FrameType
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
+import rangefs.kernel  # noqa: E402
 import rangefs.mount  # noqa: E402
 
 from nginx import Nginx  # noqa: E402  (the test suite's nginx helper)
@@ -297,22 +298,9 @@ def drop_page_cache() -> str | None:
 
 def mount_source(mountpoint: Path) -> str | None:
     """The source field of what is mounted exactly at ``mountpoint`` (also a FUSE mount whose daemon
-    died), from /proc/self/mountinfo; None when nothing is."""
-    target = os.path.abspath(mountpoint)
-    try:
-        lines = Path("/proc/self/mountinfo").read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        left, _, right = line.partition(" - ")
-        fields = left.split()
-        if len(fields) > 4 and _unescape(fields[4]) == target:
-            return _unescape(right.split()[1]) if len(right.split()) > 1 else ""
-    return None
-
-
-def _unescape(text: str) -> str:
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), text)
+    died); None when nothing is."""
+    entry = rangefs.kernel.find_mount(mountpoint)
+    return entry.source if entry else None
 
 
 def is_mounted(mountpoint: Path) -> bool:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rangefs.kernel import find_mount
 from rangefs.mount import daemon_pid
 
 from nginx import Nginx
@@ -122,13 +123,9 @@ class Mounts:
 
 
 def fstype(path: Path) -> str | None:
-    target = os.path.abspath(path)
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        left, _, right = line.partition(" - ")
-        fields = left.split()
-        if fields[4].encode().decode("unicode_escape") == target:
-            return right.split()[0]
-    return None
+    """The filesystem type mounted exactly at ``path`` (from the mount table), or None."""
+    entry = find_mount(path)
+    return entry.fstype if entry else None
 
 
 def alive(pid: int) -> bool:

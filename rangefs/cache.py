@@ -12,7 +12,6 @@ thread; blocking disk I/O goes to worker threads):
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import hashlib
 import logging
@@ -27,7 +26,7 @@ import trio
 from rangefs import state
 from rangefs.bitmap import Bitmap
 from rangefs.errors import CacheError, RangefsError
-from rangefs.fetcher import BlockRun, BlockSink, Fetcher, Readahead, plan_runs
+from rangefs.fetcher import BlockFetcher, BlockRun, Readahead, WrittenSink, plan_runs
 from rangefs.origin import RemoteFile
 from rangefs.urllist import redact_url
 
@@ -255,7 +254,9 @@ class CachedFile:
         error: BaseException | None = _Abandoned("fetch abandoned")
         try:
             with flight.scope:
-                await self.cache.fetcher.fetch(self.remote, flight.run, self._store_block(flight))
+                await self.cache.fetcher.fetch_into(
+                    self.remote, flight.run, self.data_path, self._fd, self._mark_written(flight)
+                )
                 error = None
         except RangefsError as exc:
             error = exc
@@ -279,23 +280,18 @@ class CachedFile:
             if self._inflight.get(block) is flight:
                 del self._inflight[block]
 
-    def _store_block(self, flight: _Flight) -> BlockSink:
-        async def store(first: int, data: bytes | memoryview) -> None:
-            await self._pwrite(data, first * self.block_size)
+    def _mark_written(self, flight: _Flight) -> WrittenSink:
+        async def mark(first: int, stop: int) -> None:
             bitmap = self._bitmap()
-            for block in range(first, first + -(-len(data) // self.block_size)):
+            for block in range(first, stop):
                 bitmap.add(block)
                 flight.events[block].set()
             self._dirty = True
-            self._unsaved_bytes += len(data)
+            self._unsaved_bytes += (stop - first) * self.block_size
             if self._unsaved_bytes >= self.cache.config.checkpoint_bytes:
                 self.cache.request_checkpoint()
 
-        return store
-
-    async def _pwrite(self, data: bytes | memoryview, offset: int) -> None:
-        """Write to the data file in a worker thread: a buffered write may block (dirty throttling)."""
-        await trio.to_thread.run_sync(_pwrite_all, self._fd, data, offset)
+        return mark
 
     async def checkpoint(self) -> None:
         """Make the present blocks durable and save the bitmap that claims them."""
@@ -391,19 +387,10 @@ class CachedFile:
             self._fd = -1
 
 
-def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.pwrite(fd, view, offset)
-        if written == 0:
-            raise OSError(errno.EIO, "pwrite wrote nothing")
-        view, offset = view[written:], offset + written
-
-
 class Cache:
     """All cached files of one mount, and the task that checkpoints them."""
 
-    def __init__(self, config: CacheConfig, fetcher: Fetcher) -> None:
+    def __init__(self, config: CacheConfig, fetcher: BlockFetcher) -> None:
         self.config = config
         self.fetcher = fetcher
         self.files_dir = config.cache_dir / "files"

@@ -1,22 +1,26 @@
-"""Turn missing blocks into Range requests and the answers back into whole blocks.
+"""Turn missing blocks into Range requests, write the answers into the data file, report whole blocks.
 
 Sits between the cache (above) and the origin (below); imports rangefs.origin, never httpx or
-pyfuse3. Planning is pure logic (``plan_runs``); ``Fetcher.fetch`` bounds how many requests are
-in flight at once over the whole mount.
+pyfuse3. Planning (``plan_runs``) and block progress (``BlockProgress``) are pure logic;
+``Fetcher.fetch_into`` bounds how many requests are in flight at once. A mount runs its
+Fetcher in a helper process (rangefs.fetchproc); the cache sees either through ``BlockFetcher``.
 """
 
 from __future__ import annotations
 
+import errno
+import os
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
 
 import trio
 
 from rangefs.origin import Origin, RemoteFile
 
-# Receives (first block, data): data covers whole blocks from ``first`` on; only the run's last
-# block may be short. It may be a memoryview into the socket buffer: consume it before returning.
-BlockSink = Callable[[int, bytes | memoryview], Awaitable[None]]
+# Told (first, stop) once blocks ``first <= b < stop`` are written to the data file.
+WrittenSink = Callable[[int, int], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -77,60 +81,76 @@ class Readahead:
         return 0
 
 
-class Fetcher:
-    """Fetch block runs from an origin, handing each block on as soon as it is complete."""
+class BlockFetcher(Protocol):
+    """What the cache needs: fetch a run of blocks into a data file (``Fetcher``, or ``FetchProcess``)."""
 
-    def __init__(self, origin: Origin, block_size: int, max_requests: int = 8) -> None:
+    async def fetch_into(
+        self, remote: RemoteFile, run: BlockRun, path: Path, fd: int, on_written: WrittenSink
+    ) -> None: ...
+
+
+class Fetcher:
+    """Fetch block runs from an origin into a data file, telling which blocks are complete."""
+
+    def __init__(self, origin: Origin, block_size: int, max_requests: int = 8, *, write_in_thread: bool = True) -> None:
+        """``write_in_thread``: pwrite from a worker thread, as the FUSE thread must never block
+        on the disk; a process that only fetches (rangefs.fetchproc) writes directly."""
         self.origin = origin
         self.block_size = block_size
+        self.write_in_thread = write_in_thread
         self._requests = trio.CapacityLimiter(max_requests)
 
-    async def fetch(self, remote: RemoteFile, run: BlockRun, on_blocks: BlockSink) -> None:
-        """Fetch ``run`` of ``remote``; call ``on_blocks(first, data)`` as whole blocks arrive, in order.
+    async def fetch_into(self, remote: RemoteFile, run: BlockRun, path: Path, fd: int, on_written: WrittenSink) -> None:
+        """Fetch ``run`` into the data file ``fd`` (``path`` is for fetchers in another process).
 
-        Blocks delivered before an error stay delivered: they are the server's bytes for
-        this version (the origin checked the 206 against the request and If-Range).
+        Each chunk is written at its offset as it arrives, without copying it into blocks;
+        ``on_written(first, stop)`` hears of blocks once every byte of them is written. Blocks
+        reported before an error stay valid: they are the server's bytes for this version (the
+        origin checked the 206 against the request and If-Range).
+
+        Raises:
+            RangefsError: the fetch failed; OSError: the write failed.
         """
+        del path
         start, stop = run.byte_range(self.block_size, remote.size)
-        assembler = _BlockAssembler(self.block_size, run.first, stop - start, on_blocks)
+        progress = BlockProgress(self.block_size, run, start, stop)
+
+        async def store(offset: int, chunk: bytes) -> None:
+            if self.write_in_thread:
+                await trio.to_thread.run_sync(pwrite_all, fd, chunk, offset)
+            else:
+                pwrite_all(fd, chunk, offset)
+            done = progress.advance(offset + len(chunk))
+            if done is not None:
+                await on_written(*done)
+
         async with self._requests:
-            await self.origin.fetch(remote, start, stop, assembler.feed)
+            await self.origin.fetch(remote, start, stop, store)
 
 
-class _BlockAssembler:
-    """Cut an in-order byte stream into whole blocks (the last one of a run may be short).
+class BlockProgress:
+    """Which blocks of a run an in-order byte stream has completed so far."""
 
-    Whole blocks inside a chunk are handed on as one zero-copy view covering all of them, so a
-    1 MiB socket read costs one write of four 256 KiB blocks; only the pieces of a block that
-    straddle two chunks are copied.
-    """
-
-    def __init__(self, block_size: int, first_block: int, length: int, on_blocks: BlockSink) -> None:
+    def __init__(self, block_size: int, run: BlockRun, start: int, stop: int) -> None:
         self.block_size = block_size
-        self.block = first_block
-        self.remaining = length
-        self.on_blocks = on_blocks
-        self.partial = bytearray()
+        self.run = run
+        self.start, self.stop = start, stop
+        self.reported = run.first  # blocks before this one have been reported
 
-    async def feed(self, offset: int, chunk: bytes) -> None:
-        del offset  # the origin delivers in order; the assembler only counts
-        view = memoryview(chunk)
-        if self.partial:
-            take = min(len(view), self.block_size - len(self.partial))
-            self.partial += view[:take]
-            view = view[take:]
-            if len(self.partial) == self.block_size or len(self.partial) == self.remaining:
-                await self._emit(bytes(self.partial))
-                self.partial = bytearray()
-        whole = len(view) // self.block_size * self.block_size
-        if len(view) == self.remaining:
-            whole = len(view)  # the end of the run: a short last block goes too
-        if whole:
-            await self._emit(view[:whole])
-        self.partial += view[whole:]
+    def advance(self, end: int) -> tuple[int, int] | None:
+        """The bytes up to ``end`` are written: the blocks ``(first, stop)`` this completes, if any."""
+        complete = self.run.stop if end >= self.stop else self.run.first + (end - self.start) // self.block_size
+        if complete <= self.reported:
+            return None
+        first, self.reported = self.reported, complete
+        return first, complete
 
-    async def _emit(self, data: bytes | memoryview) -> None:
-        first = self.block
-        self.block += -(-len(data) // self.block_size)
-        self.remaining -= len(data)
-        await self.on_blocks(first, data)
+
+def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    """Write all of ``data`` at ``offset`` (pwrite may write less than asked)."""
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        if written == 0:
+            raise OSError(errno.EIO, "pwrite wrote nothing")
+        view, offset = view[written:], offset + written

@@ -1,4 +1,4 @@
-"""Kernel-side tuning of a FUSE mount through sysfs; best effort, needs root.
+"""Kernel-side tuning of a FUSE mount through sysfs (best effort, needs root), and of malloc.
 
 pyfuse3 cannot pass these as mount options. Without them the kernel sends FUSE reads of
 128 KiB (the default readahead of a FUSE mount) and keeps at most 12 of them in flight
@@ -8,6 +8,7 @@ Imports only the standard library; every failure is logged at debug level and ig
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import subprocess
@@ -24,6 +25,8 @@ READ_AHEAD_KB = 16 * 1024
 MAX_BACKGROUND = 64
 CONGESTION_THRESHOLD = 48
 _FUSECTL = Path("/sys/fs/fuse/connections")
+_M_TRIM_THRESHOLD = -1  # glibc mallopt() parameters, from <malloc.h>
+_M_MMAP_THRESHOLD = -3
 
 
 @dataclass(frozen=True)
@@ -100,3 +103,18 @@ def _write(path: Path, value: int) -> None:
         log.debug("kernel tuning: %s = %d", path, value)
     except OSError as exc:
         log.debug("kernel tuning: cannot set %s: %s", path, exc.strerror)
+
+
+def tune_malloc() -> None:
+    """Keep glibc from mmap()ing and unmapping every MiB-sized buffer (best effort).
+
+    Each body chunk and block is a fresh 1 MiB bytes object; above glibc's adaptive mmap
+    threshold every one is a new mapping whose pages fault in zeroed, which halves streaming
+    speed until the threshold adapts. Fixed thresholds keep them on the heap.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, 64 * 1024 * 1024)
+        libc.mallopt(_M_TRIM_THRESHOLD, 256 * 1024 * 1024)
+    except (OSError, AttributeError):
+        log.debug("mallopt not available; default malloc thresholds")

@@ -7,7 +7,6 @@ Sits on top of every other module. ``mount()`` returns once the filesystem is mo
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import logging
 import os
@@ -26,7 +25,7 @@ import trio
 from rangefs import kernel
 from rangefs.cache import DEFAULT_BLOCK_SIZE, Cache, CacheConfig
 from rangefs.errors import BadResponse, CacheError, OriginError, RangefsError, UsageError
-from rangefs.fetcher import Fetcher
+from rangefs.fetchproc import FetchProcess, HelperConfig
 from rangefs.fs import Filesystem, Tree
 from rangefs.origin import Origin, OriginConfig, RemoteFile
 from rangefs.urllist import Entry, load_url_list, redact_url
@@ -37,8 +36,7 @@ _PROBE_CONCURRENCY = 16
 _FSTYPE = "fuse.rangefs"
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _ABORT_GRACE = 2.0  # seconds reads in flight get to finish after a stop signal before fetches are cancelled
-_M_TRIM_THRESHOLD = -1  # glibc mallopt() parameters, from <malloc.h>
-_M_MMAP_THRESHOLD = -3
+_MAX_REQUESTS = 8  # Range requests in flight over the whole mount
 _LOG_FORMAT = "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"
 
 
@@ -137,7 +135,7 @@ def mount(opts: MountOptions) -> None:
     Cache.prepare(opts.cache_dir)
     _setup_logging(opts)
     if opts.foreground:
-        tune_malloc()
+        kernel.tune_malloc()
         trio.run(_serve, opts, entries, _ForegroundReporter())
         return
     _daemonize(opts, entries)
@@ -189,7 +187,7 @@ def _run_daemon(opts: MountOptions, entries: list[Entry], write_fd: int) -> None
     """The daemon: detach, serve until unmounted, exit. Never returns."""
     os.setsid()
     os.chdir("/")  # do not keep the caller's directory busy
-    tune_malloc()
+    kernel.tune_malloc()
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
@@ -245,21 +243,6 @@ def _daemon_news(read_fd: int, deadline: float) -> Iterator[str]:
         if not chunk:
             return
         buffer += chunk
-
-
-def tune_malloc() -> None:
-    """Keep glibc from mmap()ing and unmapping every MiB-sized buffer (best effort).
-
-    Each body chunk and block is a fresh 1 MiB bytes object; above glibc's adaptive mmap
-    threshold every one is a new mapping whose pages fault in zeroed, which halves streaming
-    speed until the threshold adapts. Fixed thresholds keep them on the heap.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(_M_MMAP_THRESHOLD, 64 * 1024 * 1024)
-        libc.mallopt(_M_TRIM_THRESHOLD, 256 * 1024 * 1024)
-    except (OSError, AttributeError):
-        log.debug("mallopt not available; default malloc thresholds")
 
 
 def _setup_logging(opts: MountOptions) -> None:
@@ -325,27 +308,59 @@ def _settle_failures(
 
 
 async def _serve(opts: MountOptions, entries: list[Entry], reporter: _ForegroundReporter | _PipeReporter) -> None:
-    async with Origin(opts.origin) as origin:
-        files = await _probe_all(origin, entries, opts, reporter.warn)
-        cache = Cache(opts.cache, Fetcher(origin, opts.cache.block_size))
-        tree = Tree.build([(entry, cache.file(entry.url, remote)) for entry, remote in files])
-        fs = Filesystem(tree, cache)
-        _mount_fuse(fs, opts)
-        # From here on the mount exists: every path out goes through the finally clauses.
-        # Stop signals stay caught until the very end, so a second Ctrl-C cannot cut the shutdown short.
-        with trio.open_signal_receiver(*_STOP_SIGNALS) as signals:
-            unmount_ourselves = True
+    fetch_process = FetchProcess(_helper_config(opts))
+    failure: RangefsError | None = None
+    async with trio.open_nursery() as helpers:
+        # The helper starts while we probe; it must outlive every fetch, so it ends last.
+        await helpers.start(fetch_process.run)
+        try:
+            async with Origin(opts.origin) as origin:
+                files = await _probe_all(origin, entries, opts, reporter.warn)
+            await _serve_files(opts, files, Cache(opts.cache, fetch_process), reporter)
+        except RangefsError as exc:
+            failure = exc  # raised out here, not wrapped in the task group's ExceptionGroup
+        finally:
+            helpers.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
+
+
+def _helper_config(opts: MountOptions) -> HelperConfig:
+    return HelperConfig(
+        origin=opts.origin,
+        block_size=opts.cache.block_size,
+        max_requests=_MAX_REQUESTS,
+        log_path=str(opts.log_path),
+        log_format=_LOG_FORMAT,
+        verbose=opts.verbose,
+        foreground=opts.foreground,
+    )
+
+
+async def _serve_files(
+    opts: MountOptions,
+    files: list[tuple[Entry, RemoteFile]],
+    cache: Cache,
+    reporter: _ForegroundReporter | _PipeReporter,
+) -> None:
+    tree = Tree.build([(entry, cache.file(entry.url, remote)) for entry, remote in files])
+    fs = Filesystem(tree, cache)
+    _mount_fuse(fs, opts)
+    # From here on the mount exists: every path out goes through the finally clauses.
+    # Stop signals stay caught until the very end, so a second Ctrl-C cannot cut the shutdown short.
+    with trio.open_signal_receiver(*_STOP_SIGNALS) as signals:
+        unmount_ourselves = True
+        try:
+            reporter.ready()
+            log.info("serving %d files at %s", len(files), opts.mountpoint)
+            unmount_ourselves = await _run_until_unmounted(fs, opts.mountpoint, signals)
+        finally:
             try:
-                reporter.ready()
-                log.info("serving %d files at %s", len(files), opts.mountpoint)
-                unmount_ourselves = await _run_until_unmounted(fs, opts.mountpoint, signals)
+                with trio.CancelScope(shield=True):
+                    await _shutdown(cache)
             finally:
-                try:
-                    with trio.CancelScope(shield=True):
-                        await _shutdown(cache)
-                finally:
-                    pyfuse3.close(unmount=unmount_ourselves)
-                    log.info("unmounted %s", opts.mountpoint)
+                pyfuse3.close(unmount=unmount_ourselves)
+                log.info("unmounted %s", opts.mountpoint)
 
 
 def _mount_fuse(fs: Filesystem, opts: MountOptions) -> None:

@@ -5,7 +5,7 @@ whose index sits at the end), serves it with the test suite's nginx on 127.0.0.1
 ``--runs`` times: cold and warm sequential reads, cold random 4 KiB reads, ``tail -c``, ``ffprobe``,
 seek-and-decode, and the cold sequential read again through a delaying proxy (``latency_proxy.py``)
 that adds ``--rtt-ms`` of round-trip time. Cold means a fresh cache dir and a dropped page cache.
-Bytes fetched and GET requests come from nginx's access log; peak memory is the daemon's VmHWM.
+Bytes fetched and GET requests come from nginx's access log; peak memory is the daemon's VmHWM plus its fetch process's.
 
 It prints the command line, machine facts and a Markdown table of medians, ratios and the issue's
 targets (PASS/MISS, which never fail the run), and writes every sample to
@@ -271,9 +271,17 @@ def end_pid(pid: int, timeout: float = 10.0) -> None:
 
 
 def peak_rss(pid: int | None) -> int | None:
-    """VmHWM of ``pid`` in bytes, None when unknown."""
+    """VmHWM of ``pid`` plus that of its children (rangefs' fetch process), in bytes; None when unknown.
+
+    The sum of each process's own peak: an upper bound of their peak together.
+    """
     if pid is None:
         return None
+    peaks = [_vm_hwm(p) for p in [pid, *_children(pid)]]
+    return sum(p for p in peaks if p is not None) if peaks[0] is not None else None
+
+
+def _vm_hwm(pid: int) -> int | None:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
@@ -281,6 +289,17 @@ def peak_rss(pid: int | None) -> int | None:
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
 
 
 def drop_page_cache() -> str | None:
@@ -419,7 +438,7 @@ class Sample:
     seconds: float
     fetched: int | None = None  # body bytes nginx sent for the file
     gets: int | None = None  # GET requests nginx saw for the file
-    peak_rss: int | None = None  # bytes, VmHWM of the daemon
+    peak_rss: int | None = None  # bytes, VmHWM of the daemon + its children
     extra: dict[str, float] = field(default_factory=dict)
 
 
@@ -1053,7 +1072,8 @@ def header(bench: Bench, facts: dict[str, str], command: str) -> list[str]:
         f"- data: {fmt_bytes(data.big_size)} random file, {data.video_size / MB:.1f} MB MP4 ({data.video_seconds} s, "
         f"index at the end), nginx on 127.0.0.1; up to {cfg.runs} run(s) per row, medians shown",
         "- MB/s and MB are 10^6 bytes; fetched = body bytes nginx logged for the file's GETs from the measured "
-        "command until the unmount; peak RSS = VmHWM of the rangefs daemon / rclone process, read just before unmount",
+        "command until the unmount; peak RSS = VmHWM of the rangefs daemon + its fetch process / of the rclone "
+        "process, read just before unmount",
         "- rclone: `rclone mount :http: MNT --http-url URL --vfs-cache-mode full --cache-dir DIR` (nginx autoindex)",
         "- rangefs ÷ this: for MB/s above 1 means rangefs is faster; for time, latency and bytes below 1 means "
         "rangefs is faster / fetches less",

@@ -1,8 +1,6 @@
-"""Unit tests of block planning and of cutting a byte stream into blocks."""
+"""Unit tests of block planning, block progress of a byte stream, and the readahead detector."""
 
-import trio
-
-from rangefs.fetcher import BlockRun, _BlockAssembler, plan_runs
+from rangefs.fetcher import BlockProgress, BlockRun, plan_runs
 
 
 def test_adjacent_blocks_coalesce_into_one_run() -> None:
@@ -23,29 +21,32 @@ def test_byte_range_is_clipped_at_end_of_file() -> None:
     assert BlockRun(0, 1).byte_range(block_size=100, file_size=1000) == (0, 100)
 
 
-def test_assembler_cuts_any_chunking_into_whole_blocks() -> None:
-    data = (bytes(range(256)) * 10)[:2500]  # blocks 4..8 of 512 bytes, the last one 452
-    got: list[tuple[int, bytes]] = []
-
-    async def on_block(first: int, payload: bytes | memoryview) -> None:
-        for index in range(0, len(payload), 512):
-            got.append((first + index // 512, bytes(payload[index : index + 512])))
-
-    async def feed(sizes: list[int]) -> None:
-        assembler = _BlockAssembler(512, 4, len(data), on_block)
-        offset, i = 0, 0
-        while offset < len(data):
-            size = sizes[i % len(sizes)]
-            await assembler.feed(offset, data[offset : offset + size])
-            offset += size
-            i += 1
-
+def test_progress_reports_each_block_once_whatever_the_chunking() -> None:
+    run = BlockRun(4, 9)  # blocks 4..8 of 512 bytes; the file ends 452 bytes into block 8
+    start, stop = run.byte_range(512, 8 * 512 + 452)
     for sizes in ([1], [7, 900], [512], [2500], [511, 2]):
-        got.clear()
-        trio.run(feed, sizes)
-        assert [block for block, _ in got] == [4, 5, 6, 7, 8]
-        assert b"".join(payload for _, payload in got) == data
-        assert [len(payload) for _, payload in got] == [512, 512, 512, 512, 452]
+        progress = BlockProgress(512, run, start, stop)
+        reported: list[int] = []
+        offset, i = start, 0
+        while offset < stop:
+            offset = min(stop, offset + sizes[i % len(sizes)])
+            i += 1
+            done = progress.advance(offset)
+            if done is not None:
+                assert done[0] == (reported[-1] + 1 if reported else 4)  # in order, no gap, no repeat
+                reported.extend(range(*done))
+            # a block is reported only once all its bytes are written
+            assert all((block + 1) * 512 <= offset or block == 8 for block in reported)
+        assert reported == [4, 5, 6, 7, 8]
+
+
+def test_progress_of_a_partial_write_reports_nothing_early() -> None:
+    progress = BlockProgress(100, BlockRun(0, 3), 0, 300)
+    assert progress.advance(99) is None
+    assert progress.advance(100) == (0, 1)
+    assert progress.advance(150) is None
+    assert progress.advance(300) == (1, 3)
+    assert progress.advance(300) is None
 
 
 def test_readahead_grows_while_sequential_and_drops_on_a_jump() -> None:

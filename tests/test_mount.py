@@ -19,7 +19,7 @@ from rangefs.cache import DEFAULT_BLOCK_SIZE, cache_key
 from rangefs.mount import daemon_pid
 
 from proxy import ThrottleProxy
-from util import RANGEFS, Mount, Mounts, Server, alive, fstype, seeded_bytes, wait_until
+from util import RANGEFS, Mount, Mounts, Server, alive, children, fstype, seeded_bytes, wait_until
 
 BLOCK = DEFAULT_BLOCK_SIZE
 MiB = 1 << 20
@@ -206,6 +206,31 @@ def _persisted_blocks(path: Path) -> int:
         return len(state.load(path)[1])
     except (FileNotFoundError, state.StateCorrupt):
         return 0
+
+
+def test_kill_9_of_the_daemon_leaves_no_fetch_process(mounts: Mounts, nginx: Server) -> None:
+    data = seeded_bytes(BLOCK * 3, seed=41)
+    m = mounts.mount([nginx.put("orphan.bin", data)])
+    assert (m.path / "orphan.bin").read_bytes() == data
+    daemon = m.pid()
+    helpers = children(daemon)
+    assert len(helpers) == 1, helpers
+    os.kill(daemon, signal.SIGKILL)
+    assert wait_until(lambda: not alive(helpers[0]), timeout=10), "the fetch process outlived its daemon"
+
+
+def test_a_killed_fetch_process_is_replaced_and_reads_go_on(mounts: Mounts, nginx: Server) -> None:
+    data = seeded_bytes(BLOCK * 40 + 77, seed=42)
+    m = mounts.mount([nginx.put("replaced.bin", data)])
+    first = children(m.pid())
+    assert len(first) == 1, first
+    os.kill(first[0], signal.SIGKILL)
+    # The next read waits for the replacement instead of failing.
+    assert (m.path / "replaced.bin").read_bytes() == data
+    second = children(m.pid())
+    assert len(second) == 1 and second != first, (first, second)
+    mounts.pids.update(second)
+    assert m.unmount().returncode == 0
 
 
 def test_writes_and_namespace_changes_answer_erofs(mounts: Mounts, nginx: Server) -> None:

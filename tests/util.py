@@ -101,7 +101,7 @@ class Mounts:
         self.made.append(m)
         m.result = run_rangefs("mount", url_list, mountpoint, "--cache-dir", cache, *args)
         if m.mounted():
-            self.pids.add(m.pid())
+            self._track(m)
         if check:
             assert m.result.returncode == 0, f"mount failed: {m.result.stderr}"
             assert m.mounted()
@@ -111,8 +111,13 @@ class Mounts:
         """Mount the same list on the same mount point and cache again."""
         m.result = run_rangefs("mount", m.url_list, m.path, "--cache-dir", m.cache_dir, *args)
         assert m.result.returncode == 0, f"remount failed: {m.result.stderr}"
-        self.pids.add(m.pid())
+        self._track(m)
         return m
+
+    def _track(self, m: Mount) -> None:
+        """Remember the daemon and its fetch process, to end both by pid."""
+        self.pids.add(m.pid())
+        self.pids.update(children(m.pid()))
 
     def cleanup(self) -> None:
         for m in self.made:
@@ -134,6 +139,19 @@ def alive(pid: int) -> bool:
     except (OSError, IndexError):
         return False
     return state != "Z"
+
+
+def children(pid: int) -> list[int]:
+    """The pids of the live processes whose parent is ``pid`` (a daemon's fetch process)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
 
 
 def end_process(pid: int) -> None:

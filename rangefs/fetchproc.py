@@ -1,0 +1,327 @@
+"""Fetching in a process of its own, so HTTP bodies and FUSE replies do not share one thread.
+
+pyfuse3 answers every FUSE request on one trio thread. Profiled during a cold sequential read
+(py-spy on the daemon), that thread was busy all the time: about half in the HTTP body path
+(httpcore, h11, the socket) and a quarter in FUSE replies, and the copy ran at 200 MB/s. So the
+daemon starts one helper (``python -m rangefs.fetchproc``) that fetches block runs with its own
+Origin and writes them straight into the cache data files. The daemon keeps everything else
+(bitmap, single flight, readahead, checkpoints) and hears of each written piece by a message.
+
+The crash rule is unchanged: the daemon sets a block's bit only after the helper reported the
+write done, and a checkpoint's fdatasync in the daemon covers the helper's writes (same file).
+A fetch the daemon cancels is acknowledged by the helper before the daemon goes on, so no write
+of an abandoned fetch can land later; a helper that does not acknowledge in time is killed.
+
+Messages are pickled tuples, one per packet of a SOCK_SEQPACKET socketpair (both ends are ours):
+
+    daemon -> helper   ("config", HelperConfig)                       first, once
+                       ("fetch", id, RemoteFile, BlockRun, data path)
+                       ("cancel", id)
+    helper -> daemon   ("written", id, first block, stop block)       after each pwrite
+                       ("done", id, error or None)
+
+The helper exits when its socket closes, and the kernel kills it when the daemon dies
+(PR_SET_PDEATHSIG), so a kill -9 of the daemon leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import itertools
+import logging
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from rangefs import kernel
+from rangefs.errors import CacheError, RangefsError
+from rangefs.fetcher import BlockRun, Fetcher, WrittenSink
+from rangefs.origin import Origin, OriginConfig, RemoteFile
+from rangefs.urllist import redact_url
+
+log = logging.getLogger(__name__)
+
+_MAX_MESSAGE = 1024 * 1024  # a message carries at most one URL; this is far above any real one
+_CANCEL_GRACE = 5.0  # seconds a helper has to confirm a cancelled fetch before it is killed
+_RESTART_DELAY = 1.0  # between a helper's death and its replacement: bounded restart rate
+_RESTART_WAIT = 10.0  # how long a new fetch waits for a replacement helper before failing
+_EXIT_GRACE = 2.0  # seconds a closing helper has to exit before SIGKILL
+_PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True)
+class HelperConfig:
+    """What the helper needs to know; sent as its first message."""
+
+    origin: OriginConfig
+    block_size: int
+    max_requests: int
+    log_path: str | None
+    log_format: str
+    verbose: bool
+    foreground: bool
+
+
+class _Request:
+    def __init__(self, on_written: WrittenSink) -> None:
+        self.on_written = on_written
+        self.done = trio.Event()
+        self.error: BaseException | None = None
+
+
+class FetchProcess:
+    """The daemon's side: a ``BlockFetcher`` whose fetches run in the helper process.
+
+    ``run`` must be running (in a task group that outlives every fetch) for ``fetch_into`` to work.
+    """
+
+    def __init__(self, config: HelperConfig) -> None:
+        self.config = config
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._sock: trio.socket.SocketType | None = None
+        self._send_lock = trio.Lock()
+        self._pending: dict[int, _Request] = {}
+        self._ids = itertools.count()
+        self._running = trio.Event()  # set while a helper is there to take fetches
+
+    async def fetch_into(self, remote: RemoteFile, run: BlockRun, path: Path, fd: int, on_written: WrittenSink) -> None:
+        """Have the helper fetch ``run`` into the data file at ``path``; see ``Fetcher.fetch_into``."""
+        del fd  # the helper opens the file itself
+        request = _Request(on_written)
+        rid = next(self._ids)
+        self._pending[rid] = request
+        try:
+            for attempt in range(2):
+                # A helper that died is replaced; wait for that rather than fail the read.
+                with trio.move_on_after(_RESTART_WAIT):
+                    await self._running.wait()
+                try:
+                    await self._send(("fetch", rid, remote, run, str(path)))
+                    break
+                except CacheError:
+                    if attempt:
+                        raise
+            try:
+                await request.done.wait()
+            except trio.Cancelled:
+                with trio.CancelScope(shield=True):
+                    await self._cancel(rid, request)
+                raise
+        finally:
+            self._pending.pop(rid, None)
+        if request.error is not None:
+            raise request.error
+
+    async def _cancel(self, rid: int, request: _Request) -> None:
+        """Stop a fetch in the helper and wait until it no longer writes; kill a helper that hangs."""
+        with trio.move_on_after(_CANCEL_GRACE):
+            try:
+                await self._send(("cancel", rid))
+            except CacheError:
+                return  # no helper: nothing can still be writing
+            await request.done.wait()
+            return
+        log.warning("fetch process did not stop a cancelled fetch within %.0fs; killing it", _CANCEL_GRACE)
+        if self._proc is not None:
+            self._proc.kill()
+
+    async def _send(self, message: tuple[object, ...]) -> None:
+        if self._sock is None:
+            raise CacheError("the fetch process is not running")
+        async with self._send_lock:
+            try:
+                await self._sock.send(pickle.dumps(message))
+            except OSError as exc:
+                self._lost()
+                raise CacheError(f"cannot reach the fetch process: {exc.strerror}") from None
+
+    def _lost(self) -> None:
+        """The helper is gone: new fetches wait for its replacement (``_start`` sets the event)."""
+        if self._running.is_set():
+            self._running = trio.Event()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Keep a helper running and relay its news until cancelled; then end it."""
+        started = False
+        try:
+            while True:
+                await self._start()
+                if not started:
+                    task_status.started()
+                    started = True
+                await self._relay()
+                self._lost()
+                log.warning("fetch process exited (status %s); starting a new one", self._reap())
+                await trio.sleep(_RESTART_DELAY)
+        finally:
+            self._stop()
+
+    async def _start(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with theirs:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "rangefs.fetchproc", str(theirs.fileno())],
+                pass_fds=[theirs.fileno()],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+            )
+        self._sock = trio.socket.from_stdlib_socket(ours)
+        await self._send(("config", self.config))
+        self._running.set()
+        log.debug("fetch process %d started", self._proc.pid)
+
+    async def _relay(self) -> None:
+        """Hand the helper's news to the waiting fetches; return when the helper is gone."""
+        assert self._sock is not None
+        while True:
+            try:
+                packet = await self._sock.recv(_MAX_MESSAGE)
+            except OSError:
+                packet = b""
+            if not packet:
+                self._fail_pending(CacheError("the fetch process exited"))
+                return
+            kind, rid, *rest = pickle.loads(packet)
+            request = self._pending.get(rid)
+            if request is None:
+                continue  # a fetch given up by its reader
+            if kind == "written":
+                await request.on_written(*rest)
+            elif kind == "done":
+                request.error = rest[0]
+                request.done.set()
+
+    def _fail_pending(self, error: CacheError) -> None:
+        for request in self._pending.values():
+            if not request.done.is_set():
+                request.error = error
+                request.done.set()
+
+    def _reap(self) -> int | None:
+        """Close our end and collect the helper; its exit status."""
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        if self._proc is None:
+            return None
+        proc, self._proc = self._proc, None
+        try:
+            return proc.wait(timeout=_EXIT_GRACE)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return proc.wait()
+
+    def _stop(self) -> None:
+        # Closing the socket tells the helper to stop; it has _EXIT_GRACE to do so.
+        self._fail_pending(CacheError("unmounting"))
+        status = self._reap()
+        log.debug("fetch process ended (status %s)", status)
+
+
+# -- the helper process -----------------------------------------------------------------------
+
+
+def main() -> None:
+    """Entry point of the helper: ``python -m rangefs.fetchproc FD``."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass  # the closed socket still ends us, just later
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C on a foreground mount is for the daemon
+    kernel.tune_malloc()
+    raw = socket.socket(fileno=int(sys.argv[1]))
+    try:
+        trio.run(_helper, raw)
+    except KeyboardInterrupt:
+        pass
+
+
+async def _helper(raw: socket.socket) -> None:
+    sock = trio.socket.from_stdlib_socket(raw)
+    kind, config = pickle.loads(await sock.recv(_MAX_MESSAGE))
+    if kind != "config":
+        return
+    _setup_logging(config)
+    send_lock = trio.Lock()
+    scopes: dict[int, trio.CancelScope] = {}
+
+    async def send(message: tuple[object, ...]) -> None:
+        async with send_lock:
+            await sock.send(pickle.dumps(message))
+
+    async def fetch_one(rid: int, remote: RemoteFile, run: BlockRun, path: str) -> None:
+        error: BaseException | None = None
+
+        async def written(first: int, stop: int) -> None:
+            await send(("written", rid, first, stop))
+
+        try:
+            with scopes[rid]:
+                fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+                try:
+                    await fetcher.fetch_into(remote, run, Path(path), fd, written)
+                finally:
+                    os.close(fd)
+            if scopes[rid].cancelled_caught:
+                error = CacheError(f"{redact_url(remote.url)}: fetch cancelled")
+        except RangefsError as exc:
+            error = exc
+        except OSError as exc:
+            error = CacheError(f"{redact_url(remote.url)}: cannot write the cache file: {exc.strerror}")
+        except Exception as exc:  # a bug must fail this fetch, not the helper
+            log.exception("%s: unexpected error while fetching", redact_url(remote.url))
+            error = CacheError(f"{redact_url(remote.url)}: unexpected error: {exc!r}")
+        finally:
+            del scopes[rid]
+            with trio.CancelScope(shield=True):
+                try:
+                    await send(("done", rid, error))
+                except OSError:
+                    pass  # the daemon is gone
+
+    async with Origin(config.origin) as origin:
+        fetcher = Fetcher(origin, config.block_size, config.max_requests, write_in_thread=False)
+        async with trio.open_nursery() as nursery:
+            while True:
+                try:
+                    packet = await sock.recv(_MAX_MESSAGE)
+                except OSError:
+                    packet = b""
+                if not packet:
+                    nursery.cancel_scope.cancel()  # the daemon closed the socket or died
+                    return
+                kind, rid, *rest = pickle.loads(packet)
+                if kind == "fetch":
+                    scopes[rid] = trio.CancelScope()
+                    nursery.start_soon(fetch_one, rid, *rest)
+                elif kind == "cancel" and rid in scopes:
+                    scopes[rid].cancel()
+
+
+def _setup_logging(config: HelperConfig) -> None:
+    root = logging.getLogger()
+    root.setLevel(logging.DEBUG if config.verbose else logging.INFO)
+    formatter = logging.Formatter(config.log_format)
+    handlers: list[logging.Handler] = []
+    if config.log_path:
+        try:
+            handlers.append(logging.FileHandler(config.log_path))
+        except OSError:
+            pass  # the daemon checked it at mount; losing the helper's log lines is no reason to fail
+    if config.foreground:
+        handlers.append(logging.StreamHandler(sys.stderr))
+    for handler in handlers:
+        handler.setFormatter(formatter)
+        root.addHandler(handler)
+
+
+if __name__ == "__main__":
+    main()

@@ -17,7 +17,8 @@ Messages are pickled tuples, one per packet of a SOCK_SEQPACKET socketpair (both
     daemon -> helper   ("config", HelperConfig)                       first, once
                        ("fetch", id, RemoteFile, BlockRun, data path)
                        ("cancel", id)
-    helper -> daemon   ("written", id, first block, stop block)       after each pwrite
+    helper -> daemon   ("ready", None)                                once it can take fetches
+                       ("written", id, first block, stop block)       after each pwrite
                        ("done", id, error or None)
 
 The helper exits when its socket closes, and the kernel kills it when the daemon dies
@@ -142,8 +143,19 @@ class FetchProcess:
                 self._lost()
                 raise CacheError(f"cannot reach the fetch process: {exc.strerror}") from None
 
+    async def wait_ready(self, timeout: float) -> None:
+        """Return once the helper can take fetches (its imports take a few hundred ms).
+
+        Raises:
+            CacheError: it was not ready within ``timeout`` seconds.
+        """
+        with trio.move_on_after(timeout):
+            await self._running.wait()
+            return
+        raise CacheError(f"the fetch process did not start within {timeout:.0f}s")
+
     def _lost(self) -> None:
-        """The helper is gone: new fetches wait for its replacement (``_start`` sets the event)."""
+        """The helper is gone: new fetches wait for its replacement (ready again when it says so)."""
         if self._running.is_set():
             self._running = trio.Event()
 
@@ -174,7 +186,6 @@ class FetchProcess:
             )
         self._sock = trio.socket.from_stdlib_socket(ours)
         await self._send(("config", self.config))
-        self._running.set()
         log.debug("fetch process %d started", self._proc.pid)
 
     async def _relay(self) -> None:
@@ -189,6 +200,9 @@ class FetchProcess:
                 self._fail_pending(CacheError("the fetch process exited"))
                 return
             kind, rid, *rest = pickle.loads(packet)
+            if kind == "ready":
+                self._running.set()
+                continue
             request = self._pending.get(rid)
             if request is None:
                 continue  # a fetch given up by its reader
@@ -289,6 +303,7 @@ async def _helper(raw: socket.socket) -> None:
 
     async with Origin(config.origin) as origin:
         fetcher = Fetcher(origin, config.block_size, config.max_requests, write_in_thread=False)
+        await send(("ready", None))
         async with trio.open_nursery() as nursery:
             while True:
                 try:

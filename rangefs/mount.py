@@ -37,6 +37,7 @@ _FSTYPE = "fuse.rangefs"
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _ABORT_GRACE = 2.0  # seconds reads in flight get to finish after a stop signal before fetches are cancelled
 _MAX_REQUESTS = 8  # Range requests in flight over the whole mount
+_HELPER_START_TIMEOUT = 60.0  # seconds for the fetch process to import and start
 _LOG_FORMAT = "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"
 
 
@@ -316,6 +317,8 @@ async def _serve(opts: MountOptions, entries: list[Entry], reporter: _Foreground
         try:
             async with Origin(opts.origin) as origin:
                 files = await _probe_all(origin, entries, opts, reporter.warn)
+            # Ready means a first read is fast: do not leave the helper's start-up to it.
+            await fetch_process.wait_ready(_HELPER_START_TIMEOUT)
             await _serve_files(opts, files, Cache(opts.cache, fetch_process), reporter)
         except RangefsError as exc:
             failure = exc  # raised out here, not wrapped in the task group's ExceptionGroup

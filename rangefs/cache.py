@@ -25,7 +25,7 @@ import trio
 
 from rangefs import state
 from rangefs.bitmap import Bitmap
-from rangefs.errors import CacheError, RangefsError
+from rangefs.errors import CacheError, RangefsError, RemoteChanged
 from rangefs.fetcher import BlockFetcher, BlockRun, Readahead, WrittenSink, plan_runs
 from rangefs.origin import RemoteFile
 from rangefs.urllist import redact_url
@@ -53,6 +53,9 @@ class CacheConfig:
     # Kernel readahead sends concurrent reads slightly out of order; this much disorder (one
     # kernel read) is still sequential, while random reads rarely land this close.
     readahead_tolerance: int = 1024 * 1024
+    # An open asks the server again whether the file changed once this long has passed since
+    # the last answer (0: at every open); a change seen by a fetch forces it at the next open.
+    revalidate_interval: float = 60.0
 
     def readahead(self) -> Readahead:
         """A fresh sequential-access detector for one open handle."""
@@ -89,16 +92,14 @@ class CachedFile:
 
     def __init__(self, cache: Cache, url: str, remote: RemoteFile) -> None:
         self.cache = cache
-        self.remote = remote
+        self.url = url  # as listed, credentials included: re-probed to revalidate; never logged
         self.key = cache_key(url)
-        self.identity = state.Identity(
-            key=self.key,
-            url=redact_url(url),
-            size=remote.size,
-            etag=remote.etag,
-            last_modified=remote.last_modified,
-            block_size=cache.config.block_size,
-        )
+        self._set_version(remote)
+        # Bumped when the remote changed and the cache moved to the new version: handles
+        # opened before then must not read on (their version is gone).
+        self.generation = 0
+        self.stale = False  # a fetch was told the remote changed; the next open re-probes
+        self._validated = time.monotonic()  # when the server last confirmed the version
         base = cache.files_dir / self.key
         self.data_path = base.with_suffix(".data")
         self.state_path = base.with_suffix(".state")
@@ -114,6 +115,17 @@ class CachedFile:
         self._fetches: set[trio.CancelScope] = set()  # every fetch writing to the data file
         self._fetches_done = trio.Event()
         self._persisted: Bitmap | None = None  # the bitmap the state file holds
+
+    def _set_version(self, remote: RemoteFile) -> None:
+        self.remote = remote
+        self.identity = state.Identity(
+            key=self.key,
+            url=redact_url(self.url),
+            size=remote.size,
+            etag=remote.etag,
+            last_modified=remote.last_modified,
+            block_size=self.cache.config.block_size,
+        )
 
     @property
     def block_size(self) -> int:
@@ -164,24 +176,79 @@ class CachedFile:
         async with self._checkpoint_lock:
             await trio.to_thread.run_sync(self._close_files)
 
+    async def revalidate(self, *, force: bool = False) -> bool:
+        """Ask the server whether the file changed, if due; switch to a new version. True if it did.
+
+        Due when ``force``, when a fetch saw a change, or when ``revalidate_interval`` has
+        passed since the last confirmation. A new version drops every cached block (the
+        data file is emptied, the state file rewritten) and bumps ``generation``.
+
+        Raises:
+            OriginError: the server could not be asked (the cached version stays).
+        """
+        due = self._validated + self.cache.config.revalidate_interval
+        if not (force or self.stale or time.monotonic() >= due) or self.cache.probe is None:
+            return False
+        remote = await self.cache.probe(self.url)
+        self._validated = time.monotonic()
+        if self._same_version(remote):
+            self.stale = False
+            return False
+        async with self._lock:
+            if self._same_version(remote):
+                return False  # another open switched while we waited for the lock
+            log.warning("%s: the remote file changed (size %d -> %d); dropping its cached blocks",
+                        self.identity.url, self.remote.size, remote.size)
+            self.abort_fetches()
+            if self._fetches:
+                await self._fetches_done.wait()
+            async with self._checkpoint_lock:
+                self._set_version(remote)
+                self.generation += 1
+                self.stale = False
+                self._dirty, self._unsaved_bytes = False, 0
+                if self._fd >= 0:
+                    self.bitmap = await trio.to_thread.run_sync(self._reset, self._fd)
+                else:
+                    self.bitmap, self._peeked = None, False  # the next open finds the old state and resets
+        return True
+
+    def _same_version(self, remote: RemoteFile) -> bool:
+        # Without a validator no version can be told apart; such a cache is never reused anyway.
+        return remote.size == self.remote.size and remote.if_range == self.remote.if_range and bool(remote.if_range)
+
     def abort_fetches(self) -> None:
         """Cancel every fetch in flight for this file (their readers get an error)."""
         for scope in self._fetches:
             scope.cancel()
 
-    async def read(self, offset: int, size: int, readahead: Readahead | None = None) -> bytes | bytearray:
+    async def read(
+        self, offset: int, size: int, readahead: Readahead | None = None, generation: int | None = None
+    ) -> bytes | bytearray:
         """Bytes ``offset .. offset+size`` (clipped at the end), fetching missing blocks first.
 
         With ``readahead``, a sequential reader also gets the blocks ahead of it fetched in the
         background, in large requests, so later reads find them present or in flight.
+        ``generation`` is the version the reader opened; bytes of another one are never returned.
+
+        Raises:
+            RemoteChanged: the remote changed since the reader opened the file.
         """
+        generation = self.generation if generation is None else generation
+        self._check_version(generation)
         end = min(offset + size, self.size)
         if offset >= end:
             return b""
         if readahead is not None:
             self._read_ahead(readahead, offset, end)
         await self.ensure(offset // self.block_size, (end - 1) // self.block_size + 1)
-        return await self._pread(end - offset, offset)
+        data = await self._pread(end - offset, offset)
+        self._check_version(generation)  # the version may have switched while we waited
+        return data
+
+    def _check_version(self, generation: int) -> None:
+        if self.stale or generation != self.generation:
+            raise RemoteChanged(f"{self.identity.url}: the remote file changed; reopen it to read the new version")
 
     async def _pread(self, size: int, offset: int) -> bytes | bytearray:
         """Read from the data file: on this thread when the page cache has it, else in a worker."""
@@ -258,6 +325,10 @@ class CachedFile:
                     self.remote, flight.run, self.data_path, self._fd, self._mark_written(flight)
                 )
                 error = None
+        except RemoteChanged as exc:
+            error = exc
+            log.warning("%s: %s", self.identity.url, exc)
+            self._changed()
         except RangefsError as exc:
             error = exc
             log.warning("%s: %s", self.identity.url, exc)
@@ -274,6 +345,20 @@ class CachedFile:
             if not self._fetches:
                 self._fetches_done.set()
                 self._fetches_done = trio.Event()
+
+    def _changed(self) -> None:
+        """A fetch learned that the remote changed: fail the reads of this version from now on,
+        and move the cache to the new version in the background (an open would do it too)."""
+        if self.stale:
+            return
+        self.stale = True
+        self.cache.spawn(self._revalidate_quietly)
+
+    async def _revalidate_quietly(self) -> None:
+        try:
+            await self.revalidate(force=True)
+        except RangefsError as exc:
+            log.warning("%s: cannot learn the new version: %s", self.identity.url, exc)
 
     def _forget(self, flight: _Flight) -> None:
         for block in flight.events:
@@ -390,9 +475,16 @@ class CachedFile:
 class Cache:
     """All cached files of one mount, and the task that checkpoints them."""
 
-    def __init__(self, config: CacheConfig, fetcher: BlockFetcher) -> None:
+    def __init__(
+        self,
+        config: CacheConfig,
+        fetcher: BlockFetcher,
+        probe: Callable[[str], Awaitable[RemoteFile]] | None = None,
+    ) -> None:
+        """``probe(url)`` asks the server for the current version (for ``revalidate``); None: never."""
         self.config = config
         self.fetcher = fetcher
+        self.probe = probe
         self.files_dir = config.cache_dir / "files"
         self._files: dict[str, CachedFile] = {}
         self._wakeup = trio.Event()

@@ -50,6 +50,17 @@ def _positive(text: str) -> float:
     return value
 
 
+def _seconds(text: str) -> float:
+    """A duration that may be zero."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: '{text}'") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be zero or a positive number: '{text}'")
+    return value
+
+
 def _count(text: str) -> int:
     if not text.isdigit() or int(text) > 100:
         raise argparse.ArgumentTypeError(f"must be a whole number from 0 to 100: '{text}'")
@@ -75,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cache block size, a power of two (default: 256K)")
     m.add_argument("--checkpoint-interval", type=_positive, default=5.0, metavar="SECONDS",
                    help="save cache state at least this often while reading (default: 5)")
+    m.add_argument("--revalidate-interval", type=_seconds, default=60.0, metavar="SECONDS",
+                   help="on open, ask the server whether a file changed if this long has passed since it "
+                        "last said (0: at every open; default: 60)")
     m.add_argument("--connect-timeout", type=_positive, default=10.0, metavar="SECONDS")
     m.add_argument("--read-timeout", type=_positive, default=30.0, metavar="SECONDS",
                    help="longest wait for the next bytes of an answer (default: 30)")
@@ -99,7 +113,8 @@ def _mount_options(args: argparse.Namespace) -> MountOptions:
         log_file=args.log_file.absolute() if args.log_file else None,
         skip_unavailable=args.skip_unavailable,
         allow_other=args.allow_other,
-        cache=CacheConfig(cache_dir, block_size=args.block_size, checkpoint_interval=args.checkpoint_interval),
+        cache=CacheConfig(cache_dir, block_size=args.block_size, checkpoint_interval=args.checkpoint_interval,
+                          revalidate_interval=args.revalidate_interval),
         origin=OriginConfig(connect_timeout=args.connect_timeout, read_timeout=args.read_timeout,
                             retries=args.retries),
     )

@@ -123,6 +123,15 @@ class Tree:
         return self.nodes[inode] if inode is not None else self._add(parent, name, directory=True)
 
 
+@dataclass
+class _Handle:
+    """An open file: its cache, its reader's readahead state, and the version it opened."""
+
+    cached: CachedFile
+    readahead: Readahead
+    generation: int
+
+
 class Filesystem(pyfuse3.Operations):
     """Read-only operations over a Tree whose files are served by the block cache."""
 
@@ -134,7 +143,8 @@ class Filesystem(pyfuse3.Operations):
         super().__init__()
         self.tree = tree
         self.cache = cache
-        self._handles: dict[int, tuple[CachedFile, Readahead]] = {}
+        self._handles: dict[int, _Handle] = {}
+        self._kernel_generation: dict[int, int] = {}  # inode -> version the kernel's page cache holds
         self._next_fh = 1
         self._mount_time_ns = time.time_ns()
         self._uid, self._gid = os.getuid(), os.getgid()
@@ -220,26 +230,36 @@ class Filesystem(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EISDIR)
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
             raise pyfuse3.FUSEError(errno.EROFS)
-        await node.cached.acquire()
+        cached = node.cached
+        try:
+            await cached.revalidate()
+        except OriginError as exc:  # cannot ask the server: the cached version is still one version
+            log.warning("%s: cannot revalidate (%s); serving the cached version", cached.identity.url, exc)
+        await cached.acquire()
         fh = self._next_fh
         self._next_fh += 1
-        self._handles[fh] = (node.cached, self.cache.config.readahead())
-        # keep_cache: pages read once stay valid; the version is fixed while mounted.
-        return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), keep_cache=True)
+        self._handles[fh] = _Handle(cached, self.cache.config.readahead(), cached.generation)
+        # keep_cache: pages the kernel holds stay valid while the version does. After a version
+        # switch the kernel must drop them (it does at an open without keep_cache) and its size.
+        keep_cache = self._kernel_generation.setdefault(inode, cached.generation) == cached.generation
+        if not keep_cache:
+            self._kernel_generation[inode] = cached.generation
+            pyfuse3.invalidate_inode(inode, attr_only=True)
+        return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), keep_cache=keep_cache)
 
     @_fuse_errors
     async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
-        cached, readahead = self._handle(fh)
+        handle = self._handle(fh)
         # pyfuse3 takes any buffer; its stub says bytes. A bytearray spares a copy per read.
-        return cast(bytes, await cached.read(off, size, readahead))
+        return cast(bytes, await handle.cached.read(off, size, handle.readahead, handle.generation))
 
     @_fuse_errors
     async def release(self, fh: pyfuse3.FileHandleT) -> None:
         handle = self._handles.pop(fh, None)
         if handle is not None:
-            await handle[0].release()
+            await handle.cached.release()
 
-    def _handle(self, fh: int) -> tuple[CachedFile, Readahead]:
+    def _handle(self, fh: int) -> _Handle:
         try:
             return self._handles[fh]
         except KeyError:

@@ -315,11 +315,11 @@ async def _serve(opts: MountOptions, entries: list[Entry], reporter: _Foreground
         # The helper starts while we probe; it must outlive every fetch, so it ends last.
         await helpers.start(fetch_process.run)
         try:
-            async with Origin(opts.origin) as origin:
+            async with Origin(opts.origin) as origin:  # probes here; fetches go through the helper
                 files = await _probe_all(origin, entries, opts, reporter.warn)
-            # Ready means a first read is fast: do not leave the helper's start-up to it.
-            await fetch_process.wait_ready(_HELPER_START_TIMEOUT)
-            await _serve_files(opts, files, Cache(opts.cache, fetch_process), reporter)
+                # Ready means a first read is fast: do not leave the helper's start-up to it.
+                await fetch_process.wait_ready(_HELPER_START_TIMEOUT)
+                await _serve_files(opts, files, Cache(opts.cache, fetch_process, origin.probe), reporter)
         except RangefsError as exc:
             failure = exc  # raised out here, not wrapped in the task group's ExceptionGroup
         finally:

@@ -1,0 +1,122 @@
+"""A remote file that changes while mounted: old handles fail, new opens see the new version.
+
+Through real mounts against FaultServer, whose every ``change`` makes a new ETag.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from rangefs.cache import DEFAULT_BLOCK_SIZE
+
+from faultserver import FaultServer
+from util import Mounts, seeded_bytes, wait_until
+
+pytestmark = pytest.mark.timeout(60)
+BLOCK = DEFAULT_BLOCK_SIZE
+
+
+@pytest.fixture
+def server() -> Iterator[FaultServer]:
+    with FaultServer() as fault_server:
+        yield fault_server
+
+
+def pread_random(path: Path, offset: int, size: int) -> bytes:
+    """One read without kernel readahead, so only the blocks asked for are fetched."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        return os.pread(fd, size, offset)
+    finally:
+        os.close(fd)
+
+
+def read_all(path: Path) -> tuple[int, bytes]:
+    """(size from fstat of the open file, its bytes)."""
+    with open(path, "rb") as f:
+        return os.fstat(f.fileno()).st_size, f.read()
+
+
+def test_a_change_seen_by_a_read_fails_old_handles_and_the_next_open_reads_the_new_version(
+    mounts: Mounts, server: FaultServer
+) -> None:
+    old, new = seeded_bytes(8 * BLOCK, seed=1), seeded_bytes(11 * BLOCK + 5, seed=2)
+    server.put("/f.bin", old)
+    m = mounts.mount([server.url("/f.bin")])
+    path = m.path / "f.bin"
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        assert os.pread(fd, 1000, 0) == old[:1000]
+        server.change("/f.bin", new)
+        with pytest.raises(OSError) as failure:
+            os.pread(fd, 1000, 5 * BLOCK)  # not cached: the GET's If-Range no longer matches
+        assert failure.value.errno == errno.ESTALE
+        with pytest.raises(OSError) as again:
+            # In our cache (block 0), not in the kernel's page cache: of a version that is gone.
+            os.pread(fd, 1000, 100_000)
+        assert again.value.errno == errno.ESTALE
+    finally:
+        os.close(fd)
+    size, data = read_all(path)
+    assert (size, data) == (len(new), new)
+    assert server.bytes_sent("/f.bin") <= 1000 + BLOCK + len(new) + len(old)  # no refetch loops
+    assert "the remote file changed" in (m.cache_dir / "rangefs.log").read_text()
+
+
+def test_with_interval_zero_every_open_revalidates_and_the_page_cache_is_dropped(
+    mounts: Mounts, server: FaultServer
+) -> None:
+    old, new = seeded_bytes(6 * BLOCK, seed=3), seeded_bytes(6 * BLOCK, seed=4)  # same size
+    server.put("/g.bin", old)
+    m = mounts.mount([server.url("/g.bin")], "--revalidate-interval", "0")
+    path = m.path / "g.bin"
+    assert read_all(path)[1] == old  # now in the kernel's page cache too (keep_cache)
+    assert read_all(path)[1] == old
+    server.change("/g.bin", new)
+    mark = server.mark()
+    assert read_all(path)[1] == new
+    methods = [r.method for r in server.since(mark)]
+    assert methods[0] == "HEAD" and "GET" in methods, methods
+    assert sum(r.body_bytes_sent for r in server.since(mark)) == len(new)  # the old cache is not reused
+    # And the state on disk follows: a remount with the file unchanged fetches nothing.
+    assert m.unmount().returncode == 0
+    mounts.remount(m)
+    mark = server.mark()
+    assert read_all(path)[1] == new
+    assert sum(r.body_bytes_sent for r in server.since(mark)) == 0
+
+
+def test_within_the_interval_the_cached_version_is_served_whole(mounts: Mounts, server: FaultServer) -> None:
+    old, new = seeded_bytes(4 * BLOCK, seed=5), seeded_bytes(4 * BLOCK, seed=6)
+    server.put("/h.bin", old)
+    m = mounts.mount([server.url("/h.bin")])  # default interval: 60 s
+    path = m.path / "h.bin"
+    assert read_all(path)[1] == old
+    server.change("/h.bin", new)
+    mark = server.mark()
+    assert read_all(path)[1] == old  # one version, the cached one; no request
+    assert server.since(mark) == []
+
+
+def test_a_change_seen_in_the_background_is_picked_up_without_an_error_on_reopen(
+    mounts: Mounts, server: FaultServer
+) -> None:
+    old, new = seeded_bytes(8 * BLOCK, seed=7), seeded_bytes(3 * BLOCK, seed=8)
+    server.put("/k.bin", old)
+    m = mounts.mount([server.url("/k.bin")])
+    path = m.path / "k.bin"
+    server.change("/k.bin", new)
+    with pytest.raises(OSError) as failure:
+        pread_random(path, 2 * BLOCK, 100)  # the size probed at mount is gone
+    assert failure.value.errno == errno.ESTALE
+    # The daemon re-probes on its own; the next open reads the new, shorter file.
+    log = m.cache_dir / "rangefs.log"
+    assert wait_until(lambda: "dropping its cached blocks" in log.read_text(), timeout=10)
+    assert read_all(path) == (len(new), new)

@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mount without the URLs that answer 404 or cannot be reached (default: fail)")
     m.add_argument("--allow-other", action="store_true", help="let other users read the mount")
     m.add_argument("--block-size", type=_block_size, default=DEFAULT_BLOCK_SIZE,
-                   help="cache block size, a power of two (default: 256K)")
+                   help="cache block size, a power of two (default: 64K)")
     m.add_argument("--checkpoint-interval", type=_positive, default=5.0, metavar="SECONDS",
                    help="save cache state at least this often while reading (default: 5)")
     m.add_argument("--revalidate-interval", type=_seconds, default=60.0, metavar="SECONDS",

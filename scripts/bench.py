@@ -40,6 +40,7 @@ from types import FrameType
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
+import rangefs.cache  # noqa: E402
 import rangefs.kernel  # noqa: E402
 import rangefs.mount  # noqa: E402
 
@@ -49,7 +50,6 @@ RANGEFS = str(Path(sys.executable).parent / "rangefs")  # the CLI of this very v
 LATENCY_PROXY = REPO / "scripts" / "latency_proxy.py"
 MB = 1_000_000  # throughput and memory are reported in decimal MB
 MiB = 1 << 20
-BLOCK_SIZE = 256 * 1024  # rangefs's default cache block: the tail target is one of them
 GEN_CHUNK = 16 * MiB
 
 CASES = ("seq_cold", "seq_warm", "random4k", "tail", "ffprobe", "seek", "seq_rtt", "proxy")
@@ -84,6 +84,11 @@ class Config:
     rtt_ms: float
     skip_rclone: bool
     quick: bool
+    block_size: int = 0  # rangefs --block-size; 0: rangefs's default
+
+    @property
+    def rangefs_block(self) -> int:
+        return self.block_size or rangefs.cache.DEFAULT_BLOCK_SIZE
 
     @property
     def big_size(self) -> int:
@@ -114,6 +119,8 @@ def parse_args(argv: Sequence[str]) -> Config:
     parser.add_argument("--rtt-ms", type=float, default=20.0, help="added round-trip time for seq_rtt")
     parser.add_argument("--skip-rclone", action="store_true")
     parser.add_argument("--quick", action="store_true", help="smoke run: 256 MiB, 30 s video, 1 run")
+    parser.add_argument("--block-size", type=int, default=0, metavar="BYTES",
+                        help="mount rangefs with this --block-size (default: rangefs's default)")
     args = parser.parse_args(argv)
     cases = tuple(c.strip() for c in args.cases.split(",") if c.strip())
     unknown = [c for c in cases if c not in CASES]
@@ -122,7 +129,7 @@ def parse_args(argv: Sequence[str]) -> Config:
     runs = args.runs if args.runs is not None else (1 if args.quick else 3)
     if runs < 1:
         parser.error("--runs must be at least 1")
-    return Config(runs, cases, args.work_dir.resolve(), args.rtt_ms, args.skip_rclone, args.quick)
+    return Config(runs, cases, args.work_dir.resolve(), args.rtt_ms, args.skip_rclone, args.quick, args.block_size)
 
 
 def prepare_data(cfg: Config) -> Data:
@@ -362,9 +369,10 @@ class Mount:
 class RangefsMount(Mount):
     tool = "rangefs"
 
-    def __init__(self, mountpoint: Path, url_list: Path, cache_dir: Path) -> None:
+    def __init__(self, mountpoint: Path, url_list: Path, cache_dir: Path, block_size: int = 0) -> None:
         super().__init__(mountpoint)
-        run([RANGEFS, "mount", str(url_list), str(mountpoint), "--cache-dir", str(cache_dir)], MOUNT_TIMEOUT)
+        extra = ["--block-size", str(block_size)] if block_size else []
+        run([RANGEFS, "mount", str(url_list), str(mountpoint), "--cache-dir", str(cache_dir), *extra], MOUNT_TIMEOUT)
         if not is_mounted(mountpoint):
             raise BenchError("'rangefs mount' returned, but nothing is mounted")
         self.pid = self._daemon_pid()
@@ -500,7 +508,7 @@ class Bench:
         if tool == "rangefs":
             urls = run_dir / "urls.txt"
             urls.write_text("".join(f"{base_url}/{rel}\n" for rel in (self.data.big, self.data.video)))
-            mnt: Mount = RangefsMount(run_dir / "mnt", urls, run_dir / "cache")
+            mnt: Mount = RangefsMount(run_dir / "mnt", urls, run_dir / "cache", self.cfg.block_size)
         elif self.rclone_error is not None:
             raise BenchError(self.rclone_error)
         else:
@@ -935,7 +943,7 @@ def targets(bench: Bench) -> list[Target]:
                           "warm sequential, page cache kept, ≥ 0.8x local dd", "rangefs, page cache kept"),
         cost_target(ms, "random4k", "p50_ms", 0.3, "random 4 KiB cold: median latency ≤ 0.3x rclone"),
         cost_target(ms, "random4k", "fetched", 0.5, "random 4 KiB cold: bytes fetched ≤ 0.5x rclone"),
-        tail_target(ms),
+        tail_target(ms, bench.cfg.rangefs_block),
         cost_target(ms, "ffprobe", "fetched", 0.3, "ffprobe: bytes fetched ≤ 0.3x rclone"),
         cost_target(ms, "ffprobe", "seconds", 1.0, "ffprobe: time ≤ rclone"),
         cost_target(ms, "seek", "fetched", 0.3, "seek + decode: bytes fetched ≤ 0.3x rclone"),
@@ -985,13 +993,13 @@ def cost_target(ms: list[Measure], case: str, name: str, maximum: float, text: s
     return Target(text, measured, value <= maximum)
 
 
-def tail_target(ms: list[Measure]) -> Target:
-    text = f"tail -c {TAIL_BYTES}: one GET, ≤ 1 block ({BLOCK_SIZE // 1024} KiB) fetched"
+def tail_target(ms: list[Measure], block: int) -> Target:
+    text = f"tail -c {TAIL_BYTES}: one GET, ≤ 1 block ({block // 1024} KiB) fetched"
     m = find(ms, "tail", "rangefs")
     if m is None or not _usable(m):
         return Target(text, _missing(m), None)
     gets, fetched = max(s.gets or 0 for s in m.samples), max(s.fetched or 0 for s in m.samples)
-    return Target(text, f"{gets} GET(s), {fmt_bytes(fetched)} (worst run)", gets == 1 and fetched <= BLOCK_SIZE)
+    return Target(text, f"{gets} GET(s), {fmt_bytes(fetched)} (worst run)", gets == 1 and fetched <= block)
 
 
 def rss_target(ms: list[Measure]) -> Target:
@@ -1067,7 +1075,7 @@ def header(bench: Bench, facts: dict[str, str], command: str) -> list[str]:
         "",
         f"- machine: {facts['nproc']} CPUs ({facts['cpu']}), {facts['memory']} RAM, Linux {facts['kernel']}",
         f"- versions: Python {facts['python']}, {facts['nginx']}, {facts['curl']}, {facts['rclone']}, "
-        f"{facts['ffmpeg']}, rangefs {facts['rangefs']}",
+        f"{facts['ffmpeg']}, rangefs {facts['rangefs']} (block size {cfg.rangefs_block // 1024} KiB)",
         f"- page cache dropped for cold runs: {drop}",
         f"- data: {fmt_bytes(data.big_size)} random file, {data.video_size / MB:.1f} MB MP4 ({data.video_seconds} s, "
         f"index at the end), nginx on 127.0.0.1; up to {cfg.runs} run(s) per row, medians shown",

@@ -29,13 +29,14 @@ from types import FrameType
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
+from rangefs.cache import DEFAULT_BLOCK_SIZE as BLOCK_SIZE  # noqa: E402
+
 from nginx import Nginx  # noqa: E402  (the test suite's nginx helper)
 
 RANGEFS = str(Path(sys.executable).parent / "rangefs")  # the CLI of this very venv
 MiB = 1 << 20
 BIG_SIZE = 64 * MiB
 CHUNK = 4 * MiB
-BLOCK_SIZE = 256 * 1024  # rangefs's default cache block
 TEXT_LINES = 500
 LS_MAX_LINES = 16
 COMMAND_TIMEOUT = 120.0  # seconds for any one command

@@ -11,10 +11,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from faultserver import FaultServer
 
 from rangefs.cache import DEFAULT_BLOCK_SIZE
 
-from faultserver import FaultServer
 from util import Mounts, seeded_bytes, wait_until
 
 pytestmark = pytest.mark.timeout(60)
@@ -66,7 +66,9 @@ def test_a_change_seen_by_a_read_fails_old_handles_and_the_next_open_reads_the_n
         os.close(fd)
     size, data = read_all(path)
     assert (size, data) == (len(new), new)
-    assert server.bytes_sent("/f.bin") <= 1000 + BLOCK + len(new) + len(old)  # no refetch loops
+    # No refetch loops: at most the old blocks read, the 200 that answered the stale If-Range
+    # (a whole new body pushed into the socket before the daemon dropped it), and the new file.
+    assert server.bytes_sent("/f.bin") <= len(old) + 2 * len(new)
     assert "the remote file changed" in (m.cache_dir / "rangefs.log").read_text()
 
 

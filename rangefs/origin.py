@@ -1,7 +1,8 @@
-"""The only module that speaks HTTP: probe a URL, fetch byte ranges, verify answers, retry.
+"""Probe a URL, fetch byte ranges, verify answers, retry: what rangefs asks of HTTP servers.
 
-The only module that imports httpx; it raises rangefs.errors exceptions, never httpx ones.
-Every ranged GET carries ``If-Range`` with the file's validator and ``Accept-Encoding:
+With rangefs.http11 (its lean client for range GETs) the only module that imports httpx; it
+raises rangefs.errors exceptions, never httpx ones. Probes go through httpx (redirects);
+range GETs through the lean client unless a proxy is configured. Every ranged GET carries ``If-Range`` with the file's validator and ``Accept-Encoding:
 identity`` (ranges count bytes of the encoded body), and every 206 is checked against the
 request before a byte of it is handed on.
 """
@@ -11,16 +12,19 @@ from __future__ import annotations
 import logging
 import random
 import re
-from collections.abc import Awaitable, Callable
+import urllib.request
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import httpcore._async.http11 as httpcore_http11
 import httpx
 import trio
 
 from rangefs.errors import BadResponse, OriginError, RemoteChanged, RemoteNotFound, RemoteUnreachable
+from rangefs.http11 import RangeClient
 from rangefs.urllist import redact_url
 
 log = logging.getLogger(__name__)
@@ -41,6 +45,19 @@ _CONTENT_RANGE_UNSATISFIED = re.compile(r"bytes \*/(\d+)$")
 _HEAD_REFUSED = {403, 405, 501}  # answers that may mean "no HEAD here" rather than "no file"
 
 Sink = Callable[[int, bytes], Awaitable[None]]
+
+
+class _Answer(Protocol):
+    """What the checks read of a response: httpx.Response, or rangefs.http11.RangeResponse."""
+
+    @property
+    def status_code(self) -> int: ...
+    @property
+    def reason_phrase(self) -> str: ...
+    @property
+    def headers(self) -> httpx.Headers: ...
+    def aiter_raw(self) -> AsyncIterator[bytes]: ...
+
 _T = TypeVar("_T")
 
 
@@ -81,6 +98,7 @@ class OriginConfig:
     retries: int = 5  # attempts after the first without progress
     retry_max_delay: float = 10.0  # cap of one backoff sleep (a server's Retry-After may ask up to 60 s)
     max_connections: int = 16
+    lean_ranges: bool = True  # range GETs through rangefs.http11 (httpx when False, or behind a proxy)
 
 
 class _Retry(Exception):
@@ -99,6 +117,7 @@ class Origin:
         self.config = config or OriginConfig()
         self._transport = transport
         self._client: httpx.AsyncClient | None = None
+        self._lean: RangeClient | None = None
 
     async def __aenter__(self) -> Origin:
         cfg = self.config
@@ -112,9 +131,15 @@ class Origin:
             headers={"Accept-Encoding": "identity", "User-Agent": "rangefs"},
             transport=self._transport,
         )
+        # Range GETs take the lean client unless a test transport or a proxy is in the way.
+        if cfg.lean_ranges and self._transport is None and not urllib.request.getproxies():
+            self._lean = RangeClient(cfg.connect_timeout, cfg.read_timeout, max_idle=cfg.max_connections)
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
+        if self._lean is not None:
+            await self._lean.aclose()
+            self._lean = None
         if self._client is not None:
             await self._client.aclose()
             self._client = None
@@ -194,7 +219,7 @@ class Origin:
         if remote.if_range:
             headers["If-Range"] = remote.if_range
         position = start
-        async with self.client.stream("GET", remote.url, headers=headers) as resp:
+        async with self._get(remote.url, headers) as resp:
             _check_range_answer(remote, resp, start, stop)
             async for chunk in resp.aiter_raw():
                 if position >= stop:
@@ -207,6 +232,12 @@ class Origin:
             # connection per request (+1.2 ms per 256 KiB request on loopback, slow start on a WAN).
         if position < stop:
             raise _Retry(f"body ended at byte {position}, expected {stop}")
+
+    def _get(self, url: str, headers: dict[str, str]) -> AbstractAsyncContextManager[_Answer]:
+        """A streamed GET: through the lean client when it can take it, else through httpx."""
+        if self._lean is not None:
+            return self._lean.get(url, headers)
+        return self.client.stream("GET", url, headers=headers)
 
     async def _with_retries(self, url: str, attempt: Callable[[], Awaitable[_T]]) -> _T:
         failures = 0
@@ -265,11 +296,11 @@ _TRANSPORT_WORDS = {
 }
 
 
-def _status(resp: httpx.Response) -> str:
+def _status(resp: _Answer) -> str:
     return f"{resp.status_code} {resp.reason_phrase}".strip()
 
 
-def _raise_for_status(url: str, resp: httpx.Response) -> None:
+def _raise_for_status(url: str, resp: _Answer) -> None:
     """Map the statuses that mean "not there" or "try again" to our errors."""
     if resp.status_code in (404, 410):
         raise RemoteNotFound(f"{redact_url(url)} answered {_status(resp)}")
@@ -277,12 +308,12 @@ def _raise_for_status(url: str, resp: httpx.Response) -> None:
         raise _Retry(f"server answered {_status(resp)}", delay=_retry_after(resp))
 
 
-def _retry_after(resp: httpx.Response) -> float | None:
+def _retry_after(resp: _Answer) -> float | None:
     value = resp.headers.get("Retry-After", "")
     return min(float(value), 60.0) if value.isdigit() else None
 
 
-def _check_range_answer(remote: RemoteFile, resp: httpx.Response, start: int, stop: int) -> None:
+def _check_range_answer(remote: RemoteFile, resp: _Answer, start: int, stop: int) -> None:
     """Accept only a 206 for exactly ``bytes start-(stop-1)/size`` with an identity body."""
     _raise_for_status(remote.url, resp)
     if resp.status_code == 200 and _same_version(remote, resp):
@@ -307,7 +338,7 @@ def _check_range_answer(remote: RemoteFile, resp: httpx.Response, start: int, st
         raise _Retry(f"Content-Range {got[0]}-{got[1]} does not match the request {start}-{stop - 1}")
 
 
-def _same_version(remote: RemoteFile, resp: httpx.Response) -> bool:
+def _same_version(remote: RemoteFile, resp: _Answer) -> bool:
     """False when the answer names a validator other than the one we know (not all servers name one)."""
     etag = resp.headers.get("ETag")
     if etag is not None and remote.etag is not None and etag != remote.etag:

@@ -128,6 +128,24 @@ class Fetcher:
             await self.origin.fetch(remote, start, stop, store)
 
 
+class SplitFetcher:
+    """Small runs fetched in this process, large ones by another fetcher (the helper process).
+
+    A random read waits for its fetch: handing a 64 KiB fetch to the helper and back costs
+    two process wake-ups and messages (measured: 2.5 ms per cold random 4 KiB read through the
+    mount, against ~1 ms in the daemon itself), while the CPU it takes is small. Large runs are
+    sequential prefetches, whose body CPU belongs off the FUSE thread.
+    """
+
+    def __init__(self, near: BlockFetcher, far: BlockFetcher, block_size: int, max_near_bytes: int) -> None:
+        self.near, self.far = near, far
+        self.max_near_blocks = max(1, max_near_bytes // block_size)
+
+    async def fetch_into(self, remote: RemoteFile, run: BlockRun, path: Path, fd: int, on_written: WrittenSink) -> None:
+        fetcher = self.near if len(run) <= self.max_near_blocks else self.far
+        await fetcher.fetch_into(remote, run, path, fd, on_written)
+
+
 class BlockProgress:
     """Which blocks of a run an in-order byte stream has completed so far."""
 

@@ -25,6 +25,7 @@ import trio
 from rangefs import kernel
 from rangefs.cache import DEFAULT_BLOCK_SIZE, Cache, CacheConfig
 from rangefs.errors import BadResponse, CacheError, OriginError, RangefsError, UsageError
+from rangefs.fetcher import Fetcher, SplitFetcher
 from rangefs.fetchproc import FetchProcess, HelperConfig
 from rangefs.fs import Filesystem, Tree
 from rangefs.origin import Origin, OriginConfig, RemoteFile
@@ -37,6 +38,7 @@ _FSTYPE = "fuse.rangefs"
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _ABORT_GRACE = 2.0  # seconds reads in flight get to finish after a stop signal before fetches are cancelled
 _MAX_REQUESTS = 8  # Range requests in flight over the whole mount
+_MAX_NEAR_BYTES = 1024 * 1024  # fetches up to this size run in the daemon (see SplitFetcher)
 _HELPER_START_TIMEOUT = 60.0  # seconds for the fetch process to import and start
 _LOG_FORMAT = "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"
 
@@ -319,7 +321,9 @@ async def _serve(opts: MountOptions, entries: list[Entry], reporter: _Foreground
                 files = await _probe_all(origin, entries, opts, reporter.warn)
                 # Ready means a first read is fast: do not leave the helper's start-up to it.
                 await fetch_process.wait_ready(_HELPER_START_TIMEOUT)
-                await _serve_files(opts, files, Cache(opts.cache, fetch_process, origin.probe), reporter)
+                near = Fetcher(origin, opts.cache.block_size, _MAX_REQUESTS)
+                fetcher = SplitFetcher(near, fetch_process, opts.cache.block_size, _MAX_NEAR_BYTES)
+                await _serve_files(opts, files, Cache(opts.cache, fetcher, origin.probe), reporter)
         except RangefsError as exc:
             failure = exc  # raised out here, not wrapped in the task group's ExceptionGroup
         finally:

@@ -2,9 +2,10 @@
 
 With rangefs.http11 (its lean client for range GETs) the only module that imports httpx; it
 raises rangefs.errors exceptions, never httpx ones. Probes go through httpx (redirects);
-range GETs through the lean client unless a proxy is configured. Every ranged GET carries ``If-Range`` with the file's validator and ``Accept-Encoding:
-identity`` (ranges count bytes of the encoded body), and every 206 is checked against the
-request before a byte of it is handed on.
+range GETs through the lean client unless a proxy is configured. Every ranged GET carries
+``If-Range`` with the file's validator and ``Accept-Encoding: identity`` (ranges count bytes
+of the encoded body), and every 206 is checked against the request before a byte of it is
+handed on.
 """
 
 from __future__ import annotations

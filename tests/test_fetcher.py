@@ -49,16 +49,15 @@ def test_progress_of_a_partial_write_reports_nothing_early() -> None:
     assert progress.advance(300) is None
 
 
-def test_readahead_grows_while_sequential_and_drops_on_a_jump() -> None:
+def test_readahead_grows_with_what_was_read_and_drops_on_a_jump() -> None:
     from rangefs.fetcher import Readahead
 
     ra = Readahead(initial=100, maximum=400, tolerance=50)
     assert ra.advise(0, 10) == 0  # one read says nothing yet
-    assert ra.advise(10, 10) == 20 + 100
-    assert ra.advise(20, 10) == 30 + 200
-    assert ra.advise(30, 10) == 40 + 400
-    assert ra.advise(40, 10) == 50 + 400  # capped
-    assert ra.advise(45, 10) == 55 + 400  # a little disorder is still sequential
-    assert ra.advise(400, 10) == 410 + 400  # a skip into the window being fetched too
+    assert ra.advise(10, 10) == 20 + 100  # sequential: at least the initial window
+    assert ra.advise(20, 100) == 120 + 120  # as much as was read so far (120 bytes)
+    assert ra.advise(120, 380) == 500 + 400  # capped
+    assert ra.advise(450, 10) == 500 + 400  # a little disorder is still sequential, adds nothing
+    assert ra.advise(800, 10) == 810 + 400  # a skip into the window being fetched too
     assert ra.advise(5000, 10) == 0  # a jump: random access, nothing ahead
     assert ra.window == 0

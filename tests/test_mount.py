@@ -9,6 +9,7 @@ import random
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -199,6 +200,42 @@ def test_kill_9_mid_copy_then_resume_fetches_only_what_was_missing(
     sh("cp", m.path / "k.bin", tmp_path / "second.bin")
     assert (tmp_path / "second.bin").read_bytes() == data
     assert nginx.bytes_sent("crash/k.bin", since=mark) == len(data) - persisted
+
+
+def test_repeated_kill_9_at_seeded_moments_never_leaves_a_wrong_block(
+    mounts: Mounts, nginx: Server, tmp_path: Path, throttled: Callable[[float], ThrottleProxy]
+) -> None:
+    data = seeded_bytes(6 * MiB, seed=12)
+    nginx.put("crash/r.bin", data)
+    proxy = throttled(1 * MiB)
+    url = f"http://127.0.0.1:{proxy.port}/crash/r.bin"
+    m = mounts.mount([url], "--checkpoint-interval", "0.3")
+    files = m.cache_dir / "files" / cache_key(url)
+    rng = random.Random(2026)
+    persisted = 0
+    for round_ in range(4):
+        copy = subprocess.Popen(["cat", str(m.path / "r.bin")], stdout=subprocess.DEVNULL)
+        try:
+            time.sleep(rng.uniform(0.2, 1.0))
+            os.kill(m.pid(), signal.SIGKILL)
+            assert wait_until(lambda: not alive(m.pid()), timeout=10)
+        finally:
+            copy.kill()
+            copy.wait(timeout=30)
+        subprocess.run(["fusermount3", "-u", "-z", str(m.path)], check=True, timeout=30)
+        # Every block the state file claims holds the server's bytes, and progress only grows.
+        _, bitmap = state.load(files.with_suffix(".state"))
+        cached = files.with_suffix(".data").read_bytes()
+        for block in (b for b in range(bitmap.nblocks) if b in bitmap):
+            piece = slice(block * BLOCK, (block + 1) * BLOCK)
+            assert cached[piece] == data[piece], f"round {round_}: block {block} is wrong"
+        assert len(bitmap) >= persisted, f"round {round_}: saved progress went back"
+        persisted = len(bitmap)
+        mounts.remount(m)
+    assert 0 < persisted * BLOCK < len(data), "the kills did not land mid-copy"
+    mark = nginx.mark()
+    assert (m.path / "r.bin").read_bytes() == data
+    assert nginx.bytes_sent("crash/r.bin", since=mark) == len(data) - persisted * BLOCK  # nothing twice
 
 
 def _persisted_blocks(path: Path) -> int:

@@ -167,11 +167,13 @@ class Origin:
             return await self._probe_by_get(url)
         if not resp.is_success:
             raise BadResponse(f"{redact_url(url)}: HEAD answered {_status(resp)}")
+        _refuse_encoding(url, resp)
         return _remote_from(resp, int(size), resp.headers.get("Accept-Ranges", "bytes") != "none")
 
     async def _probe_by_get(self, url: str) -> RemoteFile:
         async with self.client.stream("GET", url, headers={"Range": "bytes=0-0"}) as resp:
             _raise_for_status(url, resp)
+            _refuse_encoding(url, resp)
             if resp.status_code == 206:
                 size = _total_from_content_range(url, resp)
                 return _remote_from(resp, size, True)
@@ -216,7 +218,9 @@ class Origin:
             await self._with_retries(remote.url, attempt)
 
     async def _fetch_once(self, remote: RemoteFile, start: int, stop: int, sink: Sink) -> None:
-        headers = {"Range": f"bytes={start}-{stop - 1}"}
+        # Ranges count bytes of the encoded body: ask for none (httpx adds these for its requests;
+        # the lean client sends only what it is given).
+        headers = {"Range": f"bytes={start}-{stop - 1}", "Accept-Encoding": "identity", "User-Agent": "rangefs"}
         if remote.if_range:
             headers["If-Range"] = remote.if_range
         position = start
@@ -307,6 +311,14 @@ def _raise_for_status(url: str, resp: _Answer) -> None:
         raise RemoteNotFound(f"{redact_url(url)} answered {_status(resp)}")
     if resp.status_code == 429 or (resp.status_code >= 500 and resp.status_code != 501):
         raise _Retry(f"server answered {_status(resp)}", delay=_retry_after(resp))
+
+
+def _refuse_encoding(url: str, resp: _Answer) -> None:
+    """A size from an encoded answer counts encoded bytes: not the file's size."""
+    encoding = resp.headers.get("Content-Encoding", "identity").lower()
+    if encoding not in ("identity", ""):
+        raise BadResponse(f"{redact_url(url)}: the server encodes the file ({encoding}) although asked not to; "
+                          "its ranges would not be the file's bytes")
 
 
 def _retry_after(resp: _Answer) -> float | None:

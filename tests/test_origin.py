@@ -72,7 +72,20 @@ def test_200_with_the_same_validator_means_no_range_support() -> None:
 
 
 def test_an_encoded_body_is_not_taken_as_range_bytes() -> None:
+    fake = FakeOrigin(DATA)
+
+    async def run() -> None:
+        async with Origin(OriginConfig(retries=1, retry_max_delay=0.01), fake.transport()) as origin:
+            remote = await origin.probe(URL)
+            fake.encoding = "gzip"
+            await origin.fetch(remote, 0, 1000, _ignore)
+
     with pytest.raises(RemoteUnreachable, match="Content-Encoding"):
+        trio.run(run)
+
+
+def test_a_size_from_an_encoded_answer_is_refused_at_probe() -> None:
+    with pytest.raises(BadResponse, match="encodes the file"):
         fetch(FakeOrigin(DATA, encoding="gzip"), 0, 1000, retries=1)
 
 

@@ -25,7 +25,7 @@ import trio
 
 from rangefs import state
 from rangefs.bitmap import Bitmap
-from rangefs.errors import CacheError, RangefsError, RemoteChanged
+from rangefs.errors import CacheError, CacheUnwritable, RangefsError, RemoteChanged
 from rangefs.fetcher import BlockFetcher, BlockRun, Readahead, WrittenSink, plan_runs
 from rangefs.origin import RemoteFile
 from rangefs.urllist import redact_url
@@ -69,6 +69,9 @@ class CacheConfig:
         return Readahead(self.readahead_initial, self.readahead_max, self.readahead_tolerance)
 
 
+_UNWRITABLE_RETRY = 30.0  # seconds between attempts to write into a cache that failed a write
+
+
 class _Abandoned(CacheError):
     """The reader that was fetching a block went away; whoever needs it fetches it again."""
 
@@ -106,6 +109,8 @@ class CachedFile:
         # opened before then must not read on (their version is gone).
         self.generation = 0
         self.stale = False  # a fetch was told the remote changed; the next open re-probes
+        self._unwritable_until = 0.0  # until then, missing blocks are read past the cache
+        self._warned_unwritable = False
         self._validated = time.monotonic()  # when the server last confirmed the version
         base = cache.files_dir / self.key
         self.data_path = base.with_suffix(".data")
@@ -246,11 +251,35 @@ class CachedFile:
         end = min(offset + size, self.size)
         if offset >= end:
             return b""
-        if readahead is not None:
+        first, stop = offset // self.block_size, (end - 1) // self.block_size + 1
+        if time.monotonic() < self._unwritable_until and self.cache.direct is not None:
+            if any(b not in self._bitmap() for b in range(first, stop)):
+                return await self._read_uncached(offset, end, generation)
+        elif readahead is not None:
             self._read_ahead(readahead, offset, end)
-        await self.ensure(offset // self.block_size, (end - 1) // self.block_size + 1)
+        try:
+            await self.ensure(first, stop)
+        except CacheUnwritable:
+            if self.cache.direct is None:
+                raise
+            self._unwritable()
+            return await self._read_uncached(offset, end, generation)
         data = await self._pread(end - offset, offset)
         self._check_version(generation)  # the version may have switched while we waited
+        return data
+
+    def _unwritable(self) -> None:
+        """The cache could not take a block: serve from the network for a while, and say so once."""
+        if not self._warned_unwritable:
+            self._warned_unwritable = True
+            log.warning("%s: the cache cannot be written (disk full?); reading from the network without "
+                        "caching, and trying the cache again every %.0fs", self.identity.url, _UNWRITABLE_RETRY)
+        self._unwritable_until = time.monotonic() + _UNWRITABLE_RETRY
+
+    async def _read_uncached(self, offset: int, end: int, generation: int) -> bytes:
+        assert self.cache.direct is not None
+        data = await self.cache.direct(self.remote, offset, end)
+        self._check_version(generation)
         return data
 
     def _check_version(self, generation: int) -> None:
@@ -289,8 +318,9 @@ class CachedFile:
         Raises:
             RangefsError: a fetch this read needed failed.
         """
-        bitmap = self._bitmap()
         while True:
+            # Looked up on every pass: a version switch replaces the bitmap while we wait.
+            bitmap = self._bitmap()
             missing = [b for b in range(first, stop) if b not in bitmap]
             if not missing:
                 return
@@ -334,13 +364,13 @@ class CachedFile:
                 error = None
         except RemoteChanged as exc:
             error = exc
-            log.warning("%s: %s", self.identity.url, exc)
+            self._log_failure(exc)
             self._changed()
         except RangefsError as exc:
             error = exc
-            log.warning("%s: %s", self.identity.url, exc)
+            self._log_failure(exc)
         except OSError as exc:
-            error = CacheError(f"{self.identity.url}: cannot write the cache file: {exc.strerror}")
+            error = CacheUnwritable(f"{self.identity.url}: cannot write the cache file: {exc.strerror}")
             log.warning("%s", error)
         except Exception as exc:  # a bug must fail this read, not stop the mount from a background task
             error = CacheError(f"{self.identity.url}: unexpected error: {exc!r}")
@@ -352,6 +382,10 @@ class CachedFile:
             if not self._fetches:
                 self._fetches_done.set()
                 self._fetches_done = trio.Event()
+
+    def _log_failure(self, exc: RangefsError) -> None:
+        message = str(exc)
+        log.warning("%s", message if message.startswith(self.identity.url) else f"{self.identity.url}: {message}")
 
     def _changed(self) -> None:
         """A fetch learned that the remote changed: fail the reads of this version from now on,
@@ -393,20 +427,22 @@ class CachedFile:
             snapshot = self._bitmap().copy()
             self._dirty, self._unsaved_bytes = False, 0
             try:
-                await trio.to_thread.run_sync(self._save, snapshot)
+                await trio.to_thread.run_sync(os.fdatasync, self._fd)
             except OSError as exc:
                 # After a failed fdatasync the kernel forgets the error: a later one succeeds
                 # without the lost pages. Forget every block written since the last good save.
-                log.warning("%s: cannot save cache state: %s; refetching recent blocks", self.identity.url,
+                log.warning("%s: cannot flush the cache file: %s; refetching recent blocks", self.identity.url,
                             exc.strerror)
                 self.bitmap = (self._persisted or Bitmap(self.identity.nblocks)).copy()
                 self._dirty = True
+                return
+            try:
+                await trio.to_thread.run_sync(state.save, self.state_path, self.identity, snapshot)
+            except OSError as exc:  # the data is safe; only the record of it waits for the next try
+                log.warning("%s: cannot save cache state: %s", self.identity.url, exc.strerror)
+                self._dirty = True
             else:
                 self._persisted = snapshot
-
-    def _save(self, snapshot: Bitmap) -> None:
-        os.fdatasync(self._fd)
-        state.save(self.state_path, self.identity, snapshot)
 
     def _bitmap(self) -> Bitmap:
         if self.bitmap is None or self._fd < 0:
@@ -487,11 +523,15 @@ class Cache:
         config: CacheConfig,
         fetcher: BlockFetcher,
         probe: Callable[[str], Awaitable[RemoteFile]] | None = None,
+        direct: Callable[[RemoteFile, int, int], Awaitable[bytes]] | None = None,
     ) -> None:
-        """``probe(url)`` asks the server for the current version (for ``revalidate``); None: never."""
+        """``probe(url)`` asks the server for the current version (for ``revalidate``);
+        ``direct(remote, start, stop)`` fetches bytes without caching them (when the cache
+        cannot be written). None: not available."""
         self.config = config
         self.fetcher = fetcher
         self.probe = probe
+        self.direct = direct
         self.files_dir = config.cache_dir / "files"
         self._files: dict[str, CachedFile] = {}
         self._wakeup = trio.Event()

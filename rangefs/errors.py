@@ -9,6 +9,7 @@
      |    +-- RemoteChanged       the validator or size no longer matches what we cached
      |    +-- BadResponse         an answer we refuse to trust (Content-Range mismatch, short body)
      +-- CacheError               the local cache cannot be used (unwritable, locked by another process)
+          +-- CacheUnwritable      a block could not be written (disk full): serve it without caching
 
 The FUSE layer maps these to errno in one table (rangefs.fs); the CLI prints the message of a
 UsageError or any RangefsError raised during start-up as one line.
@@ -49,3 +50,7 @@ class BadResponse(OriginError):
 
 class CacheError(RangefsError):
     """The local cache cannot be used."""
+
+
+class CacheUnwritable(CacheError):
+    """Writing fetched bytes into the cache failed (disk full, read-only, I/O error)."""

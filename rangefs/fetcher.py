@@ -17,7 +17,9 @@ from typing import Protocol
 
 import trio
 
+from rangefs.errors import CacheUnwritable
 from rangefs.origin import Origin, RemoteFile
+from rangefs.urllist import redact_url
 
 # Told (first, stop) once blocks ``first <= b < stop`` are written to the data file.
 WrittenSink = Callable[[int, int], Awaitable[None]]
@@ -114,23 +116,38 @@ class Fetcher:
         origin checked the 206 against the request and If-Range).
 
         Raises:
-            RangefsError: the fetch failed; OSError: the write failed.
+            CacheUnwritable: a write failed; RangefsError: the fetch failed.
         """
         del path
         start, stop = run.byte_range(self.block_size, remote.size)
         progress = BlockProgress(self.block_size, run, start, stop)
 
         async def store(offset: int, chunk: bytes) -> None:
-            if self.write_in_thread:
-                await trio.to_thread.run_sync(pwrite_all, fd, chunk, offset)
-            else:
-                pwrite_all(fd, chunk, offset)
+            try:
+                if self.write_in_thread:
+                    await trio.to_thread.run_sync(pwrite_all, fd, chunk, offset)
+                else:
+                    pwrite_all(fd, chunk, offset)
+            except OSError as exc:
+                url = redact_url(remote.url)
+                raise CacheUnwritable(f"{url}: cannot write the cache file: {exc.strerror}") from None
             done = progress.advance(offset + len(chunk))
             if done is not None:
                 await on_written(*done)
 
         async with self._requests:
             await self.origin.fetch(remote, start, stop, store)
+
+    async def fetch_bytes(self, remote: RemoteFile, start: int, stop: int) -> bytes:
+        """Bytes ``start .. stop`` of ``remote`` in memory, not cached (when the cache cannot take them)."""
+        buffer = bytearray()
+
+        async def keep(offset: int, chunk: bytes) -> None:
+            buffer.extend(chunk)  # the origin delivers in order, resuming where it stopped
+
+        async with self._requests:
+            await self.origin.fetch(remote, start, stop, keep)
+        return bytes(buffer)
 
 
 class SplitFetcher:

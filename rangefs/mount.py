@@ -323,7 +323,8 @@ async def _serve(opts: MountOptions, entries: list[Entry], reporter: _Foreground
                 await fetch_process.wait_ready(_HELPER_START_TIMEOUT)
                 near = Fetcher(origin, opts.cache.block_size, _MAX_REQUESTS)
                 fetcher = SplitFetcher(near, fetch_process, opts.cache.block_size, _MAX_NEAR_BYTES)
-                await _serve_files(opts, files, Cache(opts.cache, fetcher, origin.probe), reporter)
+                cache = Cache(opts.cache, fetcher, probe=origin.probe, direct=near.fetch_bytes)
+                await _serve_files(opts, files, cache, reporter)
         except RangefsError as exc:
             failure = exc  # raised out here, not wrapped in the task group's ExceptionGroup
         finally:

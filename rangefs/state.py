@@ -15,6 +15,7 @@ StateCorrupt and must not be trusted: the caller starts that file's cache afresh
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import struct
@@ -107,20 +108,42 @@ def load(path: Path) -> tuple[Identity, Bitmap]:
 def save(path: Path, identity: Identity, bitmap: Bitmap) -> None:
     """Replace the state file atomically: temp file, fsync, rename, fsync of the directory.
 
+    On a full disk (no room for the temp file) the existing state file, when it has the same
+    size, is overwritten in place instead: it needs no new space, and a torn write fails the
+    CRC, so the worst case is a cache that is not trusted, never one that lies.
     The caller must have made the data the bitmap claims durable (fdatasync) before this.
     """
+    payload = encode(identity, bitmap)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        view = memoryview(encode(identity, bitmap))
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        _write_file(tmp, payload, os.O_CREAT | os.O_TRUNC)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or _size(path) != len(payload):
+            raise
+        _write_file(path, payload, 0)
+        return
     os.replace(tmp, path)
     dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def _write_file(path: Path, payload: bytes, flags: int) -> None:
+    fd = os.open(path, os.O_WRONLY | flags, 0o600)
+    try:
+        view = memoryview(payload)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return -1

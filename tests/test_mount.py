@@ -238,6 +238,35 @@ def test_repeated_kill_9_at_seeded_moments_never_leaves_a_wrong_block(
     assert nginx.bytes_sent("crash/r.bin", since=mark) == len(data) - persisted * BLOCK  # nothing twice
 
 
+def test_a_full_cache_disk_still_serves_every_byte_and_claims_only_what_it_wrote(
+    mounts: Mounts, nginx: Server, tmp_path: Path
+) -> None:
+    data = seeded_bytes(6 * MiB + 1234, seed=14)
+    url = nginx.put("full/f.bin", data)
+    small = tmp_path / "small"  # a 2 MiB tmpfs holds the cache: it fills up a third of the way in
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(small)], check=True, timeout=30)
+    try:
+        log = tmp_path / "rangefs.log"
+        m = mounts.mount([url], "--log-file", str(log), cache_dir=small / "cache")
+        mark = nginx.mark()
+        assert (m.path / "f.bin").read_bytes() == data
+        assert (m.path / "f.bin").read_bytes() == data  # again, with the cache still full
+        assert nginx.bytes_sent("full/f.bin", since=mark) >= len(data)
+        assert m.unmount().returncode == 0
+        assert log.read_text().count("the cache cannot be written") == 1  # one warning, not one per read
+        files = small / "cache" / "files" / cache_key(url)
+        _, bitmap = state.load(files.with_suffix(".state"))
+        cached = files.with_suffix(".data").read_bytes()
+        assert 0 < len(bitmap) < bitmap.nblocks, "the disk did not fill up mid-file"
+        for block in (b for b in range(bitmap.nblocks) if b in bitmap):
+            piece = slice(block * BLOCK, (block + 1) * BLOCK)
+            assert cached[piece] == data[piece], f"block {block} claimed but wrong"
+    finally:
+        mounts.cleanup()  # unmount before the tmpfs goes
+        subprocess.run(["umount", "-l", str(small)], capture_output=True, timeout=30)
+
+
 def _persisted_blocks(path: Path) -> int:
     try:
         return len(state.load(path)[1])

@@ -81,3 +81,25 @@ def test_bitmap_must_match_the_size() -> None:
 def test_missing_file_is_not_corruption(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         state.load(tmp_path / "none.state")
+
+
+def test_a_full_disk_overwrites_the_state_in_place(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+    import os
+
+    path = tmp_path / "f.state"
+    state.save(path, IDENTITY, Bitmap(IDENTITY.nblocks))
+    real_open = os.open
+
+    def no_room_for_new_files(file: str | Path, flags: int, *args: int) -> int:
+        if flags & os.O_CREAT:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(file, flags, *args)
+
+    monkeypatch.setattr(os, "open", no_room_for_new_files)
+    state.save(path, IDENTITY, _bitmap())
+    assert state.load(path) == (IDENTITY, _bitmap())
+    assert [p.name for p in tmp_path.iterdir()] == ["f.state"]  # no temp file left behind
+    other = tmp_path / "g.state"  # nothing to overwrite: the error stands
+    with pytest.raises(OSError):
+        state.save(other, IDENTITY, _bitmap())

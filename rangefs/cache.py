@@ -12,6 +12,7 @@ thread; blocking disk I/O goes to worker threads):
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import hashlib
 import logging
@@ -25,7 +26,7 @@ import trio
 
 from rangefs import state
 from rangefs.bitmap import Bitmap
-from rangefs.errors import CacheError, CacheUnwritable, RangefsError, RemoteChanged
+from rangefs.errors import CacheError, CacheUnwritable, RangefsError, RangesIgnored, RemoteChanged
 from rangefs.fetcher import BlockFetcher, BlockRun, Readahead, WrittenSink, plan_runs
 from rangefs.origin import RemoteFile
 from rangefs.urllist import redact_url
@@ -79,9 +80,12 @@ class _Abandoned(CacheError):
 class _Flight:
     """One fetch of a block run in progress; waiters are woken per block."""
 
-    def __init__(self, run: BlockRun) -> None:
+    def __init__(self, run: BlockRun, blocks: list[int] | None = None, stream: bool = False) -> None:
+        """``blocks``: the ones this flight delivers, when not all of the run; ``stream``: the
+        whole file from a plain GET (a server that ignores Range)."""
         self.run = run
-        self.events = {block: trio.Event() for block in range(run.first, run.stop)}
+        self.stream = stream
+        self.events = {block: trio.Event() for block in (range(run.first, run.stop) if blocks is None else blocks)}
         self.error: BaseException | None = None
         self.scope = trio.CancelScope()
 
@@ -255,7 +259,7 @@ class CachedFile:
         if time.monotonic() < self._unwritable_until and self.cache.direct is not None:
             if any(b not in self._bitmap() for b in range(first, stop)):
                 return await self._read_uncached(offset, end, generation)
-        elif readahead is not None:
+        elif readahead is not None and self.remote.accept_ranges:
             self._read_ahead(readahead, offset, end)
         try:
             await self.ensure(first, stop)
@@ -326,15 +330,35 @@ class CachedFile:
                 return
             if self.cache.closing:
                 raise CacheError(f"{self.identity.url}: unmounting")
+            if not self.remote.accept_ranges:
+                await self._stream_for(missing)
+                continue
             waits = {self._inflight[b] for b in missing if b in self._inflight}
             mine = self._claim([b for b in missing if b not in self._inflight])
             async with trio.open_nursery() as nursery:
                 for flight in mine:
                     nursery.start_soon(self._fetch, flight)
             for flight in mine:
+                if isinstance(flight.error, RangesIgnored):
+                    break  # the next pass streams
                 if flight.error is not None:
                     raise flight.error
-            await self._wait_for(waits, missing)
+            else:
+                await self._wait_for(waits, missing)
+
+    async def _stream_for(self, missing: list[int]) -> None:
+        """Wait for ``missing`` from the file's stream, starting one if none runs (in the background:
+        it serves every reader of the file, and outlives this one)."""
+        if not any(flight.stream for flight in self._inflight.values()):
+            bitmap = self._bitmap()
+            blocks = [b for b in range(self.identity.nblocks) if b not in bitmap and b not in self._inflight]
+            flight = _Flight(BlockRun(0, self.identity.nblocks), blocks, stream=True)
+            self._fetches.add(flight.scope)
+            for block in blocks:
+                self._inflight[block] = flight
+            if not self.cache.spawn(self._fetch, flight):
+                await self._fetch(flight)
+        await self._wait_for({self._inflight[b] for b in missing if b in self._inflight}, missing)
 
     def _claim(self, blocks: list[int]) -> list[_Flight]:
         flights = [_Flight(run) for run in plan_runs(blocks, self.cache.config.max_request_blocks)]
@@ -350,7 +374,8 @@ class CachedFile:
             for block in blocks:
                 if block in flight.events:
                     await flight.events[block].wait()
-                    if block not in self._bitmap() and not isinstance(flight.error, (_Abandoned, type(None))):
+                    if block not in self._bitmap() and not isinstance(flight.error, (_Abandoned, RangesIgnored,
+                                                                                       type(None))):
                         raise flight.error
 
     async def _fetch(self, flight: _Flight) -> None:
@@ -358,10 +383,19 @@ class CachedFile:
         error: BaseException | None = _Abandoned("fetch abandoned")
         try:
             with flight.scope:
-                await self.cache.fetcher.fetch_into(
-                    self.remote, flight.run, self.data_path, self._fd, self._mark_written(flight)
-                )
+                if flight.stream:
+                    bitmap = self._bitmap()
+                    await self.cache.fetcher.stream_into(
+                        self.remote, self._fd, bitmap.__contains__, self._mark_written(flight)
+                    )
+                else:
+                    await self.cache.fetcher.fetch_into(
+                        self.remote, flight.run, self.data_path, self._fd, self._mark_written(flight)
+                    )
                 error = None
+        except RangesIgnored as exc:
+            error = exc
+            self._ranges_ignored()
         except RemoteChanged as exc:
             error = exc
             self._log_failure(exc)
@@ -382,6 +416,13 @@ class CachedFile:
             if not self._fetches:
                 self._fetches_done.set()
                 self._fetches_done = trio.Event()
+
+    def _ranges_ignored(self) -> None:
+        """The server sent the whole file to a ranged GET: from now on stream it instead."""
+        if self.remote.accept_ranges:
+            log.warning("%s: the server ignores Range requests; streaming the file from its start into "
+                        "the cache (reads far into it wait for the stream)", self.identity.url)
+            self.remote = dataclasses.replace(self.remote, accept_ranges=False)
 
     def _log_failure(self, exc: RangefsError) -> None:
         message = str(exc)
@@ -411,7 +452,9 @@ class CachedFile:
             bitmap = self._bitmap()
             for block in range(first, stop):
                 bitmap.add(block)
-                flight.events[block].set()
+                event = flight.events.get(block)  # a stream also passes blocks it did not rewrite
+                if event is not None:
+                    event.set()
             self._dirty = True
             self._unsaved_bytes += (stop - first) * self.block_size
             if self._unsaved_bytes >= self.cache.config.checkpoint_bytes:

@@ -8,6 +8,7 @@
      |    +-- RemoteUnreachable   connect/read failures and timeouts, after the retries
      |    +-- RemoteChanged       the validator or size no longer matches what we cached
      |    +-- BadResponse         an answer we refuse to trust (Content-Range mismatch, short body)
+     |         +-- RangesIgnored  a 200 with the whole file to a ranged GET: stream the file instead
      +-- CacheError               the local cache cannot be used (unwritable, locked by another process)
           +-- CacheUnwritable      a block could not be written (disk full): serve it without caching
 
@@ -46,6 +47,10 @@ class RemoteChanged(OriginError):
 
 class BadResponse(OriginError):
     """An answer that does not match the request (status, Content-Range, length)."""
+
+
+class RangesIgnored(BadResponse):
+    """The server answered a ranged GET with the whole file (same version): it ignores Range."""
 
 
 class CacheError(RangefsError):

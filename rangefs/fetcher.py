@@ -88,11 +88,19 @@ class Readahead:
         return 0
 
 
-class BlockFetcher(Protocol):
-    """What the cache needs: fetch a run of blocks into a data file (``Fetcher``, or ``FetchProcess``)."""
+class RunFetcher(Protocol):
+    """Fetches a run of blocks into a data file (``Fetcher``, or ``FetchProcess`` in the helper)."""
 
     async def fetch_into(
         self, remote: RemoteFile, run: BlockRun, path: Path, fd: int, on_written: WrittenSink
+    ) -> None: ...
+
+
+class BlockFetcher(RunFetcher, Protocol):
+    """What the cache needs: runs, and whole-file streams for servers that ignore Range."""
+
+    async def stream_into(
+        self, remote: RemoteFile, fd: int, present: Callable[[int], bool], on_written: WrittenSink
     ) -> None: ...
 
 
@@ -123,20 +131,50 @@ class Fetcher:
         progress = BlockProgress(self.block_size, run, start, stop)
 
         async def store(offset: int, chunk: bytes) -> None:
-            try:
-                if self.write_in_thread:
-                    await trio.to_thread.run_sync(pwrite_all, fd, chunk, offset)
-                else:
-                    pwrite_all(fd, chunk, offset)
-            except OSError as exc:
-                url = redact_url(remote.url)
-                raise CacheUnwritable(f"{url}: cannot write the cache file: {exc.strerror}") from None
+            await self._write(remote, fd, chunk, offset)
             done = progress.advance(offset + len(chunk))
             if done is not None:
                 await on_written(*done)
 
         async with self._requests:
             await self.origin.fetch(remote, start, stop, store)
+
+    async def stream_into(
+        self, remote: RemoteFile, fd: int, present: Callable[[int], bool], on_written: WrittenSink
+    ) -> None:
+        """Stream the whole file (for a server that ignores Range) into ``fd``.
+
+        Bytes of blocks that are ``present`` are not written again; ``on_written`` hears of
+        the other blocks once complete.
+        """
+        run = BlockRun(0, -(-remote.size // self.block_size))
+        progress = BlockProgress(self.block_size, run, 0, remote.size)
+        size = self.block_size
+
+        async def store(offset: int, chunk: bytes) -> None:
+            view, position = memoryview(chunk), offset
+            while view:
+                block = position // size
+                piece = view[: (block + 1) * size - position]
+                if not present(block):
+                    await self._write(remote, fd, piece, position)
+                view, position = view[len(piece) :], position + len(piece)
+            done = progress.advance(offset + len(chunk))
+            if done is not None:
+                await on_written(*done)
+
+        async with self._requests:
+            await self.origin.stream(remote, store)
+
+    async def _write(self, remote: RemoteFile, fd: int, data: bytes | memoryview, offset: int) -> None:
+        try:
+            if self.write_in_thread:
+                await trio.to_thread.run_sync(pwrite_all, fd, data, offset)
+            else:
+                pwrite_all(fd, data, offset)
+        except OSError as exc:
+            url = redact_url(remote.url)
+            raise CacheUnwritable(f"{url}: cannot write the cache file: {exc.strerror}") from None
 
     async def fetch_bytes(self, remote: RemoteFile, start: int, stop: int) -> bytes:
         """Bytes ``start .. stop`` of ``remote`` in memory, not cached (when the cache cannot take them)."""
@@ -159,13 +197,18 @@ class SplitFetcher:
     sequential prefetches, whose body CPU belongs off the FUSE thread.
     """
 
-    def __init__(self, near: BlockFetcher, far: BlockFetcher, block_size: int, max_near_bytes: int) -> None:
+    def __init__(self, near: Fetcher, far: RunFetcher, block_size: int, max_near_bytes: int) -> None:
         self.near, self.far = near, far
         self.max_near_blocks = max(1, max_near_bytes // block_size)
 
     async def fetch_into(self, remote: RemoteFile, run: BlockRun, path: Path, fd: int, on_written: WrittenSink) -> None:
         fetcher = self.near if len(run) <= self.max_near_blocks else self.far
         await fetcher.fetch_into(remote, run, path, fd, on_written)
+
+    async def stream_into(
+        self, remote: RemoteFile, fd: int, present: Callable[[int], bool], on_written: WrittenSink
+    ) -> None:
+        await self.near.stream_into(remote, fd, present, on_written)  # rare: servers that ignore Range
 
 
 class BlockProgress:

@@ -24,12 +24,12 @@ import trio
 
 from rangefs import kernel
 from rangefs.cache import DEFAULT_BLOCK_SIZE, Cache, CacheConfig
-from rangefs.errors import BadResponse, CacheError, OriginError, RangefsError, UsageError
+from rangefs.errors import CacheError, OriginError, RangefsError, UsageError
 from rangefs.fetcher import Fetcher, SplitFetcher
 from rangefs.fetchproc import FetchProcess, HelperConfig
 from rangefs.fs import Filesystem, Tree
 from rangefs.origin import Origin, OriginConfig, RemoteFile
-from rangefs.urllist import Entry, load_url_list, redact_url
+from rangefs.urllist import Entry, load_url_list
 
 log = logging.getLogger(__name__)
 
@@ -274,10 +274,7 @@ async def _probe_all(
     async def probe(index: int, entry: Entry) -> None:
         async with limiter:
             try:
-                remote = await origin.probe(entry.url)
-                if not remote.accept_ranges:
-                    raise BadResponse(f"{redact_url(entry.url)}: the server does not support Range requests")
-                results[index] = remote
+                results[index] = await origin.probe(entry.url)
             except OriginError as exc:
                 results[index] = exc
 

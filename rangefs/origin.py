@@ -24,7 +24,14 @@ import httpcore._async.http11 as httpcore_http11
 import httpx
 import trio
 
-from rangefs.errors import BadResponse, OriginError, RemoteChanged, RemoteNotFound, RemoteUnreachable
+from rangefs.errors import (
+    BadResponse,
+    OriginError,
+    RangesIgnored,
+    RemoteChanged,
+    RemoteNotFound,
+    RemoteUnreachable,
+)
 from rangefs.http11 import RangeClient
 from rangefs.urllist import redact_url
 
@@ -217,6 +224,58 @@ class Origin:
         while position < stop:
             await self._with_retries(remote.url, attempt)
 
+    async def stream(self, remote: RemoteFile, sink: Sink) -> None:
+        """Deliver the whole of ``remote`` to ``sink(offset, chunk)`` in order, from a plain GET.
+
+        For servers that ignore Range: a retry starts the body again from byte 0 and hands on
+        only what lies past the bytes already delivered, so attempts that make progress do not
+        count against ``config.retries``.
+
+        Raises:
+            RemoteChanged: the answer is of another version (validator or size).
+            RemoteNotFound, RemoteUnreachable, BadResponse.
+        """
+        position = 0
+
+        async def advance(offset: int, chunk: bytes) -> None:
+            nonlocal position
+            await sink(offset, chunk)
+            position = offset + len(chunk)
+
+        async def attempt() -> None:
+            before = position
+            try:
+                await self._stream_once(remote, position, advance)
+            except (_Retry, httpx.TransportError) as exc:
+                if position == before:
+                    raise
+                log.info("%s: %s at byte %d; streaming again from the start", redact_url(remote.url),
+                         _describe(exc), position)
+                raise _Retry("progress made", delay=0) from None
+
+        while position < remote.size:
+            await self._with_retries(remote.url, attempt)
+
+    async def _stream_once(self, remote: RemoteFile, skip: int, sink: Sink) -> None:
+        received = 0
+        async with self.client.stream("GET", remote.url) as resp:
+            _raise_for_status(remote.url, resp)
+            if resp.status_code != 200:
+                raise BadResponse(f"{redact_url(remote.url)}: answered {_status(resp)} to a GET")
+            length = resp.headers.get("Content-Length")
+            if not _same_version(remote, resp) or (length is not None and length != str(remote.size)):
+                raise RemoteChanged(f"{redact_url(remote.url)}: the file is not the version being read")
+            _refuse_encoding(remote.url, resp)
+            async for chunk in resp.aiter_raw():
+                end = received + len(chunk)
+                if end > skip:
+                    piece = chunk[max(0, skip - received) : remote.size - received]
+                    if piece:
+                        await sink(max(skip, received), piece)
+                received = end
+        if received < remote.size:
+            raise _Retry(f"body ended at byte {received}, expected {remote.size}")
+
     async def _fetch_once(self, remote: RemoteFile, start: int, stop: int, sink: Sink) -> None:
         # Ranges count bytes of the encoded body: ask for none (httpx adds these for its requests;
         # the lean client sends only what it is given).
@@ -330,7 +389,7 @@ def _check_range_answer(remote: RemoteFile, resp: _Answer, start: int, stop: int
     """Accept only a 206 for exactly ``bytes start-(stop-1)/size`` with an identity body."""
     _raise_for_status(remote.url, resp)
     if resp.status_code == 200 and _same_version(remote, resp):
-        raise BadResponse(f"{redact_url(remote.url)}: the server ignores Range requests (answered 200 OK)")
+        raise RangesIgnored(f"{redact_url(remote.url)}: the server ignores Range requests (answered 200 OK)")
     if resp.status_code in (200, 416):
         raise RemoteChanged(f"{redact_url(remote.url)}: answered {_status(resp)} to a ranged GET with If-Range")
     if not _same_version(remote, resp):

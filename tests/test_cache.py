@@ -179,3 +179,23 @@ def test_reads_fail_once_the_cache_is_closing(tmp_path: Path) -> None:
             await cached.read(0, 10)
 
     with_cache(tmp_path, FakeOrigin(DATA), body)
+
+
+def test_a_server_that_ignores_ranges_is_streamed_once_for_every_reader(tmp_path: Path) -> None:
+    fake = FakeOrigin(DATA, ignore_ranges=True)
+
+    async def body(cache: Cache, cached: CachedFile) -> None:
+        got: dict[int, bytes] = {}
+
+        async def read(offset: int) -> None:
+            got[offset] = bytes(await cached.read(offset, 5000))
+
+        async with trio.open_nursery() as nursery:
+            for offset in (len(DATA) - 3000, 0, 7 * BLOCK + 5):
+                nursery.start_soon(read, offset)
+        assert got == {o: DATA[o : o + 5000] for o in got}
+        assert bytes(await cached.read(3 * BLOCK, 100)) == DATA[3 * BLOCK : 3 * BLOCK + 100]  # cached now
+
+    with_cache(tmp_path, fake, body)
+    # The first ranged GET learned it (a 200 with the whole file); then one plain GET served all.
+    assert gets(fake)[-1] == "" and gets(fake).count("") == 1, fake.requests

@@ -385,3 +385,33 @@ def test_change_mid_read_never_mixes_versions(fault_server: FaultServer, mounts:
     # must fail or finish, not loop on requests.
     requests = gets_once_quiet(fault_server, "/moving.bin")
     assert len(requests) <= MAX_FAILING_GETS, f"{len(requests)} GETs, {fault_server.bytes_sent()} bytes sent"
+
+
+# -- servers that ignore Range ---------------------------------------------------------------
+
+
+def test_a_server_without_ranges_is_streamed_into_the_cache(fault_server: FaultServer, mounts: Mounts) -> None:
+    data = seeded_bytes(3 * MiB + 17, seed=120)
+    fault_server.put("/whole.bin", data, ignore_range=True, accept_ranges="none")
+    m = mounts.mount([fault_server.url("/whole.bin")])
+
+    tail = subprocess.run(["tail", "-c", "1000", str(m.path / "whole.bin")], capture_output=True, timeout=30)
+    assert tail.stdout == data[-1000:]  # a read at the end waits for the stream to get there
+    assert cat(m.path / "whole.bin") == data  # then everything is cached
+    requests = gets(fault_server, "/whole.bin")
+    assert [r.range for r in requests] == [None], "one plain GET, no ranged ones"
+    assert fault_server.bytes_sent("/whole.bin") == len(data)
+
+
+def test_a_server_that_ignores_range_while_claiming_it_is_streamed(
+    fault_server: FaultServer, mounts: Mounts
+) -> None:
+    data = seeded_bytes(2 * MiB + 5, seed=121)
+    fault_server.put("/liar.bin", data, ignore_range=True)  # says Accept-Ranges: bytes
+    log = mounts.tmp / "liar.log"
+    m = mounts.mount([fault_server.url("/liar.bin")], "--log-file", str(log))
+
+    assert cat(m.path / "liar.bin") == data
+    plain = [r for r in gets(fault_server, "/liar.bin") if r.range is None]
+    assert len(plain) == 1, [r.range for r in gets(fault_server, "/liar.bin")]
+    assert log.read_text().count("ignores Range requests; streaming") == 1  # warned once

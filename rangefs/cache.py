@@ -104,8 +104,12 @@ def cache_key(url: str) -> str:
 class CachedFile:
     """The cache of one remote file. Opened lazily, closed when its last user is done."""
 
-    def __init__(self, cache: Cache, url: str, remote: RemoteFile) -> None:
+    def __init__(self, cache: Cache, url: str, remote: RemoteFile, growing: bool = False) -> None:
+        """``growing``: the file may grow by appends; a bigger new version keeps the cached prefix
+        once its last cached block is fetched again and found unchanged."""
         self.cache = cache
+        self.growing = growing
+        self._grown_from: tuple[state.Identity, Bitmap] | None = None  # set by _load_bitmap, for acquire
         self.url = url  # as listed, credentials included: re-probed to revalidate; never logged
         self.key = cache_key(url)
         self._set_version(remote)
@@ -167,6 +171,13 @@ class CachedFile:
         async with self._lock:
             if self._users == 0:
                 await trio.to_thread.run_sync(self._open_files)
+                if self._grown_from is not None:
+                    old, self._grown_from = self._grown_from, None
+                    try:
+                        self.bitmap = await self._adopt(*old)
+                    except BaseException:
+                        await trio.to_thread.run_sync(self._close_files)
+                        raise
             self._users += 1
 
     async def release(self) -> None:
@@ -219,15 +230,48 @@ class CachedFile:
             if self._fetches:
                 await self._fetches_done.wait()
             async with self._checkpoint_lock:
+                old_identity = self.identity
                 self._set_version(remote)
                 self.generation += 1
                 self.stale = False
                 self._dirty, self._unsaved_bytes = False, 0
                 if self._fd >= 0:
-                    self.bitmap = await trio.to_thread.run_sync(self._reset, self._fd)
+                    self.bitmap = await self._adopt(old_identity, self._bitmap())
                 else:
                     self.bitmap, self._peeked = None, False  # the next open finds the old state and resets
         return True
+
+    async def _adopt(self, old: state.Identity, old_bitmap: Bitmap) -> Bitmap:
+        """The bitmap for the new version (open files): the old one's whole blocks if the file only
+        grew (checked by fetching the last cached whole block again), else an empty cache."""
+        keep = old.size // self.block_size  # whole blocks of the old version; its partial tail goes
+        check = next((b for b in range(keep - 1, -1, -1) if b in old_bitmap), None)
+        if (self.growing and check is not None and self.cache.direct is not None
+                and old.block_size == self.block_size and old.size < self.size):
+            start = check * self.block_size
+            try:
+                fresh = await self.cache.direct(self.remote, start, start + self.block_size)
+                cached = await trio.to_thread.run_sync(os.pread, self._fd, self.block_size, start)
+            except (RangefsError, OSError) as exc:
+                log.info("%s: cannot check the cached prefix (%s)", self.identity.url, exc)
+            else:
+                if fresh == cached:
+                    bitmap = Bitmap(self.identity.nblocks)
+                    for block in range(keep):
+                        if block in old_bitmap:
+                            bitmap.add(block)
+                    await trio.to_thread.run_sync(self._grow, bitmap)
+                    log.info("%s: grew from %d to %d bytes; kept %d cached blocks", self.identity.url, old.size,
+                             self.size, len(bitmap))
+                    return bitmap
+            log.info("%s: not a pure append (block %d differs); dropping the cached blocks", self.identity.url,
+                     check)
+        return await trio.to_thread.run_sync(self._reset, self._fd)
+
+    def _grow(self, bitmap: Bitmap) -> None:
+        os.ftruncate(self._fd, self.size)
+        state.save(self.state_path, self.identity, bitmap)
+        self._persisted = bitmap.copy()
 
     def _same_version(self, remote: RemoteFile) -> bool:
         # Without a validator no version can be told apart; such a cache is never reused anyway.
@@ -538,6 +582,10 @@ class CachedFile:
             log.debug("%s: cache has %d of %d blocks", self.identity.url, len(bitmap), bitmap.nblocks)
             self._persisted = bitmap.copy()
             return bitmap
+        if (stored is not None and bitmap is not None and self.growing and existed and stored.url == self.identity.url
+                and stored.size < self.size and os.fstat(fd).st_size == stored.size):
+            self._grown_from = (stored, bitmap)  # acquire checks it over the network, then keeps or drops it
+            return bitmap
         if stored is not None:
             log.info("%s: remote version or cache layout changed; dropping the cached blocks", self.identity.url)
         return self._reset(fd)
@@ -597,11 +645,11 @@ class Cache:
         except OSError as exc:
             raise CacheError(f"cache directory '{cache_dir}' is not writable: {exc.strerror}") from None
 
-    def file(self, url: str, remote: RemoteFile) -> CachedFile:
+    def file(self, url: str, remote: RemoteFile, growing: bool = False) -> CachedFile:
         """The cache of ``url``; creating the object touches no file."""
         cached = self._files.get(url)
         if cached is None:
-            cached = self._files[url] = CachedFile(self, url, remote)
+            cached = self._files[url] = CachedFile(self, url, remote, growing)
         return cached
 
     def __iter__(self) -> Iterator[CachedFile]:

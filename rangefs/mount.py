@@ -55,6 +55,7 @@ class MountOptions:
     log_file: Path | None = None
     skip_unavailable: bool = False
     allow_other: bool = False
+    growing: bool = False  # every file may grow by appends (an entry's grow=no still says otherwise)
     startup_timeout: float = 300.0
     cache: CacheConfig = field(default_factory=lambda: CacheConfig(Path(".")))
     origin: OriginConfig = field(default_factory=OriginConfig)
@@ -348,7 +349,10 @@ async def _serve_files(
     cache: Cache,
     reporter: _ForegroundReporter | _PipeReporter,
 ) -> None:
-    tree = Tree.build([(entry, cache.file(entry.url, remote)) for entry, remote in files])
+    def growing(entry: Entry) -> bool:
+        return entry.option("grow") == "yes" or (opts.growing and entry.option("grow") != "no")
+
+    tree = Tree.build([(entry, cache.file(entry.url, remote, growing(entry))) for entry, remote in files])
     fs = Filesystem(tree, cache)
     _mount_fuse(fs, opts)
     # From here on the mount exists: every path out goes through the finally clauses.

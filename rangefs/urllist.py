@@ -19,8 +19,9 @@ The format, one entry per line::
   fragment); a URL path that is empty or ends with ``/`` has no name and needs an explicit path.
 - Every further field is an option ``key=value`` (key: lowercase letter, then lowercase letters,
   digits, ``_`` or ``-``; value: non-empty, kept as written). A field with ``=`` in second place is
-  an option too, so options may follow a URL without a path. Only keys in KNOWN_OPTIONS are accepted
-  (none yet), and each at most once: a list that parses today keeps its meaning when keys are added.
+  an option too, so options may follow a URL without a path. Only keys in KNOWN_OPTIONS are accepted,
+  each at most once, with one of its values: a list that parses today keeps its meaning when keys
+  are added. ``grow=yes`` (or ``no``): the file may grow by appends (see rangefs.cache).
 - A path is refused when absolute, with an empty, ``.`` or ``..`` component, with a component that
   decodes to a name containing ``/`` or NUL or longer than NAME_MAX bytes in UTF-8, with bad
   percent-encoding, when another line already uses it, or when it would need a file to also be a
@@ -39,9 +40,9 @@ from urllib.parse import unquote, unquote_plus, urlsplit
 from rangefs.errors import UrlListError
 
 SCHEMES = frozenset({"http", "https"})
-# Option keys this version understands; empty until mirrors/checksums land. Unknown keys are errors
-# so that adding a key later cannot change the meaning of a list that is accepted today.
-KNOWN_OPTIONS: frozenset[str] = frozenset()
+# Option keys this version understands, with their values. Unknown keys are errors so that adding
+# a key later cannot change the meaning of a list that is accepted today.
+KNOWN_OPTIONS: dict[str, frozenset[str] | None] = {"grow": frozenset({"yes", "no"})}  # None: any value
 NAME_MAX = 255  # bytes in one path component: Linux NAME_MAX, what the kernel accepts in a lookup
 # Query parameter names containing one of these (case-insensitive) have their values redacted.
 SECRET_WORDS = (
@@ -79,6 +80,9 @@ class Entry:
     path: tuple[str, ...]
     line: int
     options: tuple[tuple[str, str], ...] = ()
+
+    def option(self, key: str) -> str | None:
+        return dict(self.options).get(key)
 
 
 class _LineError(Exception):
@@ -266,6 +270,9 @@ def _parse_options(fields: list[str]) -> tuple[tuple[str, str], ...]:
             raise _LineError(f"unknown option {key!r} (a path containing '=' must write it as %3D)")
         if key in options:
             raise _LineError(f"option {key!r} given twice")
+        allowed = KNOWN_OPTIONS[key]
+        if allowed is not None and value not in allowed:
+            raise _LineError(f"option {key!r} must be {' or '.join(sorted(allowed))}")
         options[key] = value
     return tuple(options.items())
 

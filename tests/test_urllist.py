@@ -308,7 +308,7 @@ def test_bad_option_does_not_echo_value() -> None:
 
 
 def test_known_options_are_kept(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(urllist, "KNOWN_OPTIONS", frozenset({"sha256", "mirror"}))
+    monkeypatch.setattr(urllist, "KNOWN_OPTIONS", {"sha256": None, "mirror": None})
     entry = parse_one("https://h/a.bin sha256=ab=cd mirror=https://m/a%20b")
     assert entry.path == ("a.bin",)
     assert entry.options == (("sha256", "ab=cd"), ("mirror", "https://m/a%20b"))
@@ -316,13 +316,13 @@ def test_known_options_are_kept(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_duplicate_known_option(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(urllist, "KNOWN_OPTIONS", frozenset({"mirror"}))
+    monkeypatch.setattr(urllist, "KNOWN_OPTIONS", {"mirror": None})
     message = error_of("https://h/a.bin mirror=a mirror=b")
     assert message == "<urls> line 1: option 'mirror' given twice"
 
 
 def test_path_after_option_is_too_many_fields(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(urllist, "KNOWN_OPTIONS", frozenset({"mirror"}))
+    monkeypatch.setattr(urllist, "KNOWN_OPTIONS", {"mirror": None})
     assert "too many fields" in error_of("https://h/a.bin mirror=a dir/x")
 
 
@@ -436,3 +436,10 @@ def test_load_empty_list(tmp_path: Path, content: str) -> None:
     with pytest.raises(UrlListError) as info:
         load_url_list(empty)
     assert str(info.value) == f"URL list '{empty}' has no entries"
+
+
+def test_grow_option() -> None:
+    assert parse_one("https://h/log.txt grow=yes").option("grow") == "yes"
+    assert parse_one("https://h/log.txt logs/a.txt grow=no").option("grow") == "no"
+    assert parse_one("https://h/log.txt").option("grow") is None
+    assert error_of("https://h/log.txt grow=maybe") == "<urls> line 1: option 'grow' must be no or yes"

@@ -122,3 +122,63 @@ def test_a_change_seen_in_the_background_is_picked_up_without_an_error_on_reopen
     log = m.cache_dir / "rangefs.log"
     assert wait_until(lambda: "dropping its cached blocks" in log.read_text(), timeout=10)
     assert read_all(path) == (len(new), new)
+
+
+# -- files that grow by appends (the seeds' resume after an append) ------------------------------
+
+
+def test_an_appended_file_fetches_only_the_new_bytes_after_a_remount(mounts: Mounts, server: FaultServer) -> None:
+    old = seeded_bytes(10 * BLOCK + 100, seed=20)
+    new = old + seeded_bytes(5 * BLOCK + 7, seed=21)
+    server.put("/log.bin", old)
+    m = mounts.mount([f"{server.url('/log.bin')} grow=yes"])
+    assert read_all(m.path / "log.bin")[1] == old
+    assert m.unmount().returncode == 0
+    server.change("/log.bin", new)
+    mark = server.mark()
+    mounts.remount(m)
+    assert read_all(m.path / "log.bin") == (len(new), new)
+    sent = sum(r.body_bytes_sent for r in server.since(mark))
+    # The appended bytes, the old partial tail block again, and the one block fetched to check.
+    assert sent == (len(new) - 10 * BLOCK) + BLOCK, sent
+    assert "kept 10 cached blocks" in (m.cache_dir / "rangefs.log").read_text()
+
+
+def test_an_append_seen_while_mounted_keeps_the_prefix(mounts: Mounts, server: FaultServer) -> None:
+    old = seeded_bytes(6 * BLOCK, seed=22)
+    new = old + seeded_bytes(3 * BLOCK, seed=23)
+    server.put("/grow.bin", old)
+    m = mounts.mount([server.url("/grow.bin")], "--growing", "--revalidate-interval", "0")
+    assert read_all(m.path / "grow.bin")[1] == old
+    server.change("/grow.bin", new)
+    mark = server.mark()
+    assert read_all(m.path / "grow.bin") == (len(new), new)
+    sent = sum(r.body_bytes_sent for r in server.since(mark))
+    assert sent == 3 * BLOCK + BLOCK, sent  # the new blocks and the check
+
+
+def test_a_grown_file_whose_old_bytes_changed_is_fetched_again_whole(mounts: Mounts, server: FaultServer) -> None:
+    old = seeded_bytes(6 * BLOCK, seed=24)
+    changed = bytearray(old)
+    changed[5 * BLOCK + 10] ^= 0xFF  # in the last cached block: the check sees it
+    new = bytes(changed) + seeded_bytes(2 * BLOCK, seed=25)
+    server.put("/nogrow.bin", old)
+    m = mounts.mount([f"{server.url('/nogrow.bin')} grow=yes"], "--revalidate-interval", "0")
+    assert read_all(m.path / "nogrow.bin")[1] == old
+    server.change("/nogrow.bin", new)
+    assert read_all(m.path / "nogrow.bin") == (len(new), new)
+    assert "not a pure append" in (m.cache_dir / "rangefs.log").read_text()
+
+
+def test_without_grow_an_appended_file_is_fetched_again_whole(mounts: Mounts, server: FaultServer) -> None:
+    old = seeded_bytes(4 * BLOCK, seed=26)
+    new = old + seeded_bytes(BLOCK, seed=27)
+    server.put("/plain.bin", old)
+    m = mounts.mount([server.url("/plain.bin")])
+    assert read_all(m.path / "plain.bin")[1] == old
+    assert m.unmount().returncode == 0
+    server.change("/plain.bin", new)
+    mark = server.mark()
+    mounts.remount(m)
+    assert read_all(m.path / "plain.bin")[1] == new
+    assert sum(r.body_bytes_sent for r in server.since(mark)) == len(new)

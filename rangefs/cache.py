@@ -26,7 +26,14 @@ import trio
 
 from rangefs import state
 from rangefs.bitmap import Bitmap
-from rangefs.errors import CacheError, CacheUnwritable, RangefsError, RangesIgnored, RemoteChanged
+from rangefs.errors import (
+    CacheError,
+    CacheUnwritable,
+    FetchInterrupted,
+    RangefsError,
+    RangesIgnored,
+    RemoteChanged,
+)
 from rangefs.fetcher import BlockFetcher, BlockRun, Readahead, WrittenSink, plan_runs
 from rangefs.origin import RemoteFile
 from rangefs.urllist import redact_url
@@ -70,20 +77,22 @@ class CacheConfig:
         return Readahead(self.readahead_initial, self.readahead_max, self.readahead_tolerance)
 
 
+_MAX_INTERRUPTIONS = 3  # a read fetches again after an interrupted fetch at most this often
 _UNWRITABLE_RETRY = 30.0  # seconds between attempts to write into a cache that failed a write
 
 
-class _Abandoned(CacheError):
+class _Abandoned(FetchInterrupted):
     """The reader that was fetching a block went away; whoever needs it fetches it again."""
 
 
 class _Flight:
     """One fetch of a block run in progress; waiters are woken per block."""
 
-    def __init__(self, run: BlockRun, blocks: list[int] | None = None, stream: bool = False) -> None:
-        """``blocks``: the ones this flight delivers, when not all of the run; ``stream``: the
-        whole file from a plain GET (a server that ignores Range)."""
+    def __init__(self, run: BlockRun, generation: int, blocks: list[int] | None = None, stream: bool = False) -> None:
+        """``generation``: the file version it fetches; ``blocks``: the ones it delivers, when not
+        all of the run; ``stream``: the whole file from a plain GET (a server that ignores Range)."""
         self.run = run
+        self.generation = generation
         self.stream = stream
         self.events = {block: trio.Event() for block in (range(run.first, run.stop) if blocks is None else blocks)}
         self.error: BaseException | None = None
@@ -110,6 +119,7 @@ class CachedFile:
         self.cache = cache
         self.growing = growing
         self._grown_from: tuple[state.Identity, Bitmap] | None = None  # set by _load_bitmap, for acquire
+        self._switching: trio.Event | None = None  # set while revalidate moves to a new version
         self.url = url  # as listed, credentials included: re-probed to revalidate; never logged
         self.key = cache_key(url)
         self._set_version(remote)
@@ -196,9 +206,7 @@ class CachedFile:
 
     async def _shut(self) -> None:
         # No fetch may outlive the descriptor it writes to.
-        self.abort_fetches()
-        if self._fetches:
-            await self._fetches_done.wait()
+        await self._stop_fetches()
         await self.checkpoint()
         async with self._checkpoint_lock:
             await trio.to_thread.run_sync(self._close_files)
@@ -226,20 +234,31 @@ class CachedFile:
                 return False  # another open switched while we waited for the lock
             log.warning("%s: the remote file changed (size %d -> %d); dropping its cached blocks",
                         self.identity.url, self.remote.size, remote.size)
-            self.abort_fetches()
-            if self._fetches:
-                await self._fetches_done.wait()
-            async with self._checkpoint_lock:
-                old_identity = self.identity
-                self._set_version(remote)
-                self.generation += 1
-                self.stale = False
-                self._dirty, self._unsaved_bytes = False, 0
-                if self._fd >= 0:
-                    self.bitmap = await self._adopt(old_identity, self._bitmap())
-                else:
-                    self.bitmap, self._peeked = None, False  # the next open finds the old state and resets
+            self._switching = trio.Event()  # readers wait for it instead of claiming fetches
+            try:
+                await self._stop_fetches()
+                async with self._checkpoint_lock:
+                    old_identity, old_bitmap = self.identity, self.bitmap
+                    self._set_version(remote)
+                    self.generation += 1
+                    self.stale = False
+                    self._dirty, self._unsaved_bytes = False, 0
+                    if self._fd >= 0 and old_bitmap is not None:
+                        # Never the old bitmap under the new version, even if what follows fails.
+                        self.bitmap = Bitmap(self.identity.nblocks)
+                        self.bitmap = await self._adopt(old_identity, old_bitmap)
+                    else:
+                        self.bitmap, self._peeked = None, False  # the next open finds the old state and resets
+            finally:
+                self._switching.set()
+                self._switching = None
         return True
+
+    async def _stop_fetches(self) -> None:
+        """Cancel every fetch of this file and wait until none runs (so none can write any more)."""
+        while self._fetches:
+            self.abort_fetches()
+            await self._fetches_done.wait()
 
     async def _adopt(self, old: state.Identity, old_bitmap: Bitmap) -> Bitmap:
         """The bitmap for the new version (open files): the old one's whole blocks if the file only
@@ -266,7 +285,13 @@ class CachedFile:
                     return bitmap
             log.info("%s: not a pure append (block %d differs); dropping the cached blocks", self.identity.url,
                      check)
-        return await trio.to_thread.run_sync(self._reset, self._fd)
+        try:
+            return await trio.to_thread.run_sync(self._reset, self._fd)
+        except OSError as exc:
+            log.warning("%s: cannot empty the cache file (%s); its old blocks are not used", self.identity.url,
+                        exc.strerror)
+            self._persisted = Bitmap(self.identity.nblocks)
+            return Bitmap(self.identity.nblocks)
 
     def _grow(self, bitmap: Bitmap) -> None:
         os.ftruncate(self._fd, self.size)
@@ -306,7 +331,7 @@ class CachedFile:
         elif readahead is not None and self.remote.accept_ranges:
             self._read_ahead(readahead, offset, end)
         try:
-            await self.ensure(first, stop)
+            await self.ensure(first, stop, generation)
         except CacheUnwritable:
             if self.cache.direct is None:
                 raise
@@ -326,7 +351,11 @@ class CachedFile:
 
     async def _read_uncached(self, offset: int, end: int, generation: int) -> bytes:
         assert self.cache.direct is not None
-        data = await self.cache.direct(self.remote, offset, end)
+        try:
+            data = await self.cache.direct(self.remote, offset, end)
+        except RemoteChanged:
+            self._changed()
+            raise
         self._check_version(generation)
         return data
 
@@ -351,6 +380,8 @@ class CachedFile:
         if target <= start or (target - start < readahead.window // 2 and target < self.size):
             return
         readahead.frontier = target
+        if self._switching is not None:
+            return
         bitmap = self._bitmap()
         first, stop = start // self.block_size, -(-target // self.block_size)
         blocks = [b for b in range(first, stop) if b not in bitmap and b not in self._inflight]
@@ -360,13 +391,19 @@ class CachedFile:
                 self._forget(flight)
                 flight.finish(_Abandoned("no task group for prefetching"))
 
-    async def ensure(self, first: int, stop: int) -> None:
+    async def ensure(self, first: int, stop: int, generation: int | None = None) -> None:
         """Return once blocks ``first <= b < stop`` are all present, fetching what is missing.
 
         Raises:
+            RemoteChanged: the version is no longer ``generation``.
             RangefsError: a fetch this read needed failed.
         """
+        interruptions = 0
         while True:
+            if self._switching is not None:
+                await self._switching.wait()
+            if generation is not None:
+                self._check_version(generation)
             # Looked up on every pass: a version switch replaces the bitmap while we wait.
             bitmap = self._bitmap()
             missing = [b for b in range(first, stop) if b not in bitmap]
@@ -383,6 +420,9 @@ class CachedFile:
                 for flight in mine:
                     nursery.start_soon(self._fetch, flight)
             for flight in mine:
+                if isinstance(flight.error, FetchInterrupted) and interruptions < _MAX_INTERRUPTIONS:
+                    interruptions += 1
+                    break  # the next pass sees the new version, or fetches again
                 if isinstance(flight.error, RangesIgnored):
                     break  # the next pass streams
                 if flight.error is not None:
@@ -396,7 +436,7 @@ class CachedFile:
         if not any(flight.stream for flight in self._inflight.values()):
             bitmap = self._bitmap()
             blocks = [b for b in range(self.identity.nblocks) if b not in bitmap and b not in self._inflight]
-            flight = _Flight(BlockRun(0, self.identity.nblocks), blocks, stream=True)
+            flight = _Flight(BlockRun(0, self.identity.nblocks), self.generation, blocks, stream=True)
             self._fetches.add(flight.scope)
             for block in blocks:
                 self._inflight[block] = flight
@@ -405,7 +445,7 @@ class CachedFile:
         await self._wait_for({self._inflight[b] for b in missing if b in self._inflight}, missing)
 
     def _claim(self, blocks: list[int]) -> list[_Flight]:
-        flights = [_Flight(run) for run in plan_runs(blocks, self.cache.config.max_request_blocks)]
+        flights = [_Flight(run, self.generation) for run in plan_runs(blocks, self.cache.config.max_request_blocks)]
         for flight in flights:
             self._fetches.add(flight.scope)  # from the claim on, so closing waits for it
             for block in flight.events:
@@ -418,7 +458,7 @@ class CachedFile:
             for block in blocks:
                 if block in flight.events:
                     await flight.events[block].wait()
-                    if block not in self._bitmap() and not isinstance(flight.error, (_Abandoned, RangesIgnored,
+                    if block not in self._bitmap() and not isinstance(flight.error, (FetchInterrupted, RangesIgnored,
                                                                                        type(None))):
                         raise flight.error
 
@@ -493,6 +533,8 @@ class CachedFile:
 
     def _mark_written(self, flight: _Flight) -> WrittenSink:
         async def mark(first: int, stop: int) -> None:
+            if flight.generation != self.generation:
+                return  # a fetch of a version that is gone (it is being cancelled): claim nothing
             bitmap = self._bitmap()
             for block in range(first, stop):
                 bitmap.add(block)

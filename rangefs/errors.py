@@ -11,6 +11,7 @@
      |         +-- RangesIgnored  a 200 with the whole file to a ranged GET: stream the file instead
      +-- CacheError               the local cache cannot be used (unwritable, locked by another process)
           +-- CacheUnwritable      a block could not be written (disk full): serve it without caching
+          +-- FetchInterrupted     a fetch stopped for a reason of ours (cancelled, helper died): try again
 
 The FUSE layer maps these to errno in one table (rangefs.fs); the CLI prints the message of a
 UsageError or any RangefsError raised during start-up as one line.
@@ -59,3 +60,8 @@ class CacheError(RangefsError):
 
 class CacheUnwritable(CacheError):
     """Writing fetched bytes into the cache failed (disk full, read-only, I/O error)."""
+
+
+class FetchInterrupted(CacheError):
+    """A fetch ended for a reason of rangefs's own (cancelled, its helper process died); a reader
+    that needs its blocks fetches them again."""

@@ -42,7 +42,7 @@ from pathlib import Path
 import trio
 
 from rangefs import kernel
-from rangefs.errors import CacheError, RangefsError
+from rangefs.errors import CacheError, FetchInterrupted, RangefsError
 from rangefs.fetcher import BlockRun, Fetcher, WrittenSink
 from rangefs.origin import Origin, OriginConfig, RemoteFile
 from rangefs.urllist import redact_url
@@ -183,6 +183,7 @@ class FetchProcess:
                 pass_fds=[theirs.fileno()],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
+                start_new_session=True,  # a Ctrl-C for a foreground daemon is not for its helper
             )
         self._sock = trio.socket.from_stdlib_socket(ours)
         await self._send(("config", self.config))
@@ -197,7 +198,7 @@ class FetchProcess:
             except OSError:
                 packet = b""
             if not packet:
-                self._fail_pending(CacheError("the fetch process exited"))
+                self._fail_pending(FetchInterrupted("the fetch process exited"))
                 return
             kind, rid, *rest = pickle.loads(packet)
             if kind == "ready":
@@ -207,12 +208,17 @@ class FetchProcess:
             if request is None:
                 continue  # a fetch given up by its reader
             if kind == "written":
-                await request.on_written(*rest)
+                try:
+                    await request.on_written(*rest)
+                except Exception as exc:  # the relay serves every fetch: one bad report must not end it
+                    log.exception("fetch %d: cannot record written blocks", rid)
+                    request.error = CacheError(f"cannot record written blocks: {exc!r}")
+                    request.done.set()
             elif kind == "done":
                 request.error = rest[0]
                 request.done.set()
 
-    def _fail_pending(self, error: CacheError) -> None:
+    def _fail_pending(self, error: FetchInterrupted) -> None:
         for request in self._pending.values():
             if not request.done.is_set():
                 request.error = error
@@ -234,7 +240,7 @@ class FetchProcess:
 
     def _stop(self) -> None:
         # Closing the socket tells the helper to stop; it has _EXIT_GRACE to do so.
-        self._fail_pending(CacheError("unmounting"))
+        self._fail_pending(FetchInterrupted("unmounting"))
         status = self._reap()
         log.debug("fetch process ended (status %s)", status)
 

@@ -105,7 +105,8 @@ class RangeClient:
             httpx.TransportError: connecting, sending or receiving failed.
         """
         target = httpx.URL(url)
-        key = (target.scheme, target.host, target.port or _DEFAULT_PORTS[target.scheme])
+        # raw_host: the ASCII (IDNA) form, for connecting and for SNI, as httpcore does
+        key = (target.scheme, target.raw_host.decode("ascii"), target.port or _DEFAULT_PORTS[target.scheme])
         for attempt in range(2):
             conn = await self._connection(key)
             try:
@@ -126,7 +127,12 @@ class RangeClient:
                 await conn.stream.aclose()
                 raise
         length = response_headers.get("Content-Length", "")
-        body = _Body(conn, leftover, int(length) if length.isdigit() else None, self.read_timeout)
+        if "Transfer-Encoding" in response_headers or not length.isdigit():
+            # Chunked (Transfer-Encoding wins over Content-Length, RFC 9112 6.3) or unframed:
+            # not this client's job; the caller takes another path, before any byte is read.
+            await conn.stream.aclose()
+            raise UnsupportedResponse("a response body without a plain Content-Length")
+        body = _Body(conn, leftover, int(length), self.read_timeout)
         response = RangeResponse(status, reason, response_headers, url, body.chunks())
         try:
             yield response
@@ -201,10 +207,14 @@ class RangeClient:
             return event.status_code, event.reason.decode("latin-1"), response_headers, bytes(leftover), reusable
 
 
+class UnsupportedResponse(Exception):
+    """The answer is framed in a way this client does not read (chunked): use httpx instead."""
+
+
 class _Body:
     """The body of one response: the head's leftover bytes, then reads of the stream."""
 
-    def __init__(self, conn: _Connection, leftover: bytes, length: int | None, read_timeout: float) -> None:
+    def __init__(self, conn: _Connection, leftover: bytes, length: int, read_timeout: float) -> None:
         self.conn = conn
         self.leftover = leftover
         self.remaining = length
@@ -212,8 +222,6 @@ class _Body:
         self.complete = False  # read to its last byte, and nothing after it: the connection is reusable
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        if self.remaining is None:
-            raise httpx.RemoteProtocolError("response without Content-Length")  # chunked: not for ranges
         extra = len(self.leftover) > self.remaining
         if self.leftover:
             chunk, self.leftover = self.leftover[: self.remaining], b""

@@ -15,7 +15,7 @@ import random
 import re
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AbstractAsyncContextManager
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Protocol, TypeVar
@@ -32,7 +32,7 @@ from rangefs.errors import (
     RemoteNotFound,
     RemoteUnreachable,
 )
-from rangefs.http11 import RangeClient
+from rangefs.http11 import RangeClient, UnsupportedResponse
 from rangefs.urllist import redact_url
 
 log = logging.getLogger(__name__)
@@ -126,6 +126,7 @@ class Origin:
         self._transport = transport
         self._client: httpx.AsyncClient | None = None
         self._lean: RangeClient | None = None
+        self._httpx_only: set[bytes] = set()  # servers whose answers the lean client cannot read
 
     async def __aenter__(self) -> Origin:
         cfg = self.config
@@ -297,11 +298,20 @@ class Origin:
         if position < stop:
             raise _Retry(f"body ended at byte {position}, expected {stop}")
 
-    def _get(self, url: str, headers: dict[str, str]) -> AbstractAsyncContextManager[_Answer]:
+    @asynccontextmanager
+    async def _get(self, url: str, headers: dict[str, str]) -> AsyncIterator[_Answer]:
         """A streamed GET: through the lean client when it can take it, else through httpx."""
-        if self._lean is not None:
-            return self._lean.get(url, headers)
-        return self.client.stream("GET", url, headers=headers)
+        origin = httpx.URL(url).netloc
+        if self._lean is not None and origin not in self._httpx_only:
+            try:
+                async with self._lean.get(url, headers) as resp:
+                    yield resp
+                return
+            except UnsupportedResponse:  # raised before the response is handed out
+                log.info("%s: the server frames range bodies in chunks; using httpx for it", redact_url(url))
+                self._httpx_only.add(origin)
+        async with self.client.stream("GET", url, headers=headers) as resp:
+            yield resp
 
     async def _with_retries(self, url: str, attempt: Callable[[], Awaitable[_T]]) -> _T:
         failures = 0

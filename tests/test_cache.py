@@ -199,3 +199,59 @@ def test_a_server_that_ignores_ranges_is_streamed_once_for_every_reader(tmp_path
     with_cache(tmp_path, fake, body)
     # The first ranged GET learned it (a 200 with the whole file); then one plain GET served all.
     assert gets(fake)[-1] == "" and gets(fake).count("") == 1, fake.requests
+
+
+def test_readers_waiting_across_a_switch_to_a_shorter_version_get_estale_not_a_loop(tmp_path: Path) -> None:
+    from rangefs.errors import RemoteChanged
+    from rangefs.origin import RemoteFile
+
+    old = RemoteFile("http://x/f", 8 * BLOCK, '"old"', None)
+    new = RemoteFile("http://x/f", 2 * BLOCK - 5, '"new"', None)
+
+    class StuckThenFine:  # the first fetch hangs until cancelled; later ones deliver
+        calls = 0
+
+        async def fetch(
+            self, remote: RemoteFile, start: int, stop: int, sink: Callable[[int, bytes], Awaitable[None]]
+        ) -> None:
+            self.calls += 1
+            if self.calls == 1:
+                await trio.sleep_forever()
+            await sink(start, b"N" * (stop - start))
+
+    origin = StuckThenFine()
+    outcomes: list[str] = []
+
+    async def probe(url: str) -> RemoteFile:
+        return new
+
+    async def run() -> None:
+        Cache.prepare(tmp_path)
+        cache = Cache(CacheConfig(tmp_path, block_size=BLOCK), Fetcher(origin, BLOCK), probe=probe)  # type: ignore[arg-type]
+        cached = cache.file("http://x/f", old)
+        with trio.fail_after(10):
+            await scenario(cache, cached)
+
+    async def scenario(cache: Cache, cached: CachedFile) -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(cache.run)
+            await cached.acquire()
+
+            async def reader() -> None:
+                try:
+                    await cached.read(6 * BLOCK, 10, generation=0)
+                    outcomes.append("data")
+                except RemoteChanged:
+                    outcomes.append("ESTALE")
+
+            for _ in range(2):
+                nursery.start_soon(reader)
+                await trio.sleep(0.01)
+            assert await cached.revalidate(force=True)
+            await trio.sleep(0.5)
+            assert bytes(await cached.read(0, 10)) == b"N" * 10  # the new version reads fine
+            nursery.cancel_scope.cancel()
+
+    trio.run(run)
+    assert outcomes == ["ESTALE", "ESTALE"]
+    assert origin.calls <= 3  # the stuck one, and the new version's read: no refetch loop

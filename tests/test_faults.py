@@ -415,3 +415,12 @@ def test_a_server_that_ignores_range_while_claiming_it_is_streamed(
     plain = [r for r in gets(fault_server, "/liar.bin") if r.range is None]
     assert len(plain) == 1, [r.range for r in gets(fault_server, "/liar.bin")]
     assert log.read_text().count("ignores Range requests; streaming") == 1  # warned once
+
+
+def test_chunked_range_bodies_are_read_through_httpx(fault_server: FaultServer, mounts: Mounts) -> None:
+    data = seeded_bytes(2 * MiB + 3, seed=122)
+    fault_server.put("/chunked.bin", data, chunked=True)
+    m = mounts.mount([fault_server.url("/chunked.bin")])
+
+    assert cat(m.path / "chunked.bin") == data
+    assert all(r.status == 206 for r in gets(fault_server, "/chunked.bin"))

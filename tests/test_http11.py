@@ -124,3 +124,15 @@ def test_unreachable_server_raises_connect_error() -> None:
 
         with pytest.raises(httpx.ConnectError):
             run_with_client(fn)
+
+
+def test_a_chunked_answer_is_refused_before_any_byte(server: FaultServer) -> None:
+    from rangefs.http11 import UnsupportedResponse
+
+    server.set_faults("/d.bin", chunked=True)
+
+    async def fn(client: RangeClient) -> None:
+        await get(client, server.url("/d.bin"), 0, 99)
+
+    with pytest.raises(UnsupportedResponse):
+        run_with_client(fn)

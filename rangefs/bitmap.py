@@ -51,6 +51,13 @@ class Bitmap:
             self._bits[block >> 3] |= mask
             self._count += 1
 
+    def discard(self, block: int) -> None:
+        """Mark ``block`` missing."""
+        mask = 1 << (block & 7)
+        if 0 <= block < self.nblocks and self._bits[block >> 3] & mask:
+            self._bits[block >> 3] &= ~mask
+            self._count -= 1
+
     def add_run(self, start: int, stop: int) -> None:
         """Mark blocks ``start <= b < stop`` present."""
         for block in range(start, stop):

@@ -12,12 +12,14 @@ thread; blocking disk I/O goes to worker threads):
 
 from __future__ import annotations
 
+import array
 import dataclasses
 import fcntl
 import hashlib
 import logging
 import os
 import time
+import zlib
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,6 +135,12 @@ class CachedFile:
         base = cache.files_dir / self.key
         self.data_path = base.with_suffix(".data")
         self.state_path = base.with_suffix(".state")
+        # CRC-32 of each block as received (native byte order: a cache never leaves its machine).
+        # Written at checkpoints before the state file, so a block the state claims has its CRC.
+        self.sums_path = base.with_suffix(".sums")
+        self._sums = array.array("I")
+        self._sums_dirty: tuple[int, int] | None = None  # blocks whose CRC is not on disk yet
+        self._verified: Bitmap | None = None  # blocks checked against their CRC in this session
         self.bitmap: Bitmap | None = None
         self._peeked = False
         self._fd = -1
@@ -295,6 +303,14 @@ class CachedFile:
 
     def _grow(self, bitmap: Bitmap) -> None:
         os.ftruncate(self._fd, self.size)
+        _reserve(self.sums_path, 4 * bitmap.nblocks)
+        old_verified = self._verified
+        del self._sums[bitmap.nblocks :]
+        self._sums.extend([0] * (bitmap.nblocks - len(self._sums)))
+        self._verified = Bitmap(bitmap.nblocks)
+        for block in range(bitmap.nblocks):
+            if block in bitmap and old_verified is not None and block < old_verified.nblocks and block in old_verified:
+                self._verified.add(block)
         state.save(self.state_path, self.identity, bitmap)
         self._persisted = bitmap.copy()
 
@@ -332,6 +348,13 @@ class CachedFile:
             self._read_ahead(readahead, offset, end)
         try:
             await self.ensure(first, stop, generation)
+            dropped, checked = await self._verify(first, stop)
+            if dropped:
+                await self.ensure(first, stop, generation)  # fetch again what failed its check
+            elif checked is not None:  # the check read every byte this read needs: no second read
+                self._check_version(generation)
+                base = first * self.block_size
+                return memoryview(checked)[offset - base : end - base]  # type: ignore[return-value]
         except CacheUnwritable:
             if self.cache.direct is None:
                 raise
@@ -340,6 +363,67 @@ class CachedFile:
         data = await self._pread(end - offset, offset)
         self._check_version(generation)  # the version may have switched while we waited
         return data
+
+    async def _verify(self, first: int, stop: int) -> tuple[bool, bytes | bytearray | None]:
+        """Check the blocks not checked yet this session against their CRC; drop those that fail.
+
+        Returns whether any was dropped, and the bytes of blocks ``first .. stop`` when all of
+        them were read for the check. A block fails when the data file was damaged or written
+        behind our back, or when its CRC was never saved (a sums file lost or cut short).
+        """
+        verified = self._verified
+        if verified is None:
+            return False, None
+        todo = [b for b in range(first, stop) if b not in verified]
+        if not todo:
+            return False, None
+        cached = self._read_if_cached(todo[0], todo[-1] + 1)
+        if cached is not None:  # in the page cache: checking here beats a hop to a worker thread
+            bad, data = self._check_blocks(todo, cached)
+        else:
+            bad, data = await trio.to_thread.run_sync(self._check_blocks, todo)
+        if self._verified is not verified:
+            return False, None  # the version switched meanwhile: the caller's version check decides
+        bitmap = self._bitmap()
+        for block in todo:
+            if block in bad:
+                bitmap.discard(block)
+            elif block in bitmap:
+                verified.add(block)
+        if bad:
+            log.warning("%s: %d cached block(s) from %d failed their checksum; fetching them again",
+                        self.identity.url, len(bad), min(bad))
+            self._dirty = True
+        whole = not bad and todo[0] == first and todo[-1] == stop - 1
+        return bool(bad), data if whole else None
+
+    def _read_if_cached(self, first: int, stop: int) -> bytearray | None:
+        """Blocks ``first .. stop`` of the data file if the page cache has them all, without blocking."""
+        start, end = first * self.block_size, min(stop * self.block_size, self.size)
+        buffer = bytearray(end - start)
+        try:
+            if os.preadv(self._fd, [buffer], start, os.RWF_NOWAIT) == len(buffer):
+                return buffer
+        except (BlockingIOError, OSError):
+            pass
+        return None
+
+    def _check_blocks(
+        self, blocks: list[int], data: bytes | bytearray | None = None
+    ) -> tuple[set[int], bytes | bytearray]:
+        """The blocks whose bytes in the data file do not match their CRC, and the bytes read
+        (blocks[0] .. blocks[-1]; without ``data``, read here, in a worker thread)."""
+        bad = set()
+        size = self.block_size
+        start, stop = blocks[0] * size, min((blocks[-1] + 1) * size, self.size)
+        if data is None:
+            data = os.pread(self._fd, stop - start, start)
+        view = memoryview(data)
+        for block in blocks:
+            piece = view[block * size - start : min((block + 1) * size, self.size) - start]
+            if zlib.crc32(piece) != self._sums[block]:
+                bad.add(block)
+        return bad, data
 
     def _unwritable(self) -> None:
         """The cache could not take a block: serve from the network for a while, and say so once."""
@@ -532,12 +616,17 @@ class CachedFile:
                 del self._inflight[block]
 
     def _mark_written(self, flight: _Flight) -> WrittenSink:
-        async def mark(first: int, stop: int) -> None:
+        async def mark(first: int, stop: int, crcs: list[int]) -> None:
             if flight.generation != self.generation:
                 return  # a fetch of a version that is gone (it is being cancelled): claim nothing
             bitmap = self._bitmap()
+            self._sums[first:stop] = array.array("I", crcs)
+            low, high = self._sums_dirty or (first, stop)
+            self._sums_dirty = (min(low, first), max(high, stop))
             for block in range(first, stop):
                 bitmap.add(block)
+                if self._verified is not None:
+                    self._verified.add(block)
                 event = flight.events.get(block)  # a stream also passes blocks it did not rewrite
                 if event is not None:
                     event.set()
@@ -555,6 +644,8 @@ class CachedFile:
                 return
             snapshot = self._bitmap().copy()
             self._dirty, self._unsaved_bytes = False, 0
+            sums_dirty, self._sums_dirty = self._sums_dirty, None
+            sums = self._sums[sums_dirty[0] : sums_dirty[1]].tobytes() if sums_dirty else b""
             try:
                 await trio.to_thread.run_sync(os.fdatasync, self._fd)
             except OSError as exc:
@@ -566,10 +657,15 @@ class CachedFile:
                 self._dirty = True
                 return
             try:
+                if sums_dirty:
+                    await trio.to_thread.run_sync(_write_sums, self.sums_path, sums_dirty[0], sums)
                 await trio.to_thread.run_sync(state.save, self.state_path, self.identity, snapshot)
             except OSError as exc:  # the data is safe; only the record of it waits for the next try
                 log.warning("%s: cannot save cache state: %s", self.identity.url, exc.strerror)
                 self._dirty = True
+                if sums_dirty:
+                    low, high = self._sums_dirty or sums_dirty
+                    self._sums_dirty = (min(low, sums_dirty[0]), max(high, sums_dirty[1]))
             else:
                 self._persisted = snapshot
 
@@ -599,6 +695,7 @@ class CachedFile:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             self.bitmap = self._load_bitmap(fd, existed)
+            self._load_sums()
         except BlockingIOError:
             os.close(fd)
             raise CacheError(f"{self.identity.url}: cache in use by another rangefs process") from None
@@ -632,9 +729,27 @@ class CachedFile:
             log.info("%s: remote version or cache layout changed; dropping the cached blocks", self.identity.url)
         return self._reset(fd)
 
+    def _load_sums(self) -> None:
+        """The saved CRCs (missing ones read as 0, which no block is trusted with), none verified yet."""
+        nblocks = self.identity.nblocks
+        try:
+            raw = self.sums_path.read_bytes()
+        except FileNotFoundError:
+            raw = b""
+        self._sums = array.array("I")
+        self._sums.frombytes(raw[: 4 * nblocks - (len(raw[: 4 * nblocks]) % 4)])
+        self._sums.extend([0] * (nblocks - len(self._sums)))
+        self._sums_dirty = None
+        self._verified = Bitmap(nblocks)
+
     def _reset(self, fd: int) -> Bitmap:
         """An empty cache: the old state goes first, so it can never pair with new data."""
         self.state_path.unlink(missing_ok=True)
+        self.sums_path.unlink(missing_ok=True)
+        _reserve(self.sums_path, 4 * self.identity.nblocks)
+        self._sums = array.array("I", bytes(4 * self.identity.nblocks))
+        self._sums_dirty = None
+        self._verified = Bitmap(self.identity.nblocks)
         os.ftruncate(fd, 0)
         os.ftruncate(fd, self.size)
         bitmap = Bitmap(self.identity.nblocks)
@@ -646,6 +761,29 @@ class CachedFile:
         if self._fd >= 0:
             os.close(self._fd)  # also drops the flock
             self._fd = -1
+
+
+def _reserve(path: Path, size: int) -> None:
+    """Give the sums file its full size now, while there is room: a full disk later must not
+    stop checkpoints (the state file is rewritten in place, and so are these CRCs)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        if size:
+            try:
+                os.posix_fallocate(fd, 0, size)
+            except OSError:
+                os.ftruncate(fd, size)  # no fallocate here: at least the size
+    finally:
+        os.close(fd)
+
+
+def _write_sums(path: Path, first_block: int, sums: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        os.pwrite(fd, sums, 4 * first_block)
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
 
 
 class Cache:

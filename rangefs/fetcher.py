@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import zlib
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +22,9 @@ from rangefs.errors import CacheUnwritable
 from rangefs.origin import Origin, RemoteFile
 from rangefs.urllist import redact_url
 
-# Told (first, stop) once blocks ``first <= b < stop`` are written to the data file.
-WrittenSink = Callable[[int, int], Awaitable[None]]
+# Told (first, stop, crcs) once blocks ``first <= b < stop`` are written to the data file;
+# crcs[i] is the CRC-32 of block first + i as received.
+WrittenSink = Callable[[int, int, list[int]], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -129,12 +131,14 @@ class Fetcher:
         del path
         start, stop = run.byte_range(self.block_size, remote.size)
         progress = BlockProgress(self.block_size, run, start, stop)
+        sums = BlockChecksums(self.block_size)
 
         async def store(offset: int, chunk: bytes) -> None:
             await self._write(remote, fd, chunk, offset)
+            sums.feed(offset, chunk)
             done = progress.advance(offset + len(chunk))
             if done is not None:
-                await on_written(*done)
+                await on_written(*done, sums.take(done[1] - done[0]))
 
         async with self._requests:
             await self.origin.fetch(remote, start, stop, store)
@@ -149,6 +153,7 @@ class Fetcher:
         """
         run = BlockRun(0, -(-remote.size // self.block_size))
         progress = BlockProgress(self.block_size, run, 0, remote.size)
+        sums = BlockChecksums(self.block_size)
         size = self.block_size
 
         async def store(offset: int, chunk: bytes) -> None:
@@ -159,9 +164,10 @@ class Fetcher:
                 if not present(block):
                     await self._write(remote, fd, piece, position)
                 view, position = view[len(piece) :], position + len(piece)
+            sums.feed(offset, chunk)
             done = progress.advance(offset + len(chunk))
             if done is not None:
-                await on_written(*done)
+                await on_written(*done, sums.take(done[1] - done[0]))
 
         async with self._requests:
             await self.origin.stream(remote, store)
@@ -227,6 +233,38 @@ class BlockProgress:
             return None
         first, self.reported = self.reported, complete
         return first, complete
+
+
+class BlockChecksums:
+    """CRC-32 of each block of an in-order byte stream, computed as the bytes go by.
+
+    Stored with the cache, they let a later session tell a block that was damaged or overwritten
+    on disk from a good one (rangefs.cache verifies each block once per session before use).
+    """
+
+    def __init__(self, block_size: int) -> None:
+        self.block_size = block_size
+        self.crc = 0  # of the bytes seen so far of the block in progress
+        self.done: list[int] = []
+
+    def feed(self, offset: int, chunk: bytes | memoryview) -> None:
+        view, position = memoryview(chunk), offset
+        while view:
+            boundary = (position // self.block_size + 1) * self.block_size
+            piece = view[: boundary - position]
+            self.crc = zlib.crc32(piece, self.crc)
+            view, position = view[len(piece) :], position + len(piece)
+            if position == boundary:
+                self.done.append(self.crc)
+                self.crc = 0
+
+    def take(self, count: int) -> list[int]:
+        """The CRCs of the next ``count`` completed blocks (a short last block ends with the one in progress)."""
+        if len(self.done) < count:
+            self.done.append(self.crc)
+            self.crc = 0
+        taken, self.done = self.done[:count], self.done[count:]
+        return taken
 
 
 def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:

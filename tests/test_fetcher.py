@@ -61,3 +61,21 @@ def test_readahead_grows_with_what_was_read_and_drops_on_a_jump() -> None:
     assert ra.advise(800, 10) == 810 + 400  # a skip into the window being fetched too
     assert ra.advise(5000, 10) == 0  # a jump: random access, nothing ahead
     assert ra.window == 0
+
+
+def test_checksums_are_per_block_whatever_the_chunking() -> None:
+    import zlib
+
+    from rangefs.fetcher import BlockChecksums
+
+    data = bytes(range(256)) * 9 + b"tail"  # blocks of 512: four whole, one of 260 bytes
+    expected = [zlib.crc32(data[i : i + 512]) for i in range(0, len(data), 512)]
+    for size in (1, 7, 512, 1000, len(data)):
+        sums = BlockChecksums(512)
+        got: list[int] = []
+        for offset in range(0, len(data), size):
+            sums.feed(offset, data[offset : offset + size])
+            complete = min(offset + size, len(data)) // 512
+            got += sums.take(complete - len(got))
+        got += sums.take(1)  # the short last block
+        assert got == expected, size

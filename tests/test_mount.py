@@ -267,6 +267,36 @@ def test_a_full_cache_disk_still_serves_every_byte_and_claims_only_what_it_wrote
         subprocess.run(["umount", "-l", str(small)], capture_output=True, timeout=30)
 
 
+def test_a_block_overwritten_behind_the_daemons_back_is_fetched_again(mounts: Mounts, nginx: Server) -> None:
+    data = seeded_bytes(10 * BLOCK + 99, seed=15)
+    url = nginx.put("rot/r.bin", data)
+    m = mounts.mount([url])
+    assert (m.path / "r.bin").read_bytes() == data
+    assert m.unmount().returncode == 0
+    files = m.cache_dir / "files" / cache_key(url)
+    with open(files.with_suffix(".data"), "r+b") as f:  # bit rot, or another program
+        f.seek(3 * BLOCK + 1000)
+        f.write(b"\0garbage\0")
+    mark = nginx.mark()
+    mounts.remount(m)
+    assert (m.path / "r.bin").read_bytes() == data
+    assert nginx.bytes_sent("rot/r.bin", since=mark) == BLOCK  # that block only
+    assert "failed their checksum" in (m.cache_dir / "rangefs.log").read_text()
+
+
+def test_lost_checksums_mean_no_block_is_trusted(mounts: Mounts, nginx: Server) -> None:
+    data = seeded_bytes(5 * BLOCK, seed=16)
+    url = nginx.put("rot/s.bin", data)
+    m = mounts.mount([url])
+    assert (m.path / "s.bin").read_bytes() == data
+    assert m.unmount().returncode == 0
+    (m.cache_dir / "files" / f"{cache_key(url)}.sums").unlink()
+    mark = nginx.mark()
+    mounts.remount(m)
+    assert (m.path / "s.bin").read_bytes() == data
+    assert nginx.bytes_sent("rot/s.bin", since=mark) == len(data)
+
+
 def _persisted_blocks(path: Path) -> int:
     try:
         return len(state.load(path)[1])

@@ -75,6 +75,7 @@ class _Request:
         self.on_written = on_written
         self.done = trio.Event()
         self.error: BaseException | None = None
+        self.sent_to: subprocess.Popen[bytes] | None = None  # the helper that has it
 
 
 class FetchProcess:
@@ -104,7 +105,12 @@ class FetchProcess:
                 with trio.move_on_after(_RESTART_WAIT):
                     await self._running.wait()
                 try:
+                    helper = self._proc
                     await self._send(("fetch", rid, remote, run, str(path)))
+                    request.sent_to = helper
+                    if self._proc is not helper and not request.done.is_set():  # it died as we sent
+                        request.error = FetchInterrupted("the fetch process exited")
+                        request.done.set()
                     break
                 except CacheError:
                     if attempt:
@@ -130,8 +136,9 @@ class FetchProcess:
             await request.done.wait()
             return
         log.warning("fetch process did not stop a cancelled fetch within %.0fs; killing it", _CANCEL_GRACE)
-        if self._proc is not None:
-            self._proc.kill()
+        if request.sent_to is not None and request.sent_to.poll() is None:
+            request.sent_to.kill()
+            await trio.to_thread.run_sync(request.sent_to.wait)  # no write of it can land after this
 
     async def _send(self, message: tuple[object, ...]) -> None:
         if self._sock is None:
@@ -198,7 +205,7 @@ class FetchProcess:
             except OSError:
                 packet = b""
             if not packet:
-                self._fail_pending(FetchInterrupted("the fetch process exited"))
+                self._fail_pending(FetchInterrupted("the fetch process exited"), self._proc)
                 return
             kind, rid, *rest = pickle.loads(packet)
             if kind == "ready":
@@ -218,9 +225,10 @@ class FetchProcess:
                 request.error = rest[0]
                 request.done.set()
 
-    def _fail_pending(self, error: FetchInterrupted) -> None:
+    def _fail_pending(self, error: FetchInterrupted, helper: subprocess.Popen[bytes] | None = None) -> None:
+        """End the fetches that ``helper`` had (every one when None): it will not answer them."""
         for request in self._pending.values():
-            if not request.done.is_set():
+            if not request.done.is_set() and (helper is None or request.sent_to is helper):
                 request.error = error
                 request.done.set()
 

@@ -202,6 +202,30 @@ def test_kill_9_mid_copy_then_resume_fetches_only_what_was_missing(
     assert nginx.bytes_sent("crash/k.bin", since=mark) == len(data) - persisted
 
 
+def test_a_fetch_process_killed_mid_fetch_costs_the_reader_nothing(
+    mounts: Mounts, nginx: Server, tmp_path: Path, throttled: Callable[[float], ThrottleProxy]
+) -> None:
+    data = seeded_bytes(12 * MiB, seed=43)
+    nginx.put("crash/h.bin", data)
+    proxy = throttled(4 * MiB)  # the copy takes seconds: the helper's prefetches are in flight
+    m = mounts.mount([f"http://127.0.0.1:{proxy.port}/crash/h.bin"])
+    out = tmp_path / "h.bin"
+    copy = subprocess.Popen(["cp", str(m.path / "h.bin"), str(out)], stderr=subprocess.PIPE)
+    try:
+        assert wait_until(lambda: out.exists() and out.stat().st_size >= 2 * MiB, timeout=30)
+        helper = children(m.pid())
+        assert len(helper) == 1
+        os.kill(helper[0], signal.SIGKILL)
+        assert copy.wait(timeout=60) == 0, copy.stderr.read() if copy.stderr else ""
+    finally:
+        if copy.poll() is None:
+            copy.kill()
+            copy.wait(timeout=30)
+    assert out.read_bytes() == data
+    mounts.pids.update(children(m.pid()))
+    assert "fetch process exited" in (m.cache_dir / "rangefs.log").read_text()
+
+
 def test_repeated_kill_9_at_seeded_moments_never_leaves_a_wrong_block(
     mounts: Mounts, nginx: Server, tmp_path: Path, throttled: Callable[[float], ThrottleProxy]
 ) -> None:

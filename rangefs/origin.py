@@ -10,6 +10,7 @@ handed on.
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import re
@@ -205,25 +206,8 @@ class Origin:
             RemoteChanged: the server no longer has this version (200 to If-Range, 416, other size).
             RemoteNotFound, RemoteUnreachable, BadResponse.
         """
-        position = start
-
-        async def advance(offset: int, chunk: bytes) -> None:
-            nonlocal position
-            await sink(offset, chunk)
-            position = offset + len(chunk)
-
-        async def attempt() -> None:
-            before = position
-            try:
-                await self._fetch_once(remote, position, stop, advance)
-            except (_Retry, httpx.TransportError) as exc:
-                if position == before:
-                    raise
-                log.info("%s: %s at byte %d; resuming", redact_url(remote.url), _describe(exc), position)
-                raise _Retry("progress made", delay=0) from None
-
-        while position < stop:
-            await self._with_retries(remote.url, attempt)
+        once = functools.partial(self._fetch_once, remote, stop=stop)
+        await self._resuming(remote, start, stop, once, sink, "resuming")
 
     async def stream(self, remote: RemoteFile, sink: Sink) -> None:
         """Deliver the whole of ``remote`` to ``sink(offset, chunk)`` in order, from a plain GET.
@@ -236,7 +220,21 @@ class Origin:
             RemoteChanged: the answer is of another version (validator or size).
             RemoteNotFound, RemoteUnreachable, BadResponse.
         """
-        position = 0
+        once = functools.partial(self._stream_once, remote)
+        await self._resuming(remote, 0, remote.size, once, sink, "streaming again from the start")
+
+    async def _resuming(
+        self,
+        remote: RemoteFile,
+        start: int,
+        stop: int,
+        once: Callable[[int, Sink], Awaitable[None]],
+        sink: Sink,
+        how: str,
+    ) -> None:
+        """Run ``once(position, sink)`` until bytes up to ``stop`` are delivered; an attempt that
+        made progress is retried at once and does not count against ``config.retries``."""
+        position = start
 
         async def advance(offset: int, chunk: bytes) -> None:
             nonlocal position
@@ -246,15 +244,14 @@ class Origin:
         async def attempt() -> None:
             before = position
             try:
-                await self._stream_once(remote, position, advance)
+                await once(position, advance)
             except (_Retry, httpx.TransportError) as exc:
                 if position == before:
                     raise
-                log.info("%s: %s at byte %d; streaming again from the start", redact_url(remote.url),
-                         _describe(exc), position)
+                log.info("%s: %s at byte %d; %s", redact_url(remote.url), _describe(exc), position, how)
                 raise _Retry("progress made", delay=0) from None
 
-        while position < remote.size:
+        while position < stop:
             await self._with_retries(remote.url, attempt)
 
     async def _stream_once(self, remote: RemoteFile, skip: int, sink: Sink) -> None:
@@ -277,7 +274,7 @@ class Origin:
         if received < remote.size:
             raise _Retry(f"body ended at byte {received}, expected {remote.size}")
 
-    async def _fetch_once(self, remote: RemoteFile, start: int, stop: int, sink: Sink) -> None:
+    async def _fetch_once(self, remote: RemoteFile, start: int, sink: Sink, *, stop: int) -> None:
         # Ranges count bytes of the encoded body: ask for none (httpx adds these for its requests;
         # the lean client sends only what it is given).
         headers = {"Range": f"bytes={start}-{stop - 1}", "Accept-Encoding": "identity", "User-Agent": "rangefs"}

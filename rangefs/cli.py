@@ -95,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--read-timeout", type=_positive, default=30.0, metavar="SECONDS",
                    help="longest wait for the next bytes of an answer (default: 30)")
     m.add_argument("--retries", type=_count, default=5, help="retries without progress per request (default: 5)")
+    m.add_argument("--retry-time", type=_positive, default=120.0, metavar="SECONDS",
+                   help="longest time a request retries without progress (default: 120)")
 
     u = commands.add_parser("unmount", help="unmount and wait for the daemon to save its state",
                             description="Unmount a rangefs mount; waits until its state is saved.")
@@ -119,7 +121,7 @@ def _mount_options(args: argparse.Namespace) -> MountOptions:
         cache=CacheConfig(cache_dir, block_size=args.block_size, checkpoint_interval=args.checkpoint_interval,
                           revalidate_interval=args.revalidate_interval),
         origin=OriginConfig(connect_timeout=args.connect_timeout, read_timeout=args.read_timeout,
-                            retries=args.retries),
+                            retries=args.retries, retry_time=args.retry_time),
     )
 
 

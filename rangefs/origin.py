@@ -14,6 +14,7 @@ import functools
 import logging
 import random
 import re
+import time
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -106,6 +107,7 @@ class OriginConfig:
     read_timeout: float = 30.0  # per read of a body, not per request
     retries: int = 5  # attempts after the first without progress
     retry_max_delay: float = 10.0  # cap of one backoff sleep (a server's Retry-After may ask up to 60 s)
+    retry_time: float = 120.0  # seconds of retrying without progress, from the first failure, at most
     max_connections: int = 16
     lean_ranges: bool = True  # range GETs through rangefs.http11 (httpx when False, or behind a proxy)
 
@@ -311,7 +313,7 @@ class Origin:
             yield resp
 
     async def _with_retries(self, url: str, attempt: Callable[[], Awaitable[_T]]) -> _T:
-        failures = 0
+        failures, since = 0, 0.0
         while True:
             try:
                 return await attempt()
@@ -327,9 +329,15 @@ class Origin:
                 failures = 0
                 continue
             failures += 1
+            if failures == 1:
+                since = time.monotonic()  # the retry time counts from the first failure without progress
             if failures > self.config.retries:
                 raise RemoteUnreachable(f"{redact_url(url)}: {error} (gave up after {failures} attempts)")
             delay = error.delay if error.delay is not None else self._backoff(failures)
+            if time.monotonic() + delay - since > self.config.retry_time:
+                raise RemoteUnreachable(
+                    f"{redact_url(url)}: {error} (gave up: retrying would pass {self.config.retry_time:g}s)"
+                )
             log.info("%s: %s; retry %d in %.2fs", redact_url(url), error, failures, delay)
             await trio.sleep(delay)
 

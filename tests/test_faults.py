@@ -424,3 +424,23 @@ def test_chunked_range_bodies_are_read_through_httpx(fault_server: FaultServer, 
 
     assert cat(m.path / "chunked.bin") == data
     assert all(r.status == 206 for r in gets(fault_server, "/chunked.bin"))
+
+
+def test_retry_time_bounds_retrying_whatever_the_count(fault_server: FaultServer, mounts: Mounts) -> None:
+    data = seeded_bytes(1 * MiB, seed=123)
+    fault_server.put("/busy.bin", data)
+    m = mounts.mount([fault_server.url("/busy.bin")], "--retries", "10", "--retry-time", "2")
+    mark = fault_server.mark()
+    fault_server.set_faults("/busy.bin", fail_next=[(503, 1)] * 50)
+
+    started = time.monotonic()
+    fd = os.open(m.path / "busy.bin", os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        with pytest.raises(OSError) as failure:
+            os.pread(fd, 4096, 0)
+    finally:
+        os.close(fd)
+    assert failure.value.errno == errno.EIO
+    assert time.monotonic() - started < 6  # 10 retries 1 s apart would take 10 s
+    assert 2 <= len(gets(fault_server, "/busy.bin", mark)) <= 8

@@ -377,11 +377,19 @@ class CachedFile:
         todo = [b for b in range(first, stop) if b not in verified]
         if not todo:
             return False, None
-        cached = self._read_if_cached(todo[0], todo[-1] + 1)
+        start = todo[0] * self.block_size
+        size = min((todo[-1] + 1) * self.block_size, self.size) - start
+        cached = self._read_if_cached(size, start)
         if cached is not None:  # in the page cache: checking here beats a hop to a worker thread
-            bad, data = self._check_blocks(todo, cached)
-        else:
-            bad, data = await trio.to_thread.run_sync(self._check_blocks, todo)
+            data: bytes | bytearray = cached
+            bad = self._check_blocks(todo, data)
+        else:  # from the disk: read and check in a worker thread (crc32 lets go of the GIL)
+
+            def read_and_check() -> tuple[bytes, set[int]]:
+                read = os.pread(self._fd, size, start)
+                return read, self._check_blocks(todo, read)
+
+            data, bad = await trio.to_thread.run_sync(read_and_check)
         if self._verified is not verified:
             return False, None  # the version switched meanwhile: the caller's version check decides
         bitmap = self._bitmap()
@@ -397,33 +405,15 @@ class CachedFile:
         whole = not bad and todo[0] == first and todo[-1] == stop - 1
         return bool(bad), data if whole else None
 
-    def _read_if_cached(self, first: int, stop: int) -> bytearray | None:
-        """Blocks ``first .. stop`` of the data file if the page cache has them all, without blocking."""
-        start, end = first * self.block_size, min(stop * self.block_size, self.size)
-        buffer = bytearray(end - start)
-        try:
-            if os.preadv(self._fd, [buffer], start, os.RWF_NOWAIT) == len(buffer):
-                return buffer
-        except (BlockingIOError, OSError):
-            pass
-        return None
-
-    def _check_blocks(
-        self, blocks: list[int], data: bytes | bytearray | None = None
-    ) -> tuple[set[int], bytes | bytearray]:
-        """The blocks whose bytes in the data file do not match their CRC, and the bytes read
-        (blocks[0] .. blocks[-1]; without ``data``, read here, in a worker thread)."""
-        bad = set()
-        size = self.block_size
-        start, stop = blocks[0] * size, min((blocks[-1] + 1) * size, self.size)
-        if data is None:
-            data = os.pread(self._fd, stop - start, start)
+    def _check_blocks(self, blocks: list[int], data: bytes | bytearray) -> set[int]:
+        """The blocks whose bytes in ``data`` (blocks[0] .. blocks[-1] of the file) do not match their CRC."""
+        size, start = self.block_size, blocks[0] * self.block_size
         view = memoryview(data)
-        for block in blocks:
-            piece = view[block * size - start : min((block + 1) * size, self.size) - start]
-            if zlib.crc32(piece) != self._sums[block]:
-                bad.add(block)
-        return bad, data
+        return {
+            block
+            for block in blocks
+            if zlib.crc32(view[block * size - start : min((block + 1) * size, self.size) - start]) != self._sums[block]
+        }
 
     def _unwritable(self) -> None:
         """The cache could not take a block: serve from the network for a while, and say so once."""
@@ -449,13 +439,20 @@ class CachedFile:
 
     async def _pread(self, size: int, offset: int) -> bytes | bytearray:
         """Read from the data file: on this thread when the page cache has it, else in a worker."""
+        cached = self._read_if_cached(size, offset)
+        if cached is not None:
+            return cached
+        return await trio.to_thread.run_sync(os.pread, self._fd, size, offset)
+
+    def _read_if_cached(self, size: int, offset: int) -> bytearray | None:
+        """Bytes of the data file if the page cache has them all, read without blocking; else None."""
         buffer = bytearray(size)
         try:
             if os.preadv(self._fd, [buffer], offset, os.RWF_NOWAIT) == size:
                 return buffer
         except (BlockingIOError, OSError):
-            pass  # not (all) in the page cache, or no RWF_NOWAIT here: a blocking read, off-thread
-        return await trio.to_thread.run_sync(os.pread, self._fd, size, offset)
+            pass  # not (all) in the page cache, or no RWF_NOWAIT here
+        return None
 
     def _read_ahead(self, readahead: Readahead, offset: int, end: int) -> None:
         target = min(readahead.advise(offset, end - offset), self.size)

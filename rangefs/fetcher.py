@@ -130,15 +130,11 @@ class Fetcher:
         """
         del path
         start, stop = run.byte_range(self.block_size, remote.size)
-        progress = BlockProgress(self.block_size, run, start, stop)
-        sums = BlockChecksums(self.block_size)
+        delivery = _Delivery(self.block_size, run, start, stop, on_written)
 
         async def store(offset: int, chunk: bytes) -> None:
             await self._write(remote, fd, chunk, offset)
-            sums.feed(offset, chunk)
-            done = progress.advance(offset + len(chunk))
-            if done is not None:
-                await on_written(*done, sums.take(done[1] - done[0]))
+            await delivery.written(offset, chunk)
 
         async with self._requests:
             await self.origin.fetch(remote, start, stop, store)
@@ -152,8 +148,7 @@ class Fetcher:
         the other blocks once complete.
         """
         run = BlockRun(0, -(-remote.size // self.block_size))
-        progress = BlockProgress(self.block_size, run, 0, remote.size)
-        sums = BlockChecksums(self.block_size)
+        delivery = _Delivery(self.block_size, run, 0, remote.size, on_written)
         size = self.block_size
 
         async def store(offset: int, chunk: bytes) -> None:
@@ -164,10 +159,7 @@ class Fetcher:
                 if not present(block):
                     await self._write(remote, fd, piece, position)
                 view, position = view[len(piece) :], position + len(piece)
-            sums.feed(offset, chunk)
-            done = progress.advance(offset + len(chunk))
-            if done is not None:
-                await on_written(*done, sums.take(done[1] - done[0]))
+            await delivery.written(offset, chunk)
 
         async with self._requests:
             await self.origin.stream(remote, store)
@@ -265,6 +257,21 @@ class BlockChecksums:
             self.crc = 0
         taken, self.done = self.done[:count], self.done[count:]
         return taken
+
+
+class _Delivery:
+    """Tells ``on_written`` of each block of a run, with its CRC, once all its bytes are written."""
+
+    def __init__(self, block_size: int, run: BlockRun, start: int, stop: int, on_written: WrittenSink) -> None:
+        self.progress = BlockProgress(block_size, run, start, stop)
+        self.sums = BlockChecksums(block_size)
+        self.on_written = on_written
+
+    async def written(self, offset: int, chunk: bytes) -> None:
+        self.sums.feed(offset, chunk)
+        done = self.progress.advance(offset + len(chunk))
+        if done is not None:
+            await self.on_written(*done, self.sums.take(done[1] - done[0]))
 
 
 def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:

@@ -40,6 +40,8 @@ from types import FrameType
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
+from procs import alive, children  # noqa: E402
+
 import rangefs.cache  # noqa: E402
 import rangefs.kernel  # noqa: E402
 import rangefs.mount  # noqa: E402
@@ -243,14 +245,6 @@ def _short(argv: Sequence[str] | str) -> str:
     return f"'{text if len(text) < 90 else text[:87] + '...'}'"
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
-
-
 def wait_pid(pid: int, timeout: float) -> bool:
     """Wait for ``pid`` (not necessarily our child) to be gone; reap it if it is our child."""
     deadline = time.monotonic() + timeout
@@ -260,7 +254,7 @@ def wait_pid(pid: int, timeout: float) -> bool:
                 return True
         except ChildProcessError:
             pass
-        if not pid_alive(pid):
+        if not alive(pid):
             return True
         time.sleep(0.05)
     return False
@@ -284,7 +278,7 @@ def peak_rss(pid: int | None) -> int | None:
     """
     if pid is None:
         return None
-    peaks = [_vm_hwm(p) for p in [pid, *_children(pid)]]
+    peaks = [_vm_hwm(p) for p in [pid, *children(pid)]]
     return sum(p for p in peaks if p is not None) if peaks[0] is not None else None
 
 
@@ -296,17 +290,6 @@ def _vm_hwm(pid: int) -> int | None:
     except (OSError, ValueError, IndexError):
         pass
     return None
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(stat.parent.name))
-        except (OSError, IndexError, ValueError):
-            continue
-    return found
 
 
 def drop_page_cache() -> str | None:
@@ -362,7 +345,7 @@ class Mount:
     def _finish(self) -> None:
         """Last resort after a failed clean unmount: detach lazily, end the process by pid."""
         lazy_unmount(self.mountpoint)
-        if self.pid is not None and pid_alive(self.pid):
+        if self.pid is not None and alive(self.pid):
             end_pid(self.pid)
 
 

@@ -23,6 +23,8 @@ from http import HTTPStatus
 from types import TracebackType
 from typing import IO, Any
 
+from procs import close_socket
+
 _SLICE = 16 * 1024  # largest single write; small enough that cuts and stalls land on time
 _RATE_TICKS = 50  # writes per second under a ``rate`` cap
 _UNSATISFIABLE = (-1, -1)  # a Range that asks only for bytes past the end
@@ -113,7 +115,7 @@ class _Conn:
 
     def drop(self) -> None:
         self.dropped.set()
-        _close(self.sock)
+        close_socket(self.sock)
 
 
 class FaultServer:
@@ -164,7 +166,7 @@ class FaultServer:
             conns, self._conns = self._conns, set()
             threads, self._threads = self._threads, []
         if listener is not None:
-            _close(listener)  # shutdown() wakes the thread blocked in accept()
+            close_socket(listener)  # shutdown() wakes the thread blocked in accept()
         for conn in conns:
             conn.drop()
         for thread in threads:
@@ -450,11 +452,3 @@ def _send_counted(conn: _Conn, record: RequestRecord, payload: bytes) -> None:
             unsent = unsent[conn.sock.send(unsent) :]
     finally:
         record.body_bytes_sent -= len(unsent)  # exact again once the write returns or fails
-
-
-def _close(sock: socket.socket) -> None:
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-    sock.close()

@@ -42,6 +42,8 @@ from pathlib import Path
 from types import TracebackType
 from urllib.parse import quote, unquote
 
+from procs import children
+
 NGINX_BIN = shutil.which("nginx") or "/usr/sbin/nginx"
 START_TIMEOUT = 10.0  # seconds for nginx to accept connections
 STOP_TIMEOUT = 10.0  # seconds for the master to exit after SIGTERM before SIGKILL
@@ -134,7 +136,7 @@ class Nginx:
         try:
             proc.wait(STOP_TIMEOUT)
         except subprocess.TimeoutExpired:
-            workers = _children(proc.pid)  # they would outlive a killed master
+            workers = children(proc.pid)  # they would outlive a killed master
             proc.kill()
             proc.wait()
             for pid in workers:
@@ -308,13 +310,6 @@ def _answers(port: int, token: str, timeout: float = 1.0) -> bool:
         return False
     finally:
         conn.close()
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
 
 
 def _kill(pid: int) -> None:

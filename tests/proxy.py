@@ -12,6 +12,8 @@ import threading
 import time
 from types import TracebackType
 
+from procs import close_socket
+
 _SLICE = 16 * 1024
 
 
@@ -41,7 +43,7 @@ class ThrottleProxy:
         self._listener.close()
         with self._lock:
             for sock in self._sockets:
-                _close(sock)
+                close_socket(sock)
         for thread in self._threads:
             thread.join(timeout=5)
 
@@ -72,13 +74,5 @@ class ThrottleProxy:
         except OSError:
             pass
         finally:
-            _close(source)
-            _close(sink)
-
-
-def _close(sock: socket.socket) -> None:
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-    sock.close()
+            close_socket(source)
+            close_socket(sink)

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from procs import alive, children
 
 from nginx import NGINX_BIN, Nginx
 
@@ -226,21 +227,12 @@ def test_stop_kills_a_stuck_master_and_its_worker(server: Nginx, monkeypatch: py
 
     master = server.pid
     assert master is not None
-    [worker] = nginx_module._children(master)
+    [worker] = children(master)
     os.kill(master, signal.SIGSTOP)  # SIGTERM stays pending: stop() must fall back to SIGKILL
     monkeypatch.setattr(nginx_module, "STOP_TIMEOUT", 0.5)
     server.stop()
     assert not Path(f"/proc/{master}").exists()
     deadline = time.monotonic() + 5  # the worker is not our child: something else reaps it
-    while _alive(worker) and time.monotonic() < deadline:
+    while alive(worker) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not _alive(worker)
-
-
-def _alive(pid: int) -> bool:
-    """Whether pid runs; a zombie (state Z) or a vanished pid does not."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    assert not alive(worker)

@@ -12,6 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from procs import alive, children
+
 from rangefs.kernel import find_mount
 from rangefs.mount import daemon_pid
 
@@ -133,27 +135,6 @@ def fstype(path: Path) -> str | None:
     return entry.fstype if entry else None
 
 
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
-
-
-def children(pid: int) -> list[int]:
-    """The pids of the live processes whose parent is ``pid`` (a daemon's fetch process)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[1]) == pid and fields[0] != "Z":
-            found.append(int(stat.parent.name))
-    return found
-
-
 def end_process(pid: int) -> None:
     """Stop a daemon we started: SIGTERM, a bounded wait, then SIGKILL."""
     for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
@@ -176,4 +157,3 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, interval: f
             return True
         time.sleep(interval)
     return False
-

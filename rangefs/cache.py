@@ -19,7 +19,6 @@ import hashlib
 import logging
 import os
 import time
-import zlib
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +35,7 @@ from rangefs.errors import (
     RangesIgnored,
     RemoteChanged,
 )
-from rangefs.fetcher import BlockFetcher, BlockRun, Readahead, WrittenSink, plan_runs
+from rangefs.fetcher import BlockFetcher, BlockRun, Readahead, WrittenSink, block_sum, plan_runs
 from rangefs.origin import RemoteFile
 from rangefs.urllist import redact_url
 
@@ -135,12 +134,14 @@ class CachedFile:
         base = cache.files_dir / self.key
         self.data_path = base.with_suffix(".data")
         self.state_path = base.with_suffix(".state")
-        # CRC-32 of each block as received (native byte order: a cache never leaves its machine).
-        # Written at checkpoints before the state file, so a block the state claims has its CRC.
-        self.sums_path = base.with_suffix(".sums")
+        # block_sum() of each block as received (native byte order: a cache never leaves its
+        # machine). Written at checkpoints before the state file, so a block the state claims has
+        # its sum. (".sums" held CRC-32s before; such a file is deleted and its blocks refetched.)
+        self.sums_path = base.with_suffix(".xxh")
+        self._legacy_sums_path = base.with_suffix(".sums")
         self._sums = array.array("I")
-        self._sums_dirty: tuple[int, int] | None = None  # blocks whose CRC is not on disk yet
-        self._verified: Bitmap | None = None  # blocks checked against their CRC in this session
+        self._sums_dirty: tuple[int, int] | None = None  # blocks whose sum is not on disk yet
+        self._verified: Bitmap | None = None  # blocks checked against their sum in this session
         self.bitmap: Bitmap | None = None
         self._peeked = False
         self._fd = -1
@@ -365,11 +366,11 @@ class CachedFile:
         return data
 
     async def _verify(self, first: int, stop: int) -> tuple[bool, bytes | bytearray | None]:
-        """Check the blocks not checked yet this session against their CRC; drop those that fail.
+        """Check the blocks not checked yet this session against their sum; drop those that fail.
 
         Returns whether any was dropped, and the bytes of blocks ``first .. stop`` when all of
         them were read for the check. A block fails when the data file was damaged or written
-        behind our back, or when its CRC was never saved (a sums file lost or cut short).
+        behind our back, or when its sum was never saved (a sums file lost or cut short).
         """
         verified = self._verified
         if verified is None:
@@ -383,7 +384,7 @@ class CachedFile:
         if cached is not None:  # in the page cache: checking here beats a hop to a worker thread
             data: bytes | bytearray = cached
             bad = self._check_blocks(todo, data)
-        else:  # from the disk: read and check in a worker thread (crc32 lets go of the GIL)
+        else:  # from the disk: read and check in a worker thread
 
             def read_and_check() -> tuple[bytes, set[int]]:
                 read = os.pread(self._fd, size, start)
@@ -406,13 +407,13 @@ class CachedFile:
         return bool(bad), data if whole else None
 
     def _check_blocks(self, blocks: list[int], data: bytes | bytearray) -> set[int]:
-        """The blocks whose bytes in ``data`` (blocks[0] .. blocks[-1] of the file) do not match their CRC."""
+        """The blocks whose bytes in ``data`` (blocks[0] .. blocks[-1] of the file) do not match their sum."""
         size, start = self.block_size, blocks[0] * self.block_size
         view = memoryview(data)
         return {
             block
             for block in blocks
-            if zlib.crc32(view[block * size - start : min((block + 1) * size, self.size) - start]) != self._sums[block]
+            if block_sum(view[block * size - start : min((block + 1) * size, self.size) - start]) != self._sums[block]
         }
 
     def _unwritable(self) -> None:
@@ -613,11 +614,11 @@ class CachedFile:
                 del self._inflight[block]
 
     def _mark_written(self, flight: _Flight) -> WrittenSink:
-        async def mark(first: int, stop: int, crcs: list[int]) -> None:
+        async def mark(first: int, stop: int, sums: list[int]) -> None:
             if flight.generation != self.generation:
                 return  # a fetch of a version that is gone (it is being cancelled): claim nothing
             bitmap = self._bitmap()
-            self._sums[first:stop] = array.array("I", crcs)
+            self._sums[first:stop] = array.array("I", sums)
             low, high = self._sums_dirty or (first, stop)
             self._sums_dirty = (min(low, first), max(high, stop))
             for block in range(first, stop):
@@ -727,8 +728,9 @@ class CachedFile:
         return self._reset(fd)
 
     def _load_sums(self) -> None:
-        """The saved CRCs (missing ones read as 0, which no block is trusted with), none verified yet."""
+        """The saved sums (missing ones read as 0, which no block is trusted with), none verified yet."""
         nblocks = self.identity.nblocks
+        self._legacy_sums_path.unlink(missing_ok=True)
         try:
             raw = self.sums_path.read_bytes()
         except FileNotFoundError:
@@ -743,6 +745,7 @@ class CachedFile:
         """An empty cache: the old state goes first, so it can never pair with new data."""
         self.state_path.unlink(missing_ok=True)
         self.sums_path.unlink(missing_ok=True)
+        self._legacy_sums_path.unlink(missing_ok=True)
         _reserve(self.sums_path, 4 * self.identity.nblocks)
         self._sums = array.array("I", bytes(4 * self.identity.nblocks))
         self._sums_dirty = None
@@ -762,7 +765,7 @@ class CachedFile:
 
 def _reserve(path: Path, size: int) -> None:
     """Give the sums file its full size now, while there is room: a full disk later must not
-    stop checkpoints (the state file is rewritten in place, and so are these CRCs)."""
+    stop checkpoints (the state file is rewritten in place, and so are these sums)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         if size:

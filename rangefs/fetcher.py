@@ -10,20 +10,20 @@ from __future__ import annotations
 
 import errno
 import os
-import zlib
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import trio
+import xxhash
 
 from rangefs.errors import CacheUnwritable
 from rangefs.origin import Origin, RemoteFile
 from rangefs.urllist import redact_url
 
-# Told (first, stop, crcs) once blocks ``first <= b < stop`` are written to the data file;
-# crcs[i] is the CRC-32 of block first + i as received.
+# Told (first, stop, sums) once blocks ``first <= b < stop`` are written to the data file;
+# sums[i] is the block_sum() of block first + i as received.
 WrittenSink = Callable[[int, int, list[int]], Awaitable[None]]
 
 
@@ -227,8 +227,18 @@ class BlockProgress:
         return first, complete
 
 
+def block_sum(data: bytes | bytearray | memoryview) -> int:
+    """The checksum of one block: the low 32 bits of its XXH3-64.
+
+    XXH3 rather than CRC-32: zlib's crc32 ran at about 2.7 GiB/s here and took 0.44 s of the
+    fetch helper's 2.5 s of CPU per GiB fetched (perf, cold sequential read); XXH3 runs at about
+    14 GiB/s. 32 bits are plenty to tell a damaged block from a good one (not an adversary).
+    """
+    return xxhash.xxh3_64_intdigest(data) & 0xFFFFFFFF
+
+
 class BlockChecksums:
-    """CRC-32 of each block of an in-order byte stream, computed as the bytes go by.
+    """``block_sum`` of each block of an in-order byte stream, computed as the bytes go by.
 
     Stored with the cache, they let a later session tell a block that was damaged or overwritten
     on disk from a good one (rangefs.cache verifies each block once per session before use).
@@ -236,7 +246,7 @@ class BlockChecksums:
 
     def __init__(self, block_size: int) -> None:
         self.block_size = block_size
-        self.crc = 0  # of the bytes seen so far of the block in progress
+        self._hasher = xxhash.xxh3_64()  # of the bytes seen so far of the block in progress
         self.done: list[int] = []
 
     def feed(self, offset: int, chunk: bytes | memoryview) -> None:
@@ -244,23 +254,28 @@ class BlockChecksums:
         while view:
             boundary = (position // self.block_size + 1) * self.block_size
             piece = view[: boundary - position]
-            self.crc = zlib.crc32(piece, self.crc)
             view, position = view[len(piece) :], position + len(piece)
+            if position == boundary and len(piece) == self.block_size:
+                self.done.append(block_sum(piece))  # a whole block in one piece (the usual case)
+                continue
+            self._hasher.update(piece)
             if position == boundary:
-                self.done.append(self.crc)
-                self.crc = 0
+                self._finish()
 
     def take(self, count: int) -> list[int]:
-        """The CRCs of the next ``count`` completed blocks (a short last block ends with the one in progress)."""
+        """The sums of the next ``count`` completed blocks (a short last block ends with the one in progress)."""
         if len(self.done) < count:
-            self.done.append(self.crc)
-            self.crc = 0
+            self._finish()
         taken, self.done = self.done[:count], self.done[count:]
         return taken
 
+    def _finish(self) -> None:
+        self.done.append(self._hasher.intdigest() & 0xFFFFFFFF)
+        self._hasher.reset()
+
 
 class _Delivery:
-    """Tells ``on_written`` of each block of a run, with its CRC, once all its bytes are written."""
+    """Tells ``on_written`` of each block of a run, with its sum, once all its bytes are written."""
 
     def __init__(self, block_size: int, run: BlockRun, start: int, stop: int, on_written: WrittenSink) -> None:
         self.progress = BlockProgress(block_size, run, start, stop)

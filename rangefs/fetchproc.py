@@ -18,7 +18,7 @@ Messages are pickled tuples, one per packet of a SOCK_SEQPACKET socketpair (both
                        ("fetch", id, RemoteFile, BlockRun, data path)
                        ("cancel", id)
     helper -> daemon   ("ready", None)                                once it can take fetches
-                       ("written", id, first block, stop block, CRCs) after each pwrite
+                       ("written", id, first block, stop block, sums) after each pwrite
                        ("done", id, error or None)
 
 The helper exits when its socket closes, and the kernel kills it when the daemon dies
@@ -288,8 +288,8 @@ async def _helper(raw: socket.socket) -> None:
     async def fetch_one(rid: int, remote: RemoteFile, run: BlockRun, path: str) -> None:
         error: BaseException | None = None
 
-        async def written(first: int, stop: int, crcs: list[int]) -> None:
-            await send(("written", rid, first, stop, crcs))
+        async def written(first: int, stop: int, sums: list[int]) -> None:
+            await send(("written", rid, first, stop, sums))
 
         try:
             with scopes[rid]:

@@ -64,12 +64,13 @@ def test_readahead_grows_with_what_was_read_and_drops_on_a_jump() -> None:
 
 
 def test_checksums_are_per_block_whatever_the_chunking() -> None:
-    import zlib
+    import xxhash
 
-    from rangefs.fetcher import BlockChecksums
+    from rangefs.fetcher import BlockChecksums, block_sum
 
     data = bytes(range(256)) * 9 + b"tail"  # blocks of 512: four whole, one of 260 bytes
-    expected = [zlib.crc32(data[i : i + 512]) for i in range(0, len(data), 512)]
+    expected = [block_sum(data[i : i + 512]) for i in range(0, len(data), 512)]
+    assert expected[0] == xxhash.xxh3_64_intdigest(data[:512]) & 0xFFFFFFFF
     for size in (1, 7, 512, 1000, len(data)):
         sums = BlockChecksums(512)
         got: list[int] = []

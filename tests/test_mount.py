@@ -314,7 +314,7 @@ def test_lost_checksums_mean_no_block_is_trusted(mounts: Mounts, nginx: Server) 
     m = mounts.mount([url])
     assert (m.path / "s.bin").read_bytes() == data
     assert m.unmount().returncode == 0
-    (m.cache_dir / "files" / f"{cache_key(url)}.sums").unlink()
+    (m.cache_dir / "files" / f"{cache_key(url)}.xxh").unlink()
     mark = nginx.mark()
     mounts.remount(m)
     assert (m.path / "s.bin").read_bytes() == data

@@ -142,6 +142,7 @@ class CachedFile:
         self._sums = array.array("I")
         self._sums_dirty: tuple[int, int] | None = None  # blocks whose sum is not on disk yet
         self._verified: Bitmap | None = None  # blocks checked against their sum in this session
+        self._closed_as: tuple[int, ...] | None = None  # the data file's _stamp when this session last closed it
         self.bitmap: Bitmap | None = None
         self._peeked = False
         self._fd = -1
@@ -693,7 +694,7 @@ class CachedFile:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             self.bitmap = self._load_bitmap(fd, existed)
-            self._load_sums()
+            self._load_sums(keep_verified=self._closed_as == _stamp(fd))
         except BlockingIOError:
             os.close(fd)
             raise CacheError(f"{self.identity.url}: cache in use by another rangefs process") from None
@@ -727,8 +728,13 @@ class CachedFile:
             log.info("%s: remote version or cache layout changed; dropping the cached blocks", self.identity.url)
         return self._reset(fd)
 
-    def _load_sums(self) -> None:
-        """The saved sums (missing ones read as 0, which no block is trusted with), none verified yet."""
+    def _load_sums(self, keep_verified: bool = False) -> None:
+        """The saved sums (missing ones read as 0, which no block is trusted with).
+
+        None is verified yet, unless ``keep_verified``: the data file is as this session left it
+        at its last close (same inode, size, mtime and ctime), so the blocks checked then need
+        no new check. Without it, every `cat` after the last close re-hashed the whole file.
+        """
         nblocks = self.identity.nblocks
         self._legacy_sums_path.unlink(missing_ok=True)
         try:
@@ -739,7 +745,8 @@ class CachedFile:
         self._sums.frombytes(raw[: 4 * nblocks - (len(raw[: 4 * nblocks]) % 4)])
         self._sums.extend([0] * (nblocks - len(self._sums)))
         self._sums_dirty = None
-        self._verified = Bitmap(nblocks)
+        kept = self._verified if keep_verified else None
+        self._verified = kept if kept is not None and kept.nblocks == nblocks else Bitmap(nblocks)
 
     def _reset(self, fd: int) -> Bitmap:
         """An empty cache: the old state goes first, so it can never pair with new data."""
@@ -759,8 +766,18 @@ class CachedFile:
 
     def _close_files(self) -> None:
         if self._fd >= 0:
+            try:
+                self._closed_as = _stamp(self._fd)
+            except OSError:
+                self._closed_as = None
             os.close(self._fd)  # also drops the flock
             self._fd = -1
+
+
+def _stamp(fd: int) -> tuple[int, ...]:
+    """What changes when anyone writes to or replaces the file."""
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 def _reserve(path: Path, size: int) -> None:

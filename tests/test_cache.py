@@ -255,3 +255,32 @@ def test_readers_waiting_across_a_switch_to_a_shorter_version_get_estale_not_a_l
     trio.run(run)
     assert outcomes == ["ESTALE", "ESTALE"]
     assert origin.calls <= 3  # the stuck one, and the new version's read: no refetch loop
+
+
+def test_blocks_checked_before_a_close_are_checked_again_only_if_the_file_changed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import rangefs.cache as cache_module
+
+    fake = FakeOrigin(DATA)
+    hashed: list[int] = []
+    real_sum = cache_module.block_sum
+    monkeypatch.setattr(cache_module, "block_sum", lambda data: hashed.append(len(data)) or real_sum(data))
+
+    async def body(cache: Cache, cached: CachedFile) -> None:
+        assert bytes(await cached.read(0, 4 * BLOCK)) == DATA[: 4 * BLOCK]
+        await cached.release()  # the last user: the files are closed
+        await cached.acquire()
+        assert bytes(await cached.read(0, 4 * BLOCK)) == DATA[: 4 * BLOCK]
+        assert hashed == []  # fetched in this session, untouched since: no second check
+        await cached.release()
+        with open(cached.data_path, "r+b") as f:  # damaged while closed, by someone else
+            f.seek(2 * BLOCK + 5)
+            f.write(b"rot")
+        fake.requests.clear()
+        await cached.acquire()
+        assert bytes(await cached.read(0, 4 * BLOCK)) == DATA[: 4 * BLOCK]
+        assert hashed == [BLOCK] * 4  # the file changed: every block checked again
+
+    with_cache(tmp_path, fake, body)
+    assert gets(fake) == [f"bytes={2 * BLOCK}-{3 * BLOCK - 1}"]  # the damaged block, and only it

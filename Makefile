@@ -11,7 +11,7 @@ help:
 	@echo "make demo   mount sample files from a local nginx and show cp/tail/ffprobe on them"
 	@echo "make test   run the whole test suite (real FUSE mounts, real nginx on 127.0.0.1)"
 	@echo "make unit   run only the tests that need no mount"
-	@echo "make bench  rangefs vs curl and rclone on loopback (about 3 minutes)"
+	@echo "make bench  rangefs vs curl and rclone on loopback (about 5 minutes)"
 	@echo "make lint   ruff and mypy"
 
 deps:

@@ -115,7 +115,7 @@ class Data:
 
 def parse_args(argv: Sequence[str]) -> Config:
     parser = argparse.ArgumentParser(description="Benchmark rangefs against curl, rclone and local reads.")
-    parser.add_argument("--runs", type=int, default=None, help="runs per case, median reported (default 3)")
+    parser.add_argument("--runs", type=int, default=None, help="runs per case, median reported (default 5)")
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma list, from: {', '.join(CASES)}")
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/rangefs-bench"))
     parser.add_argument("--rtt-ms", type=float, default=20.0, help="added round-trip time for seq_rtt")
@@ -128,7 +128,7 @@ def parse_args(argv: Sequence[str]) -> Config:
     unknown = [c for c in cases if c not in CASES]
     if unknown or not cases:
         parser.error(f"unknown case(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(CASES)}")
-    runs = args.runs if args.runs is not None else (1 if args.quick else 3)
+    runs = args.runs if args.runs is not None else (1 if args.quick else 5)
     if runs < 1:
         parser.error("--runs must be at least 1")
     return Config(runs, cases, args.work_dir.resolve(), args.rtt_ms, args.skip_rclone, args.quick, args.block_size)
@@ -550,25 +550,36 @@ def ensure_rclone() -> str | None:
 # -- measuring --------------------------------------------------------------------------------
 
 
-def measure(bench: Bench, case: str, tool: str, size: int, once: Callable[[], Sample]) -> Measure:
-    """Run ``once`` up to --runs times within TOOL_BUDGET; stop at and keep the first failure."""
-    result = Measure(case, tool, size)
-    if tool == "rclone" and bench.cfg.skip_rclone:
-        return result
-    bench.measures.append(result)
-    started = time.monotonic()
+def measure(bench: Bench, case: str, size: int, tools: Sequence[tuple[str, Callable[[], Sample]]]) -> None:
+    """Run each tool's ``once`` --runs times, round-robin (A, B, C, A, B, C, ...).
+
+    This machine's speed drifts during a run (rclone's cold read measured 125-336 MB/s on one day);
+    taking turns makes the drift fall on every tool alike instead of on whichever ran last. A tool
+    stops repeating after TOOL_BUDGET seconds of its own runs, and at its first failure (kept).
+    """
+    entries: list[tuple[Measure, Callable[[], Sample]]] = []
+    for tool, once in tools:
+        if tool == "rclone" and bench.cfg.skip_rclone:
+            continue
+        result = Measure(case, tool, size)
+        bench.measures.append(result)
+        entries.append((result, once))
+    spent = {id(result): 0.0 for result, _ in entries}
     for i in range(bench.cfg.runs):
-        if i and time.monotonic() - started > TOOL_BUDGET:
-            result.note = f"stopped after {i} run(s): over the {TOOL_BUDGET:.0f} s budget"
-            break
-        say(f"{case}: {tool} run {i + 1}")
-        try:
-            result.samples.append(once())
-        except (BenchError, OSError) as exc:
-            result.error = str(exc) if isinstance(exc, BenchError) else f"{type(exc).__name__}: {exc}"
-            say(f"{case}: {tool} failed: {result.error}")
-            break
-    return result
+        for result, once in entries:
+            if result.error:
+                continue
+            if i and spent[id(result)] > TOOL_BUDGET:
+                result.note = result.note or f"stopped after {i} run(s): over the {TOOL_BUDGET:.0f} s budget"
+                continue
+            say(f"{case}: {result.tool} run {i + 1}")
+            started = time.monotonic()
+            try:
+                result.samples.append(once())
+            except (BenchError, OSError) as exc:
+                result.error = str(exc) if isinstance(exc, BenchError) else f"{type(exc).__name__}: {exc}"
+                say(f"{case}: {result.tool} failed: {result.error}")
+            spent[id(result)] += time.monotonic() - started
 
 
 def cold_mount_run(bench: Bench, tool: str, base_url: str, rel: str, op: Callable[[Path], Sample]) -> Sample:
@@ -617,12 +628,13 @@ def case_seq(bench: Bench, case: str, base_url: str) -> None:
     """Cold sequential read of the big file: rangefs, curl to /dev/null and to a file, rclone."""
     data = bench.data
     url = f"{base_url}/{data.big}"
+    tools: list[tuple[str, Callable[[], Sample]]] = []
     for tool in ("rangefs", "curl -o /dev/null", "curl -o FILE", "rclone"):
         if tool.startswith("curl"):
-            once = partial(curl_run, bench, url, data.big, data.big_size, tool.endswith("FILE"))
+            tools.append((tool, partial(curl_run, bench, url, data.big, data.big_size, tool.endswith("FILE"))))
         else:
-            once = partial(cold_mount_run, bench, tool, base_url, data.big, dd_op(data.big_size))
-        measure(bench, case, tool, data.big_size, once)
+            tools.append((tool, partial(cold_mount_run, bench, tool, base_url, data.big, dd_op(data.big_size))))
+    measure(bench, case, data.big_size, tools)
 
 
 def case_seq_rtt(bench: Bench) -> None:
@@ -636,12 +648,12 @@ def case_proxy(bench: Bench) -> None:
     data = bench.data
     _warm(data.www / data.big)
     direct = f"{bench.nginx.base_url}/{data.big}"
-    measure(bench, "proxy", "curl direct", data.big_size,
-            lambda: curl_run(bench, direct, data.big, data.big_size, False, cold=False))
+    measure(bench, "proxy", data.big_size,
+            [("curl direct", lambda: curl_run(bench, direct, data.big, data.big_size, False, cold=False))])
     with latency_proxy(bench, 0.0) as port:
         proxied = f"http://127.0.0.1:{port}/{data.big}"
-        measure(bench, "proxy", "curl via proxy (0 ms)", data.big_size,
-                lambda: curl_run(bench, proxied, data.big, data.big_size, False, cold=False))
+        via = partial(curl_run, bench, proxied, data.big, data.big_size, False, cold=False)
+        measure(bench, "proxy", data.big_size, [("curl via proxy (0 ms)", via)])
 
 
 def _warm(path: Path) -> None:
@@ -718,9 +730,8 @@ def warm_pair(bench: Bench, case: str, tools: tuple[str, str], path: Path, mnt: 
 def case_random(bench: Bench) -> None:
     """RANDOM_READS cold 4 KiB preads at seeded offsets, each timed, in a child process."""
     data = bench.data
-    for tool in ("rangefs", "rclone"):
-        measure(bench, "random4k", tool, 0, partial(cold_mount_run, bench, tool, bench.nginx.base_url, data.big,
-                                                    random_op))
+    measure(bench, "random4k", 0, [(tool, partial(cold_mount_run, bench, tool, bench.nginx.base_url, data.big,
+                                                  random_op)) for tool in ("rangefs", "rclone")])
 
 
 def random_op(path: Path) -> Sample:
@@ -755,8 +766,8 @@ def case_tool(bench: Bench, case: str, rel: str, argv_for: Callable[[Path], list
     """A cold run of one command on one file of the mount, rangefs then rclone."""
     def op(path: Path) -> Sample:
         return Sample(timed(argv_for(path), CMD_TIMEOUT)[0])
-    for tool in ("rangefs", "rclone"):
-        measure(bench, case, tool, 0, partial(cold_mount_run, bench, tool, bench.nginx.base_url, rel, op))
+    measure(bench, case, 0, [(tool, partial(cold_mount_run, bench, tool, bench.nginx.base_url, rel, op))
+                             for tool in ("rangefs", "rclone")])
 
 
 def case_tail(bench: Bench) -> None:

@@ -55,10 +55,10 @@ def test_readahead_grows_with_what_was_read_and_drops_on_a_jump() -> None:
     ra = Readahead(initial=100, maximum=400, tolerance=50)
     assert ra.advise(0, 10) == 0  # one read says nothing yet
     assert ra.advise(10, 10) == 20 + 100  # sequential: at least the initial window
-    assert ra.advise(20, 100) == 120 + 120  # as much as was read so far (120 bytes)
-    assert ra.advise(120, 380) == 500 + 400  # capped
-    assert ra.advise(450, 10) == 500 + 400  # a little disorder is still sequential, adds nothing
-    assert ra.advise(800, 10) == 810 + 400  # a skip into the window being fetched too
+    assert ra.advise(20, 300) == 320 + 160  # half of what was read so far (320 bytes)
+    assert ra.advise(300, 10) == 320 + 160  # a little disorder is still sequential, adds nothing
+    assert ra.advise(400, 10) == 410 + 205  # a skip into the window being fetched too
+    assert ra.advise(410, 1000) == 1410 + 400  # capped
     assert ra.advise(5000, 10) == 0  # a jump: random access, nothing ahead
     assert ra.window == 0
 

@@ -373,7 +373,7 @@ class CachedFile:
         them were read for the check. A block fails when the data file was damaged or written
         behind our back, or when its sum was never saved (a sums file lost or cut short).
         """
-        verified = self._verified
+        verified, generation = self._verified, self.generation
         if verified is None:
             return False, None
         todo = [b for b in range(first, stop) if b not in verified]
@@ -393,6 +393,8 @@ class CachedFile:
 
             data, bad = await trio.to_thread.run_sync(read_and_check)
         if self._verified is not verified:
+            if self.generation == generation and self._verified is not None:
+                return await self._verify(first, stop)  # distrusted meanwhile (a failed flush): check again
             return False, None  # the version switched meanwhile: the caller's version check decides
         bitmap = self._bitmap()
         for block in todo:
@@ -516,7 +518,15 @@ class CachedFile:
     async def _stream_for(self, missing: list[int]) -> None:
         """Wait for ``missing`` from the file's stream, starting one if none runs (in the background:
         it serves every reader of the file, and outlives this one)."""
-        if not any(flight.stream for flight in self._inflight.values()):
+        running = next((flight for flight in self._inflight.values() if flight.stream), None)
+        if running is not None and any(b not in self._inflight for b in missing):
+            # Present when that stream started and dropped since (a failed check): it will not
+            # bring them. Wait for it to end; the next pass starts a stream that will.
+            for event in list(running.events.values()):
+                await event.wait()
+            await trio.lowlevel.checkpoint()
+            return
+        if running is None:
             bitmap = self._bitmap()
             blocks = [b for b in range(self.identity.nblocks) if b not in bitmap and b not in self._inflight]
             flight = _Flight(BlockRun(0, self.identity.nblocks), self.generation, blocks, stream=True)
@@ -653,6 +663,14 @@ class CachedFile:
                 log.warning("%s: cannot flush the cache file: %s; refetching recent blocks", self.identity.url,
                             exc.strerror)
                 self.bitmap = (self._persisted or Bitmap(self.identity.nblocks)).copy()
+                # A block the old state claims may have been rewritten since, and that write lost
+                # (its pages stay cached, clean, until evicted): drop the cached pages, then check
+                # every block again, from the disk, against the sums of what was last written.
+                await trio.to_thread.run_sync(_drop_page_cache, self._fd)
+                self._verified = Bitmap(self.identity.nblocks)
+                if sums_dirty:
+                    low, high = self._sums_dirty or sums_dirty
+                    self._sums_dirty = (min(low, sums_dirty[0]), max(high, sums_dirty[1]))
                 self._dirty = True
                 return
             try:
@@ -772,6 +790,13 @@ class CachedFile:
                 self._closed_as = None
             os.close(self._fd)  # also drops the flock
             self._fd = -1
+
+
+def _drop_page_cache(fd: int) -> None:
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    except OSError as exc:
+        log.debug("cannot drop the cached pages of a cache file: %s", exc.strerror)
 
 
 def _stamp(fd: int) -> tuple[int, ...]:

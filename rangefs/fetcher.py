@@ -147,19 +147,33 @@ class Fetcher:
     ) -> None:
         """Stream the whole file (for a server that ignores Range) into ``fd``.
 
-        Bytes of blocks that are ``present`` are not written again; ``on_written`` hears of
-        the other blocks once complete.
+        Blocks that are ``present`` when the stream reaches their first byte are not written
+        again, nor reported; ``on_written`` hears of the other blocks once complete.
         """
         run = BlockRun(0, -(-remote.size // self.block_size))
-        delivery = _Delivery(self.block_size, run, 0, remote.size, on_written)
         size = self.block_size
+        skipped: set[int] = set()  # present when the stream reached them: neither rewritten nor reported
+
+        async def report(first: int, stop: int, sums: list[int]) -> None:
+            """Hand on the rewritten blocks only: a skipped one was never checked against these bytes."""
+            start = first
+            for block in range(first, stop + 1):
+                if block == stop or block in skipped:
+                    if start < block:
+                        await on_written(start, block, sums[start - first : block - first])
+                    start = block + 1
+            skipped.difference_update(range(first, stop))
+
+        delivery = _Delivery(self.block_size, run, 0, remote.size, report)
 
         async def store(offset: int, chunk: bytes) -> None:
             view, position = memoryview(chunk), offset
             while view:
                 block = position // size
                 piece = view[: (block + 1) * size - position]
-                if not present(block):
+                if position == block * size and present(block):
+                    skipped.add(block)  # decided at its first byte: a block is rewritten whole or not at all
+                if block not in skipped:
                     await self._write(remote, fd, piece, position)
                 view, position = view[len(piece) :], position + len(piece)
             await delivery.written(offset, chunk)

@@ -6,9 +6,11 @@ It honours Range and If-Range like nginx, and each misbehaviour a test needs is 
 from __future__ import annotations
 
 import re
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import httpx
+import trio
 
 _RANGE = re.compile(r"bytes=(\d+)-(\d*)$")
 
@@ -25,6 +27,7 @@ class FakeOrigin:
     content_range_shift: int = 0  # lie in Content-Range by this many bytes
     answer_etag: str | None = None  # a different ETag in 206 answers (a server ignoring If-Range)
     encoding: str | None = None
+    chunk_delay: float = 0.0  # send bodies in 64 KiB chunks this many seconds apart (trio only)
     requests: list[tuple[str, str]] = field(default_factory=list)
 
     def transport(self) -> httpx.MockTransport:
@@ -50,7 +53,7 @@ class FakeOrigin:
         if_range = request.headers.get("If-Range")
         stale = if_range is not None and if_range not in (self.etag, self.last_modified)
         if self.ignore_ranges or not match or stale:
-            return _response(200, headers, self.data)
+            return _response(200, headers, self.data, self.chunk_delay)
         start = int(match.group(1))
         end = min(int(match.group(2) or len(self.data) - 1), len(self.data) - 1)
         body = self.data[start : end + 1]
@@ -60,10 +63,21 @@ class FakeOrigin:
         headers["Content-Range"] = f"bytes {start + shift}-{end + shift}/{len(self.data)}"
         if self.answer_etag is not None:
             headers["ETag"] = self.answer_etag
-        return _response(206, headers, body)
+        return _response(206, headers, body, self.chunk_delay)
 
 
-def _response(status: int, headers: dict[str, str], body: bytes) -> httpx.Response:
+def _response(status: int, headers: dict[str, str], body: bytes, delay: float = 0.0) -> httpx.Response:
     """A response whose body is a raw stream, as from a socket (``content=`` would count as read)."""
     headers = {**headers, "Content-Length": str(len(body))}
-    return httpx.Response(status, headers=headers, stream=httpx.ByteStream(body))
+    stream = _SlowStream(body, delay) if delay else httpx.ByteStream(body)
+    return httpx.Response(status, headers=headers, stream=stream)
+
+
+class _SlowStream(httpx.AsyncByteStream):
+    def __init__(self, body: bytes, delay: float) -> None:
+        self.body, self.delay = body, delay
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for start in range(0, len(self.body), 64 * 1024):
+            await trio.sleep(self.delay)
+            yield self.body[start : start + 64 * 1024]

@@ -127,7 +127,12 @@ def test_an_empty_file(tmp_path: Path) -> None:
 def test_checkpoint_saves_only_durable_blocks_and_a_failed_sync_forgets_them(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import rangefs.cache as cache_module
+
     fake = FakeOrigin(DATA)
+    hashed: list[int] = []
+    real_sum = cache_module.block_sum
+    monkeypatch.setattr(cache_module, "block_sum", lambda data: hashed.append(len(data)) or real_sum(data))
 
     async def body(cache: Cache, cached: CachedFile) -> None:
         await cached.read(0, 10)
@@ -138,14 +143,17 @@ def test_checkpoint_saves_only_durable_blocks_and_a_failed_sync_forgets_them(
         def failing_sync(fd: int) -> None:
             raise OSError(5, "Input/output error")
 
-        monkeypatch.setattr(os, "fdatasync", failing_sync)
-        await cached.checkpoint()
-        monkeypatch.undo()
+        with monkeypatch.context() as patch:
+            patch.setattr(os, "fdatasync", failing_sync)
+            await cached.checkpoint()
         assert len(state.load(cached.state_path)[1]) == 1  # the failed save changed nothing
         assert cached.bitmap is not None and 5 not in cached.bitmap  # and block 5 is fetched again
         fake.requests.clear()
         assert bytes(await cached.read(5 * BLOCK, 10)) == DATA[5 * BLOCK : 5 * BLOCK + 10]
         assert gets(fake) == [f"bytes={5 * BLOCK}-{6 * BLOCK - 1}"]
+        hashed.clear()
+        assert bytes(await cached.read(0, 10)) == DATA[:10]
+        assert hashed == [BLOCK]  # a block checked before the failed flush is checked again
 
     with_cache(tmp_path, fake, body)
 
@@ -285,3 +293,33 @@ def test_blocks_checked_before_a_close_are_checked_again_only_if_the_file_change
 
     with_cache(tmp_path, fake, body)
     assert gets(fake) == [f"bytes={2 * BLOCK}-{3 * BLOCK - 1}"]  # the damaged block, and only it
+
+
+@pytest.mark.timeout(20)  # a reader that spun waiting for a stream never let it run
+@pytest.mark.parametrize("wait_for_the_stream", [True, False])
+def test_a_stream_never_vouches_for_a_cached_block_it_did_not_rewrite(
+    tmp_path: Path, wait_for_the_stream: bool
+) -> None:
+    async def cache_then_damage(cache: Cache, cached: CachedFile) -> None:
+        await cached.read(3 * BLOCK, BLOCK)
+        await cached.release()
+        with open(cached.data_path, "r+b") as f:  # damaged on disk while the file is closed
+            f.seek(3 * BLOCK + 5)
+            f.write(b"rot")
+        await cached.acquire()
+
+    with_cache(tmp_path, FakeOrigin(DATA), cache_then_damage)
+    fake = FakeOrigin(DATA, ignore_ranges=True, chunk_delay=0.01)  # the next session streams, slowly
+
+    async def read_past_then_into_it(cache: Cache, cached: CachedFile) -> None:
+        # The stream this starts passes block 3, present, and does not rewrite it...
+        assert bytes(await cached.read(10 * BLOCK, 100)) == DATA[10 * BLOCK : 10 * BLOCK + 100]
+        if wait_for_the_stream:
+            await cached.ensure(0, len(DATA) // BLOCK + 1)
+        # ... so block 3 is still unchecked: it fails, is dropped, and comes from a new stream
+        # (when the first one is still running, after it: it will not bring a block it skipped).
+        assert bytes(await cached.read(3 * BLOCK, BLOCK)) == DATA[3 * BLOCK : 4 * BLOCK]
+
+    with_cache(tmp_path, fake, read_past_then_into_it)
+    # the ranged GET that met a 200, then two streams
+    assert gets(fake) == [f"bytes={10 * BLOCK}-{11 * BLOCK - 1}", "", ""]

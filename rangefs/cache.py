@@ -500,7 +500,8 @@ class CachedFile:
                 await self._stream_for(missing)
                 continue
             waits = {self._inflight[b] for b in missing if b in self._inflight}
-            mine = self._claim([b for b in missing if b not in self._inflight])
+            todo = [b for b in missing if b not in self._inflight]
+            mine = self._claim(todo + self._last_block_after(todo[-1], bitmap) if todo else [])
             async with trio.open_nursery() as nursery:
                 for flight in mine:
                     nursery.start_soon(self._fetch, flight)
@@ -536,6 +537,14 @@ class CachedFile:
             if not self.cache.spawn(self._fetch, flight):
                 await self._fetch(flight)
         await self._wait_for({self._inflight[b] for b in missing if b in self._inflight}, missing)
+
+    def _last_block_after(self, block: int, bitmap: Bitmap) -> list[int]:
+        """The file's last block, if it is the one right after ``block`` and missing: a reader that
+        got this close to the end nearly always reads on to it (`ffprobe` reading an index at the
+        end of an MP4 asked for both in two reads; fetched together they cost one request, one
+        round trip less)."""
+        last = self.identity.nblocks - 1
+        return [last] if block == last - 1 and last not in bitmap and last not in self._inflight else []
 
     def _claim(self, blocks: list[int]) -> list[_Flight]:
         flights = [_Flight(run, self.generation) for run in plan_runs(blocks, self.cache.config.max_request_blocks)]

@@ -323,3 +323,17 @@ def test_a_stream_never_vouches_for_a_cached_block_it_did_not_rewrite(
     with_cache(tmp_path, fake, read_past_then_into_it)
     # the ranged GET that met a 200, then two streams
     assert gets(fake) == [f"bytes={10 * BLOCK}-{11 * BLOCK - 1}", "", ""]
+
+
+def test_a_read_of_the_block_before_the_last_fetches_the_last_one_with_it(tmp_path: Path) -> None:
+    fake = FakeOrigin(DATA)  # 20 whole blocks and a short 21st
+    last = len(DATA) // BLOCK
+
+    async def body(cache: Cache, cached: CachedFile) -> None:
+        assert bytes(await cached.read((last - 2) * BLOCK, 10)) == DATA[(last - 2) * BLOCK : (last - 2) * BLOCK + 10]
+        assert bytes(await cached.read((last - 1) * BLOCK, 10)) == DATA[(last - 1) * BLOCK : (last - 1) * BLOCK + 10]
+        assert bytes(await cached.read(len(DATA) - 10, 10)) == DATA[-10:]  # already there
+
+    with_cache(tmp_path, fake, body)
+    first, second = (last - 2) * BLOCK, (last - 1) * BLOCK
+    assert gets(fake) == [f"bytes={first}-{second - 1}", f"bytes={second}-{len(DATA) - 1}"]  # 2 blocks, one GET

@@ -44,6 +44,17 @@ def with_cache(
     trio.run(run)
 
 
+@pytest.fixture
+def hashed(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The length of every block the cache checks against its sum, in order."""
+    import rangefs.cache as cache_module
+
+    lengths: list[int] = []
+    real_sum = cache_module.block_sum
+    monkeypatch.setattr(cache_module, "block_sum", lambda data: lengths.append(len(data)) or real_sum(data))
+    return lengths
+
+
 def gets(fake: FakeOrigin) -> list[str]:
     return [r for method, r in fake.requests if method == "GET"]
 
@@ -125,14 +136,9 @@ def test_an_empty_file(tmp_path: Path) -> None:
 
 
 def test_checkpoint_saves_only_durable_blocks_and_a_failed_sync_forgets_them(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hashed: list[int]
 ) -> None:
-    import rangefs.cache as cache_module
-
     fake = FakeOrigin(DATA)
-    hashed: list[int] = []
-    real_sum = cache_module.block_sum
-    monkeypatch.setattr(cache_module, "block_sum", lambda data: hashed.append(len(data)) or real_sum(data))
 
     async def body(cache: Cache, cached: CachedFile) -> None:
         await cached.read(0, 10)
@@ -267,14 +273,9 @@ def test_readers_waiting_across_a_switch_to_a_shorter_version_get_estale_not_a_l
 
 
 def test_blocks_checked_before_a_close_are_checked_again_only_if_the_file_changed(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, hashed: list[int]
 ) -> None:
-    import rangefs.cache as cache_module
-
     fake = FakeOrigin(DATA)
-    hashed: list[int] = []
-    real_sum = cache_module.block_sum
-    monkeypatch.setattr(cache_module, "block_sum", lambda data: hashed.append(len(data)) or real_sum(data))
 
     async def body(cache: Cache, cached: CachedFile) -> None:
         assert bytes(await cached.read(0, 4 * BLOCK)) == DATA[: 4 * BLOCK]

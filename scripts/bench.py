@@ -282,6 +282,24 @@ def peak_rss(pid: int | None) -> int | None:
     return sum(p for p in peaks if p is not None) if peaks[0] is not None else None
 
 
+def cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU time of ``pid`` and its children (rangefs' fetch process) so far; None when unknown.
+
+    Steadier than throughput on a machine whose speed drifts: the work a tool does per GiB.
+    """
+    if pid is None:
+        return None
+    total = 0.0
+    for index, process in enumerate([pid, *children(pid)]):
+        try:
+            fields = Path(f"/proc/{process}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+        except (OSError, ValueError, IndexError):
+            if index == 0:
+                return None
+    return total
+
+
 def _vm_hwm(pid: int) -> int | None:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -338,6 +356,9 @@ class Mount:
 
     def peak_rss(self) -> int | None:
         return peak_rss(self.pid)
+
+    def cpu_seconds(self) -> float | None:
+        return cpu_seconds(self.pid)
 
     def unmount(self) -> None:
         raise NotImplementedError
@@ -587,8 +608,12 @@ def cold_mount_run(bench: Bench, tool: str, base_url: str, rel: str, op: Callabl
     with bench.mount(tool, base_url, "mount") as mnt:
         bench.drop()
         since = bench.nginx.mark()
+        cpu_before = mnt.cpu_seconds()
         sample = op(mnt.path(rel))
+        cpu_after = mnt.cpu_seconds()
         sample.peak_rss = mnt.peak_rss()
+        if cpu_before is not None and cpu_after is not None:
+            sample.extra["cpu_s"] = cpu_after - cpu_before
     sample.fetched, sample.gets = bench.fetched(rel, since)
     return sample
 
@@ -635,6 +660,10 @@ def case_seq(bench: Bench, case: str, base_url: str) -> None:
         else:
             tools.append((tool, partial(cold_mount_run, bench, tool, base_url, data.big, dd_op(data.big_size))))
     measure(bench, case, data.big_size, tools)
+    for m in bench.measures:
+        cpu = m.median("cpu_s") if m.case == case else None
+        if cpu is not None:
+            m.note = (m.note + "; " if m.note else "") + f"CPU of its processes during the read: {cpu:.2f} s (median)"
 
 
 def case_seq_rtt(bench: Bench) -> None:
@@ -1107,7 +1136,8 @@ def write_json(bench: Bench, facts: dict[str, str], command: str, items: list[Ta
 
 def _measure_json(m: Measure) -> dict[str, object]:
     doc = asdict(m)
-    doc["median"] = {name: m.median(name) for name in ("seconds", "fetched", "gets", "peak_rss", "p50_ms", "p90_ms")}
+    doc["median"] = {name: m.median(name) for name in ("seconds", "fetched", "gets", "peak_rss", "p50_ms", "p90_ms",
+                                                      "cpu_s")}
     doc["mb_per_s"] = m.mbps()
     return doc
 

@@ -639,8 +639,7 @@ class CachedFile:
                 return  # a fetch of a version that is gone (it is being cancelled): claim nothing
             bitmap = self._bitmap()
             self._sums[first:stop] = array.array("I", sums)
-            low, high = self._sums_dirty or (first, stop)
-            self._sums_dirty = (min(low, first), max(high, stop))
+            self._sums_unsaved(first, stop)
             for block in range(first, stop):
                 bitmap.add(block)
                 if self._verified is not None:
@@ -678,8 +677,7 @@ class CachedFile:
                 await trio.to_thread.run_sync(_drop_page_cache, self._fd)
                 self._verified = Bitmap(self.identity.nblocks)
                 if sums_dirty:
-                    low, high = self._sums_dirty or sums_dirty
-                    self._sums_dirty = (min(low, sums_dirty[0]), max(high, sums_dirty[1]))
+                    self._sums_unsaved(*sums_dirty)
                 self._dirty = True
                 return
             try:
@@ -690,10 +688,14 @@ class CachedFile:
                 log.warning("%s: cannot save cache state: %s", self.identity.url, exc.strerror)
                 self._dirty = True
                 if sums_dirty:
-                    low, high = self._sums_dirty or sums_dirty
-                    self._sums_dirty = (min(low, sums_dirty[0]), max(high, sums_dirty[1]))
+                    self._sums_unsaved(*sums_dirty)
             else:
                 self._persisted = snapshot
+
+    def _sums_unsaved(self, first: int, stop: int) -> None:
+        """The sums of blocks ``first .. stop`` are not on disk yet: the next checkpoint writes them."""
+        low, high = self._sums_dirty or (first, stop)
+        self._sums_dirty = (min(low, first), max(high, stop))
 
     def _bitmap(self) -> Bitmap:
         if self.bitmap is None or self._fd < 0:
@@ -779,7 +781,6 @@ class CachedFile:
         """An empty cache: the old state goes first, so it can never pair with new data."""
         self.state_path.unlink(missing_ok=True)
         self.sums_path.unlink(missing_ok=True)
-        self._legacy_sums_path.unlink(missing_ok=True)
         _reserve(self.sums_path, 4 * self.identity.nblocks)
         self._sums = array.array("I", bytes(4 * self.identity.nblocks))
         self._sums_dirty = None

@@ -17,10 +17,11 @@ help:
 deps:
 	@scripts/install-system-deps
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml scripts/build-pyfuse3 third_party/pyfuse3-3.5.0-passthrough.patch
 	@$(MAKE) --no-print-directory deps
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
+	scripts/build-pyfuse3 $(VENV)
 	$(VENV)/bin/pip install -q -e '.[test]'
 	@touch $@
 

@@ -155,6 +155,9 @@ class CachedFile:
         self._fetches: set[trio.CancelScope] = set()  # every fetch writing to the data file
         self._fetches_done = trio.Event()
         self._persisted: Bitmap | None = None  # the bitmap the state file holds
+        # Handles the kernel serves from the data file itself (FUSE passthrough, set by fs.py).
+        # While there are any, the data file must not change: a new version waits until they close.
+        self.passthrough_handles = 0
 
     def _set_version(self, remote: RemoteFile) -> None:
         self.remote = remote
@@ -166,6 +169,13 @@ class CachedFile:
             last_modified=remote.last_modified,
             block_size=self.cache.config.block_size,
         )
+
+    def passthrough_ready(self) -> bool:
+        """Every block is cached and was checked in this session, and the file may not grow: the
+        kernel may read the data file itself, as it stands, for as long as a handle is open."""
+        return (self._fd >= 0 and not self.growing and not self.stale and self._switching is None
+                and self.bitmap is not None and self.bitmap.complete()
+                and self._verified is not None and self._verified.complete())
 
     @property
     def block_size(self) -> int:
@@ -242,6 +252,12 @@ class CachedFile:
         async with self._lock:
             if self._same_version(remote):
                 return False  # another open switched while we waited for the lock
+            if self.passthrough_handles:
+                # The kernel reads the data file for them: emptying it would serve them zeros.
+                # They keep the old version, whole; the switch happens at the first open after.
+                self.stale = True  # so every open asks again until then
+                raise RemoteChanged(f"{self.identity.url}: the remote file changed while {self.passthrough_handles} "
+                                    f"open handle(s) read the cached version; open it again once they are closed")
             log.warning("%s: the remote file changed (size %d -> %d); dropping its cached blocks",
                         self.identity.url, self.remote.size, remote.size)
             self._switching = trio.Event()  # readers wait for it instead of claiming fetches

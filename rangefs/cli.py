@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--allow-other", action="store_true", help="let other users read the mount")
     m.add_argument("--growing", action="store_true",
                    help="files may grow by appends: keep their cached prefix when they do (per file: grow=yes)")
+    m.add_argument("--no-passthrough", dest="passthrough", action="store_false",
+                   help="serve every read through rangefs, also of files that are complete in the cache "
+                        "(default: the kernel reads those from the cache directly, where it can)")
     m.add_argument("--block-size", type=_block_size, default=DEFAULT_BLOCK_SIZE,
                    help="cache block size, a power of two (default: 64K)")
     m.add_argument("--checkpoint-interval", type=_positive, default=5.0, metavar="SECONDS",
@@ -118,6 +121,7 @@ def _mount_options(args: argparse.Namespace) -> MountOptions:
         skip_unavailable=args.skip_unavailable,
         allow_other=args.allow_other,
         growing=args.growing,
+        passthrough=args.passthrough,
         cache=CacheConfig(cache_dir, block_size=args.block_size, checkpoint_interval=args.checkpoint_interval,
                           revalidate_interval=args.revalidate_interval),
         origin=OriginConfig(connect_timeout=args.connect_timeout, read_timeout=args.read_timeout,

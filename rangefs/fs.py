@@ -8,10 +8,12 @@ with its traceback and answered with EIO, so one bad request never stops the mou
 from __future__ import annotations
 
 import errno
+import fcntl
 import functools
 import logging
 import os
 import stat
+import struct
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
@@ -40,6 +42,13 @@ _ERRNO: tuple[tuple[type[BaseException], int], ...] = (
     (CacheError, errno.EIO),
     (RangefsError, errno.EIO),
 )
+
+# FUSE passthrough (Linux >= 6.9): the kernel reads a file's data from a backing file we name,
+# with no request to the daemon. ioctls on /dev/fuse from <linux/fuse.h>: BACKING_OPEN takes a
+# struct fuse_backing_map {int32 fd; uint32 flags; uint64 padding} and returns a backing id;
+# BACKING_CLOSE takes the id. _IOW(229, nr, size) = 1 << 30 | size << 16 | 229 << 8 | nr.
+_FUSE_DEV_IOC_BACKING_OPEN = 1 << 30 | 16 << 16 | 229 << 8 | 1
+_FUSE_DEV_IOC_BACKING_CLOSE = 1 << 30 | 4 << 16 | 229 << 8 | 2
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
@@ -127,9 +136,19 @@ class Tree:
 class _Handle:
     """An open file: its cache, its reader's readahead state, and the version it opened."""
 
+    inode: int
     cached: CachedFile
     readahead: Readahead
     generation: int
+    passthrough: bool = False  # the kernel reads the data file itself; no read reaches us
+
+
+@dataclass
+class _Backing:
+    """A data file the kernel reads for an inode's passthrough handles."""
+
+    backing_id: int
+    handles: int = 0
 
 
 class Filesystem(pyfuse3.Operations):
@@ -139,10 +158,17 @@ class Filesystem(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, tree: Tree, cache: Cache) -> None:
+    def __init__(self, tree: Tree, cache: Cache, passthrough: bool = True) -> None:
+        """``passthrough``: let the kernel read complete, checked files from the cache itself
+        (needs Linux >= 6.9, root, and the pyfuse3 that scripts/build-pyfuse3 builds)."""
         super().__init__()
         self.tree = tree
         self.cache = cache
+        # Read by pyfuse3 as built by scripts/build-pyfuse3 (ignored by others) during INIT.
+        self.enable_passthrough = passthrough and hasattr(pyfuse3, "fuse_fd")
+        self._passthrough = self.enable_passthrough  # off for good after the kernel refuses once
+        self._backings: dict[int, _Backing] = {}  # inode -> its backing while passthrough handles are open
+        self._cached_handles: dict[int, int] = {}  # inode -> handles served through read()
         self._handles: dict[int, _Handle] = {}
         self._kernel_generation: dict[int, int] = {}  # inode -> version the kernel's page cache holds
         self._next_fh = 1
@@ -233,19 +259,66 @@ class Filesystem(pyfuse3.Operations):
         cached = node.cached
         try:
             await cached.revalidate()
+        except RemoteChanged:
+            raise
         except OriginError as exc:  # cannot ask the server: the cached version is still one version
             log.warning("%s: cannot revalidate (%s); serving the cached version", cached.identity.url, exc)
         await cached.acquire()
+        try:
+            backing = await self._backing_for(inode, cached)
+        except BaseException:
+            await cached.release()
+            raise
         fh = self._next_fh
         self._next_fh += 1
-        self._handles[fh] = _Handle(cached, self.cache.config.readahead(), cached.generation)
+        handle = _Handle(inode, cached, self.cache.config.readahead(), cached.generation, backing is not None)
+        self._handles[fh] = handle
+        if backing is not None:
+            backing.handles += 1
+            cached.passthrough_handles += 1
+        else:
+            self._cached_handles[inode] = self._cached_handles.get(inode, 0) + 1
         # keep_cache: pages the kernel holds stay valid while the version does. After a version
         # switch the kernel must drop them (it does at an open without keep_cache) and its size.
         keep_cache = self._kernel_generation.setdefault(inode, cached.generation) == cached.generation
         if not keep_cache:
             self._kernel_generation[inode] = cached.generation
             pyfuse3.invalidate_inode(inode, attr_only=True)
+        if backing is not None:  # the kernel refuses keep_cache with passthrough; its page cache is unused
+            return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), keep_cache=False, backing_id=backing.backing_id)
         return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), keep_cache=keep_cache)
+
+    async def _backing_for(self, inode: int, cached: CachedFile) -> _Backing | None:
+        """The backing for a passthrough open of ``inode``, or None to serve it through read().
+
+        The kernel fails an open (EIO) that would mix the two modes on one inode, and wants one
+        backing file for all passthrough opens of an inode: while an inode has passthrough handles
+        every open joins them (the version cannot change meanwhile, see CachedFile.revalidate);
+        else an open passes through only if no handle of the inode is served by read() and the
+        file is complete and checked. Our counts drop at RELEASE, after the kernel's: never too low.
+        """
+        backing = self._backings.get(inode)
+        if backing is not None:
+            return backing
+
+        def ready() -> bool:
+            return self._passthrough and not self._cached_handles.get(inode) and cached.passthrough_ready()
+
+        if not ready():
+            return None
+        try:
+            backing_id = await trio.to_thread.run_sync(_backing_open, cached.data_path)
+        except OSError as exc:
+            log.info("the kernel does not take cache files for FUSE passthrough (%s); every read goes "
+                     "through rangefs", exc.strerror)
+            self._passthrough = False
+            return None
+        backing = self._backings.get(inode)  # another open may have made one, or a read() handle come
+        if backing is None and ready():
+            backing = self._backings[inode] = _Backing(backing_id)
+        else:
+            _backing_close(backing_id)
+        return backing
 
     @_fuse_errors
     async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
@@ -256,8 +329,21 @@ class Filesystem(pyfuse3.Operations):
     @_fuse_errors
     async def release(self, fh: pyfuse3.FileHandleT) -> None:
         handle = self._handles.pop(fh, None)
-        if handle is not None:
-            await handle.cached.release()
+        if handle is None:
+            return
+        inode = handle.inode
+        if handle.passthrough:
+            handle.cached.passthrough_handles -= 1
+            backing = self._backings[inode]
+            backing.handles -= 1
+            if backing.handles == 0:
+                del self._backings[inode]
+                _backing_close(backing.backing_id)
+        else:
+            self._cached_handles[inode] -= 1
+            if not self._cached_handles[inode]:
+                del self._cached_handles[inode]
+        await handle.cached.release()
 
     def _handle(self, fh: int) -> _Handle:
         try:
@@ -315,4 +401,27 @@ def _xattrs(cached: CachedFile) -> dict[bytes, bytes]:
         b"user.rangefs.url": cached.identity.url.encode(),
         b"user.rangefs.cached_bytes": str(cached.cached_bytes()).encode(),
         b"user.rangefs.block_size": str(cached.block_size).encode(),
+        b"user.rangefs.passthrough_handles": str(cached.passthrough_handles).encode(),
     }
+
+
+def _backing_open(path: os.PathLike[str]) -> int:
+    """Register ``path`` with the kernel as a passthrough backing file; its id.
+
+    The kernel keeps its own reference to the file. It gets a descriptor of its own, not the
+    cache's: that one holds the cache's flock, which must go when the cache closes it.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        request = bytearray(struct.pack("=iIQ", fd, 0, 0))
+        return int(fcntl.ioctl(pyfuse3.fuse_fd(), _FUSE_DEV_IOC_BACKING_OPEN, request, True))
+    finally:
+        os.close(fd)
+
+
+def _backing_close(backing_id: int) -> None:
+    """Drop our reference to a backing file (files still open through it keep theirs)."""
+    try:
+        fcntl.ioctl(pyfuse3.fuse_fd(), _FUSE_DEV_IOC_BACKING_CLOSE, bytearray(struct.pack("=I", backing_id)), True)
+    except OSError as exc:
+        log.warning("cannot close passthrough backing %d: %s", backing_id, exc.strerror)

@@ -1,0 +1,168 @@
+"""FUSE passthrough: the kernel reads complete, checked files from the cache file itself.
+
+Through real mounts. `user.rangefs.passthrough_handles` tells how many open handles of a file
+the kernel serves itself; the first test also shows it with the daemon stopped.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from faultserver import FaultServer
+
+from rangefs.cache import DEFAULT_BLOCK_SIZE
+
+from util import Mounts, Server, seeded_bytes
+
+pytestmark = pytest.mark.timeout(60)
+BLOCK = DEFAULT_BLOCK_SIZE
+MiB = 1 << 20
+
+
+def passthrough_handles(path: Path) -> int:
+    return int(os.getxattr(path, "user.rangefs.passthrough_handles"))
+
+
+def read_fd(fd: int, size: int) -> bytes:
+    return b"".join(os.pread(fd, MiB, offset) for offset in range(0, size, MiB))
+
+
+def open_ro(path: Path) -> int:
+    return os.open(path, os.O_RDONLY)
+
+
+@pytest.fixture
+def server() -> Iterator[FaultServer]:
+    with FaultServer() as fault_server:
+        yield fault_server
+
+
+def test_a_complete_file_is_read_by_the_kernel_even_with_the_daemon_stopped(mounts: Mounts, nginx: Server) -> None:
+    data = seeded_bytes(3 * MiB + 777, seed=41)
+    m = mounts.mount([nginx.put("pt/whole.bin", data)])
+    path = m.path / "whole.bin"
+    assert path.read_bytes() == data  # fetched, written and checked: complete
+    fd = open_ro(path)
+    try:
+        assert passthrough_handles(path) == 1
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # nothing left in the FUSE page cache
+        result: list[bytes] = []
+        reader = threading.Thread(target=lambda: result.append(read_fd(fd, len(data))), daemon=True)
+        pid = m.pid()
+        mark = nginx.mark()
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            reader.start()
+            reader.join(10)
+            finished = not reader.is_alive()
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        reader.join(20)
+        assert finished, "a read of a complete file waited for the stopped daemon"
+        assert result == [data]
+        with mmap.mmap(fd, 0, prot=mmap.PROT_READ) as mapped:
+            assert mapped[BLOCK - 10 : 2 * BLOCK] == data[BLOCK - 10 : 2 * BLOCK]
+            assert mapped[-100:] == data[-100:]
+        assert nginx.bytes_sent("pt/whole.bin", since=mark) == 0
+    finally:
+        os.close(fd)
+    assert passthrough_handles(path) == 0
+
+
+def test_no_passthrough_while_the_file_is_partial_or_open_through_rangefs(mounts: Mounts, nginx: Server) -> None:
+    """The kernel fails an open that mixes the two modes on one file: rangefs never asks for it."""
+    data = seeded_bytes(2 * MiB + 5, seed=42)
+    m = mounts.mount([nginx.put("pt/mixed.bin", data)])
+    path = m.path / "mixed.bin"
+    first = open_ro(path)  # the file is empty in the cache: served by rangefs
+    try:
+        assert passthrough_handles(path) == 0
+        assert read_fd(first, len(data)) == data  # now complete and checked
+        second = open_ro(path)  # `first` is still open through rangefs: so is this one
+        try:
+            assert passthrough_handles(path) == 0
+            assert read_fd(second, len(data)) == data
+            os.close(first)
+            first = -1
+            third = open_ro(path)  # `second` is still served by rangefs
+            assert passthrough_handles(path) == 0
+            os.close(third)
+        finally:
+            os.close(second)
+        fds = [open_ro(path) for _ in range(3)]  # now every open passes through, on one backing file
+        try:
+            assert passthrough_handles(path) == 3
+            assert all(read_fd(fd, len(data)) == data for fd in fds)
+        finally:
+            for fd in fds:
+                os.close(fd)
+        assert passthrough_handles(path) == 0
+    finally:
+        if first >= 0:
+            os.close(first)
+
+
+def test_after_a_remount_the_first_open_checks_the_cache_and_the_next_passes_through(
+    mounts: Mounts, nginx: Server
+) -> None:
+    data = seeded_bytes(2 * MiB, seed=43)
+    m = mounts.mount([nginx.put("pt/remount.bin", data)])
+    path = m.path / "remount.bin"
+    assert path.read_bytes() == data
+    assert m.unmount().returncode == 0
+    # Damaged while unmounted: a block the kernel read itself would never be checked.
+    data_file = next(m.cache_dir.glob("files/*.data"))
+    with open(data_file, "r+b") as f:
+        f.seek(BLOCK + 3)
+        f.write(b"\0damaged\0")
+    mounts.remount(m)
+    with open(path, "rb") as f:
+        assert passthrough_handles(path) == 0
+        assert f.read() == data  # every block checked; the damaged one fetched again
+    with open(path, "rb") as f:
+        assert passthrough_handles(path) == 1
+        assert f.read() == data
+
+
+def test_a_remote_change_keeps_passthrough_readers_on_the_old_version_and_fails_new_opens(
+    mounts: Mounts, server: FaultServer
+) -> None:
+    old, new = seeded_bytes(6 * BLOCK + 11, seed=44), seeded_bytes(9 * BLOCK, seed=45)
+    server.put("/f.bin", old)
+    m = mounts.mount([server.url("/f.bin")], "--revalidate-interval", "0")
+    path = m.path / "f.bin"
+    assert path.read_bytes() == old
+    fd = open_ro(path)
+    try:
+        assert passthrough_handles(path) == 1
+        server.change("/f.bin", new)
+        with pytest.raises(OSError) as refused:
+            open_ro(path)
+        assert refused.value.errno == errno.ESTALE
+        assert read_fd(fd, len(old)) == old  # whole and unmixed: the cache file was left alone
+    finally:
+        os.close(fd)
+    with open(path, "rb") as f:
+        assert passthrough_handles(path) == 0  # the new version is not cached yet
+        assert os.fstat(f.fileno()).st_size == len(new)
+        assert f.read() == new
+    log = (m.cache_dir / "rangefs.log").read_text(encoding="utf-8")
+    assert "changed while 1 open handle(s) read the cached version" in log
+
+
+@pytest.mark.parametrize("option", ["--no-passthrough", "--growing"])
+def test_no_passthrough_when_turned_off_or_for_files_that_grow(mounts: Mounts, nginx: Server, option: str) -> None:
+    data = seeded_bytes(MiB + 1, seed=46)
+    m = mounts.mount([nginx.put(f"pt/off{option}.bin", data)], option)
+    path = m.path / f"off{option}.bin"
+    assert path.read_bytes() == data
+    with open(path, "rb") as f:
+        assert passthrough_handles(path) == 0
+        assert f.read() == data

@@ -170,11 +170,13 @@ class CachedFile:
             block_size=self.cache.config.block_size,
         )
 
-    def passthrough_ready(self) -> bool:
-        """Every block is cached and was checked in this session, and the file may not grow: the
-        kernel may read the data file itself, as it stands, for as long as a handle is open."""
+    def passthrough_ready(self, *, unflushed_ok: bool = False) -> bool:
+        """Every block is cached, on disk (a checkpoint flushed it) and was checked in this session,
+        and the file may not grow: the kernel may read the data file itself, as it stands, for as
+        long as a handle is open (a later failed flush would drop pages the kernel reads).
+        ``unflushed_ok``: all that, but for the flush (a checkpoint would make it ready)."""
         return (self._fd >= 0 and not self.growing and not self.stale and self._switching is None
-                and self.bitmap is not None and self.bitmap.complete()
+                and (unflushed_ok or not self._dirty) and self.bitmap is not None and self.bitmap.complete()
                 and self._verified is not None and self._verified.complete())
 
     @property
@@ -312,7 +314,7 @@ class CachedFile:
             log.info("%s: not a pure append (block %d differs); dropping the cached blocks", self.identity.url,
                      check)
         try:
-            return await trio.to_thread.run_sync(self._reset, self._fd)
+            return await trio.to_thread.run_sync(self._reset)
         except OSError as exc:
             log.warning("%s: cannot empty the cache file (%s); its old blocks are not used", self.identity.url,
                         exc.strerror)
@@ -736,19 +738,19 @@ class CachedFile:
             fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             raise CacheError(f"cannot open cache file {self.data_path}: {exc.strerror}") from None
+        self._fd = fd
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            self.bitmap = self._load_bitmap(fd, existed)
-            self._load_sums(keep_verified=self._closed_as == _stamp(fd))
-        except BlockingIOError:
-            os.close(fd)
-            raise CacheError(f"{self.identity.url}: cache in use by another rangefs process") from None
+            self.bitmap = self._load_bitmap(existed)  # may replace self._fd
+            self._load_sums(keep_verified=self._closed_as == _stamp(self._fd))
         except OSError as exc:
-            os.close(fd)
+            os.close(self._fd)
+            self._fd = -1
+            if isinstance(exc, BlockingIOError):
+                raise CacheError(f"{self.identity.url}: cache in use by another rangefs process") from None
             raise CacheError(f"{self.identity.url}: cannot prepare the cache: {exc.strerror}") from None
-        self._fd = fd
 
-    def _load_bitmap(self, fd: int, existed: bool) -> Bitmap:
+    def _load_bitmap(self, existed: bool) -> Bitmap:
         """The saved bitmap if it is for this version and the data file is whole; else a fresh cache."""
         try:
             stored, bitmap = state.load(self.state_path)
@@ -760,18 +762,19 @@ class CachedFile:
         if not self.remote.if_range:
             log.warning("%s: the server names no validator (ETag, Last-Modified); the cache is not reused "
                         "across mounts", self.identity.url)
-            return self._reset(fd)
-        if stored == self.identity and existed and os.fstat(fd).st_size == self.size and bitmap is not None:
+            return self._reset()
+        size = os.fstat(self._fd).st_size
+        if stored == self.identity and existed and size == self.size and bitmap is not None:
             log.debug("%s: cache has %d of %d blocks", self.identity.url, len(bitmap), bitmap.nblocks)
             self._persisted = bitmap.copy()
             return bitmap
         if (stored is not None and bitmap is not None and self.growing and existed and stored.url == self.identity.url
-                and stored.size < self.size and os.fstat(fd).st_size == stored.size):
+                and stored.size < self.size and size == stored.size):
             self._grown_from = (stored, bitmap)  # acquire checks it over the network, then keeps or drops it
             return bitmap
         if stored is not None:
             log.info("%s: remote version or cache layout changed; dropping the cached blocks", self.identity.url)
-        return self._reset(fd)
+        return self._reset()
 
     def _load_sums(self, keep_verified: bool = False) -> None:
         """The saved sums (missing ones read as 0, which no block is trusted with).
@@ -793,16 +796,30 @@ class CachedFile:
         kept = self._verified if keep_verified else None
         self._verified = kept if kept is not None and kept.nblocks == nblocks else Bitmap(nblocks)
 
-    def _reset(self, fd: int) -> Bitmap:
-        """An empty cache: the old state goes first, so it can never pair with new data."""
+    def _reset(self) -> Bitmap:
+        """An empty cache: the old state goes first, so it can never pair with new data.
+
+        A new, empty data file takes the old one's name, and ``_fd`` moves to it: the old file is
+        never changed. The kernel may still read it for passthrough opens and mappings (an mmap
+        outlives its handle), and must go on seeing the old version there, whole.
+        """
         self.state_path.unlink(missing_ok=True)
         self.sums_path.unlink(missing_ok=True)
         _reserve(self.sums_path, 4 * self.identity.nblocks)
         self._sums = array.array("I", bytes(4 * self.identity.nblocks))
         self._sums_dirty = None
         self._verified = Bitmap(self.identity.nblocks)
-        os.ftruncate(fd, 0)
-        os.ftruncate(fd, self.size)
+        fresh_path = self.data_path.with_suffix(".data-new")
+        fd = os.open(fresh_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.ftruncate(fd, self.size)
+            os.replace(fresh_path, self.data_path)
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(self._fd)
+        self._fd = fd
         bitmap = Bitmap(self.identity.nblocks)
         state.save(self.state_path, self.identity, bitmap)
         self._persisted = bitmap.copy()

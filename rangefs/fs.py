@@ -140,7 +140,7 @@ class _Handle:
     cached: CachedFile
     readahead: Readahead
     generation: int
-    passthrough: bool = False  # the kernel reads the data file itself; no read reaches us
+    backing: _Backing | None = None  # set: the kernel reads the data file itself; no read reaches us
 
 
 @dataclass
@@ -149,6 +149,11 @@ class _Backing:
 
     backing_id: int
     handles: int = 0
+
+
+# The kernel's answers to a backing file it will never take (no passthrough negotiated, not
+# root, a cache file system it cannot stack on): stop asking. Others fail only that open.
+_PASSTHROUGH_REFUSED = (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTTY, errno.EINVAL, errno.ELOOP)
 
 
 class Filesystem(pyfuse3.Operations):
@@ -164,8 +169,9 @@ class Filesystem(pyfuse3.Operations):
         super().__init__()
         self.tree = tree
         self.cache = cache
-        # Read by pyfuse3 as built by scripts/build-pyfuse3 (ignored by others) during INIT.
-        self.enable_passthrough = passthrough and hasattr(pyfuse3, "fuse_fd")
+        # Read by pyfuse3 as built by scripts/build-pyfuse3 (ignored by others) during INIT. Only
+        # root may name backing files; asking costs a stacking level (no overlayfs on top of us).
+        self.enable_passthrough = passthrough and hasattr(pyfuse3, "fuse_fd") and os.geteuid() == 0
         self._passthrough = self.enable_passthrough  # off for good after the kernel refuses once
         self._backings: dict[int, _Backing] = {}  # inode -> its backing while passthrough handles are open
         self._cached_handles: dict[int, int] = {}  # inode -> handles served through read()
@@ -266,24 +272,24 @@ class Filesystem(pyfuse3.Operations):
         await cached.acquire()
         try:
             backing = await self._backing_for(inode, cached)
+            # keep_cache: pages the kernel holds stay valid while the version does. After a version
+            # switch the kernel must drop them (it does at an open without keep_cache) and its size.
+            keep_cache = self._kernel_generation.setdefault(inode, cached.generation) == cached.generation
+            if not keep_cache:
+                self._kernel_generation[inode] = cached.generation
+                pyfuse3.invalidate_inode(inode, attr_only=True)
         except BaseException:
             await cached.release()
             raise
+        # Counted only now, with nothing left to fail: each count is undone by one RELEASE.
         fh = self._next_fh
         self._next_fh += 1
-        handle = _Handle(inode, cached, self.cache.config.readahead(), cached.generation, backing is not None)
-        self._handles[fh] = handle
+        self._handles[fh] = _Handle(inode, cached, self.cache.config.readahead(), cached.generation, backing)
         if backing is not None:
             backing.handles += 1
             cached.passthrough_handles += 1
         else:
             self._cached_handles[inode] = self._cached_handles.get(inode, 0) + 1
-        # keep_cache: pages the kernel holds stay valid while the version does. After a version
-        # switch the kernel must drop them (it does at an open without keep_cache) and its size.
-        keep_cache = self._kernel_generation.setdefault(inode, cached.generation) == cached.generation
-        if not keep_cache:
-            self._kernel_generation[inode] = cached.generation
-            pyfuse3.invalidate_inode(inode, attr_only=True)
         if backing is not None:  # the kernel refuses keep_cache with passthrough; its page cache is unused
             return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), keep_cache=False, backing_id=backing.backing_id)
         return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), keep_cache=keep_cache)
@@ -301,20 +307,30 @@ class Filesystem(pyfuse3.Operations):
         if backing is not None:
             return backing
 
-        def ready() -> bool:
-            return self._passthrough and not self._cached_handles.get(inode) and cached.passthrough_ready()
+        def ready(unflushed_ok: bool = False) -> bool:
+            return (self._passthrough and not self._cached_handles.get(inode)
+                    and cached.passthrough_ready(unflushed_ok=unflushed_ok))
 
         if not ready():
-            return None
+            if not ready(unflushed_ok=True):
+                return None
+            await cached.checkpoint()  # the kernel reads what is on disk: flush the last blocks first
+            backing = self._backings.get(inode)  # another open may have made one meanwhile
+            if backing is not None or not ready():
+                return backing
+        generation = cached.generation
         try:
             backing_id = await trio.to_thread.run_sync(_backing_open, cached.data_path)
         except OSError as exc:
-            log.info("the kernel does not take cache files for FUSE passthrough (%s); every read goes "
-                     "through rangefs", exc.strerror)
-            self._passthrough = False
+            if exc.errno in _PASSTHROUGH_REFUSED:
+                log.info("the kernel takes no cache file for FUSE passthrough (%s); every read goes through "
+                         "rangefs", exc.strerror)
+                self._passthrough = False
+            else:
+                log.warning("%s: no passthrough for this open: %s", cached.identity.url, exc.strerror)
             return None
         backing = self._backings.get(inode)  # another open may have made one, or a read() handle come
-        if backing is None and ready():
+        if backing is None and ready() and cached.generation == generation:
             backing = self._backings[inode] = _Backing(backing_id)
         else:
             _backing_close(backing_id)
@@ -331,10 +347,9 @@ class Filesystem(pyfuse3.Operations):
         handle = self._handles.pop(fh, None)
         if handle is None:
             return
-        inode = handle.inode
-        if handle.passthrough:
+        inode, backing = handle.inode, handle.backing
+        if backing is not None:
             handle.cached.passthrough_handles -= 1
-            backing = self._backings[inode]
             backing.handles -= 1
             if backing.handles == 0:
                 del self._backings[inode]

@@ -338,3 +338,35 @@ def test_a_read_of_the_block_before_the_last_fetches_the_last_one_with_it(tmp_pa
     with_cache(tmp_path, fake, body)
     first, second = (last - 2) * BLOCK, (last - 1) * BLOCK
     assert gets(fake) == [f"bytes={first}-{second - 1}", f"bytes={second}-{len(DATA) - 1}"]  # 2 blocks, one GET
+
+
+def test_a_new_version_goes_to_a_new_data_file_and_the_old_one_stays_whole(tmp_path: Path) -> None:
+    """The kernel may still read the old data file (passthrough, mappings): it is never changed."""
+    fake = FakeOrigin(DATA)
+    new = os.urandom(len(DATA) - 5000)
+
+    async def run() -> None:
+        Cache.prepare(tmp_path)
+        async with Origin(transport=fake.transport()) as origin:
+            cache = Cache(CacheConfig(tmp_path, block_size=BLOCK), Fetcher(origin, BLOCK), probe=origin.probe)
+            cached = cache.file(URL, await origin.probe(URL))
+            async with trio.open_nursery() as nursery:
+                await nursery.start(cache.run)
+                await cached.acquire()
+                try:
+                    assert bytes(await cached.read(0, len(DATA))) == DATA
+                    held = os.open(cached.data_path, os.O_RDONLY)  # as a passthrough backing holds it
+                    try:
+                        fake.data, fake.etag = new, '"v2"'
+                        assert await cached.revalidate(force=True)
+                        assert bytes(await cached.read(0, len(DATA))) == new
+                        assert os.pread(held, len(DATA) + 1, 0) == DATA
+                        assert os.fstat(held).st_ino != os.stat(cached.data_path).st_ino
+                    finally:
+                        os.close(held)
+                finally:
+                    await cached.release()
+                nursery.cancel_scope.cancel()
+
+    trio.run(run)
+    assert sorted(p.suffix for p in (tmp_path / "files").iterdir()) == [".data", ".state", ".xxh"]

@@ -7,9 +7,12 @@ the kernel serves itself; the first test also shows it with the daemon stopped.
 from __future__ import annotations
 
 import errno
+import hashlib
 import mmap
 import os
 import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +22,7 @@ from faultserver import FaultServer
 
 from rangefs.cache import DEFAULT_BLOCK_SIZE
 
-from util import Mounts, Server, seeded_bytes
+from util import Mounts, Server, seeded_bytes, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 BLOCK = DEFAULT_BLOCK_SIZE
@@ -155,6 +158,48 @@ def test_a_remote_change_keeps_passthrough_readers_on_the_old_version_and_fails_
         assert f.read() == new
     log = (m.cache_dir / "rangefs.log").read_text(encoding="utf-8")
     assert "changed while 1 open handle(s) read the cached version" in log
+
+
+# Maps the file, closes it (the mapping outlives the handle), waits for a line, then prints the
+# sha256 of the mapped bytes. In a child: a mapping of a truncated file dies of SIGBUS.
+_MAPPER = """
+import hashlib, mmap, os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY)
+mapped = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
+os.close(fd)
+print("mapped", flush=True)
+sys.stdin.readline()
+print(hashlib.sha256(mapped[:]).hexdigest(), flush=True)
+"""
+
+
+def test_a_mapping_keeps_reading_its_version_whole_across_a_remote_change(mounts: Mounts, server: FaultServer) -> None:
+    """On Linux 6.18 the mapping keeps the handle open, so new opens get ESTALE until it goes; a
+    kernel that released the handle earlier would let the switch happen, to a new data file."""
+    old, new = seeded_bytes(6 * BLOCK + 11, seed=47), seeded_bytes(6 * BLOCK + 11, seed=48)
+    server.put("/m.bin", old)
+    m = mounts.mount([server.url("/m.bin")], "--revalidate-interval", "0")
+    path = m.path / "m.bin"
+    assert path.read_bytes() == old
+    mapper = subprocess.Popen([sys.executable, "-c", _MAPPER, str(path)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert mapper.stdout is not None and mapper.stdin is not None
+        assert mapper.stdout.readline().strip() == "mapped"
+        server.change("/m.bin", new)
+        try:
+            assert path.read_bytes() == new
+        except OSError as exc:
+            assert exc.errno == errno.ESTALE
+        out, _ = mapper.communicate("go\n", timeout=30)
+    finally:
+        if mapper.poll() is None:
+            mapper.kill()
+            mapper.wait()
+    assert mapper.returncode == 0, "the mapping died (SIGBUS: its file was truncated)"
+    assert out.strip() == hashlib.sha256(old).hexdigest()
+    assert wait_until(lambda: passthrough_handles(path) == 0)
+    assert path.read_bytes() == new
 
 
 @pytest.mark.parametrize("option", ["--no-passthrough", "--growing"])

@@ -332,6 +332,7 @@ class Filesystem(pyfuse3.Operations):
         backing = self._backings.get(inode)  # another open may have made one, or a read() handle come
         if backing is None and ready() and cached.generation == generation:
             backing = self._backings[inode] = _Backing(backing_id)
+            log.debug("%s: complete and checked; the kernel reads it from the cache file", cached.identity.url)
         else:
             _backing_close(backing_id)
         return backing

@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 from faultserver import FaultServer
 
-from rangefs.cache import DEFAULT_BLOCK_SIZE
+from rangefs import state
+from rangefs.cache import DEFAULT_BLOCK_SIZE, cache_key
 
 from util import Mounts, Server, seeded_bytes, wait_until
 
@@ -158,6 +159,24 @@ def test_a_remote_change_keeps_passthrough_readers_on_the_old_version_and_fails_
         assert f.read() == new
     log = (m.cache_dir / "rangefs.log").read_text(encoding="utf-8")
     assert "changed while 1 open handle(s) read the cached version" in log
+
+
+def test_a_file_passes_through_only_once_its_blocks_are_flushed(mounts: Mounts, nginx: Server) -> None:
+    """One URL at two paths: the first path's open handle completed the file, whose last blocks
+    no checkpoint has flushed yet (60 s interval). The second path's open may pass through (no
+    read() handle of its own), but only after a checkpoint: a failed flush later would drop the
+    cached pages the kernel reads, leaving it whatever the disk holds."""
+    data = seeded_bytes(3 * MiB, seed=49)
+    url = nginx.put("pt/twice.bin", data)
+    m = mounts.mount([f"{url} a.bin", f"{url} b.bin"], "--checkpoint-interval", "60")
+    state_path = m.cache_dir / "files" / f"{cache_key(url)}.state"
+    with open(m.path / "a.bin", "rb") as first:
+        assert first.read() == data
+        assert not state.load(state_path)[1].complete()  # complete in the cache, not yet saved
+        with open(m.path / "b.bin", "rb") as second:
+            assert passthrough_handles(m.path / "b.bin") == 1
+            assert state.load(state_path)[1].complete()  # flushed and saved before passing through
+            assert second.read() == data
 
 
 # Maps the file, closes it (the mapping outlives the handle), waits for a line, then prints the

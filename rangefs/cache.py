@@ -174,8 +174,10 @@ class CachedFile:
         """Every block is cached, on disk (a checkpoint flushed it) and was checked in this session,
         and the file may not grow: the kernel may read the data file itself, as it stands, for as
         long as a handle is open (a later failed flush would drop pages the kernel reads).
-        ``unflushed_ok``: all that, but for the flush (a checkpoint would make it ready)."""
-        return (self._fd >= 0 and not self.growing and not self.stale and self._switching is None
+        ``unflushed_ok``: all that, but for the flush (a checkpoint would make it ready). Never
+        without a validator: every revalidation of such a file looks like a change."""
+        return (self._fd >= 0 and bool(self.remote.if_range) and not self.growing and not self.stale
+                and self._switching is None
                 and (unflushed_ok or not self._dirty) and self.bitmap is not None and self.bitmap.complete()
                 and self._verified is not None and self._verified.complete())
 
@@ -202,7 +204,8 @@ class CachedFile:
         """Open the cache files for one more user (the first one loads or creates them)."""
         async with self._lock:
             if self._users == 0:
-                await trio.to_thread.run_sync(self._open_files)
+                async with self._checkpoint_lock:  # a checkpoint must not see a half-opened file
+                    await trio.to_thread.run_sync(self._open_files)
                 if self._grown_from is not None:
                     old, self._grown_from = self._grown_from, None
                     try:
@@ -319,6 +322,7 @@ class CachedFile:
             log.warning("%s: cannot empty the cache file (%s); its old blocks are not used", self.identity.url,
                         exc.strerror)
             self._persisted = Bitmap(self.identity.nblocks)
+            self._unwritable()  # not into the old file for now: the kernel may still read it
             return Bitmap(self.identity.nblocks)
 
     def _grow(self, bitmap: Bitmap) -> None:
@@ -380,7 +384,11 @@ class CachedFile:
                 raise
             self._unwritable()
             return await self._read_uncached(offset, end, generation)
-        data = await self._pread(end - offset, offset)
+        try:
+            data = await self._pread(end - offset, offset)
+        except OSError:
+            self._check_version(generation)  # a switch closed the descriptor it was reading
+            raise
         self._check_version(generation)  # the version may have switched while we waited
         return data
 
@@ -741,14 +749,20 @@ class CachedFile:
         self._fd = fd
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # The lock is on an inode: if another process replaced the file (a reset) after our
+            # open, we hold the lock of a file that has no name any more. Treat it as in use.
+            if os.fstat(fd).st_ino != os.stat(self.data_path).st_ino:
+                raise BlockingIOError
             self.bitmap = self._load_bitmap(existed)  # may replace self._fd
             self._load_sums(keep_verified=self._closed_as == _stamp(self._fd))
-        except OSError as exc:
+        except BaseException as exc:
             os.close(self._fd)
             self._fd = -1
             if isinstance(exc, BlockingIOError):
                 raise CacheError(f"{self.identity.url}: cache in use by another rangefs process") from None
-            raise CacheError(f"{self.identity.url}: cannot prepare the cache: {exc.strerror}") from None
+            if isinstance(exc, OSError):
+                raise CacheError(f"{self.identity.url}: cannot prepare the cache: {exc.strerror}") from None
+            raise
 
     def _load_bitmap(self, existed: bool) -> Bitmap:
         """The saved bitmap if it is for this version and the data file is whole; else a fresh cache."""
@@ -810,16 +824,18 @@ class CachedFile:
         self._sums_dirty = None
         self._verified = Bitmap(self.identity.nblocks)
         fresh_path = self.data_path.with_suffix(".data-new")
-        fd = os.open(fresh_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        fd = os.open(fresh_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.ftruncate(fd, 0)  # a leftover of a crash may hold bytes
             os.ftruncate(fd, self.size)
             os.replace(fresh_path, self.data_path)
         except BaseException:
             os.close(fd)
+            fresh_path.unlink(missing_ok=True)
             raise
-        os.close(self._fd)
-        self._fd = fd
+        old, self._fd = self._fd, fd
+        os.close(old)
         bitmap = Bitmap(self.identity.nblocks)
         state.save(self.state_path, self.identity, bitmap)
         self._persisted = bitmap.copy()
@@ -833,6 +849,7 @@ class CachedFile:
                 self._closed_as = None
             os.close(self._fd)  # also drops the flock
             self._fd = -1
+            self._dirty, self._unsaved_bytes, self._sums_dirty = False, 0, None
 
 
 def _drop_page_cache(fd: int) -> None:

@@ -270,6 +270,7 @@ class Filesystem(pyfuse3.Operations):
         except OriginError as exc:  # cannot ask the server: the cached version is still one version
             log.warning("%s: cannot revalidate (%s); serving the cached version", cached.identity.url, exc)
         await cached.acquire()
+        backing = None
         try:
             backing = await self._backing_for(inode, cached)
             # keep_cache: pages the kernel holds stay valid while the version does. After a version
@@ -279,6 +280,9 @@ class Filesystem(pyfuse3.Operations):
                 self._kernel_generation[inode] = cached.generation
                 pyfuse3.invalidate_inode(inode, attr_only=True)
         except BaseException:
+            if backing is not None and backing.handles == 0:  # made for this open: no one else uses it
+                del self._backings[inode]
+                _backing_close(backing.backing_id)
             await cached.release()
             raise
         # Counted only now, with nothing left to fail: each count is undone by one RELEASE.
@@ -311,13 +315,14 @@ class Filesystem(pyfuse3.Operations):
             return (self._passthrough and not self._cached_handles.get(inode)
                     and cached.passthrough_ready(unflushed_ok=unflushed_ok))
 
-        if not ready():
-            if not ready(unflushed_ok=True):
-                return None
-            await cached.checkpoint()  # the kernel reads what is on disk: flush the last blocks first
-            backing = self._backings.get(inode)  # another open may have made one meanwhile
-            if backing is not None or not ready():
-                return backing
+        if not ready(unflushed_ok=True):
+            return None
+        # The kernel reads what is on disk: flush the last blocks first, or wait for a flush that
+        # is running (if it fails, the file is no longer ready: its pages are dropped).
+        await cached.checkpoint()
+        backing = self._backings.get(inode)  # another open may have made one meanwhile
+        if backing is not None or not ready():
+            return backing
         generation = cached.generation
         try:
             backing_id = await trio.to_thread.run_sync(_backing_open, cached.data_path)
@@ -328,7 +333,7 @@ class Filesystem(pyfuse3.Operations):
                 self._passthrough = False
             else:
                 log.warning("%s: no passthrough for this open: %s", cached.identity.url, exc.strerror)
-            return None
+            return self._backings.get(inode)  # one made meanwhile must be joined: the kernel allows no mix
         backing = self._backings.get(inode)  # another open may have made one, or a read() handle come
         if backing is None and ready() and cached.generation == generation:
             backing = self._backings[inode] = _Backing(backing_id)

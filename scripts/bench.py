@@ -796,7 +796,7 @@ def case_tool(bench: Bench, case: str, rel: str, argv_for: Callable[[Path], list
     """A cold run of one command on one file of the mount, rangefs then rclone.
 
     After drop_caches the command is first run with ``-version`` (untimed, the mount untouched):
-    loading ffprobe's libraries from disk took 200-400 ms, varying more from run to run than
+    loading ffprobe's libraries from disk took 290-500 ms, varying more from run to run than
     what either mount adds (~15-30 ms), so the timed run measures the file, not the tool's start.
     """
     def op(path: Path) -> Sample:

@@ -244,6 +244,8 @@ class CachedFile:
         data file is emptied, the state file rewritten) and bumps ``generation``.
 
         Raises:
+            RemoteChanged: it changed, but passthrough handles still read the data file, so the
+                cache stays on the old version until they close (``stale`` makes opens ask again).
             OriginError: the server could not be asked (the cached version stays).
         """
         due = self._validated + self.cache.config.revalidate_interval

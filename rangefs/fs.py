@@ -292,10 +292,9 @@ class Filesystem(pyfuse3.Operations):
         if backing is not None:
             backing.handles += 1
             cached.passthrough_handles += 1
-        else:
-            self._cached_handles[inode] = self._cached_handles.get(inode, 0) + 1
-        if backing is not None:  # the kernel refuses keep_cache with passthrough; its page cache is unused
+            # The kernel refuses keep_cache with passthrough; its page cache is unused.
             return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), keep_cache=False, backing_id=backing.backing_id)
+        self._cached_handles[inode] = self._cached_handles.get(inode, 0) + 1
         return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), keep_cache=keep_cache)
 
     async def _backing_for(self, inode: int, cached: CachedFile) -> _Backing | None:

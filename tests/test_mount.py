@@ -244,7 +244,8 @@ def test_repeated_kill_9_at_seeded_moments_never_leaves_a_wrong_block(
     nginx.put("crash/r.bin", data)
     proxy = throttled(1 * MiB)
     url = f"http://127.0.0.1:{proxy.port}/crash/r.bin"
-    m = mounts.mount([url], "--checkpoint-interval", "0.3")
+    interval = ("--checkpoint-interval", "0.3")
+    m = mounts.mount([url], *interval)
     files = m.cache_dir / "files" / cache_key(url)
     rng = random.Random(2026)
     persisted = 0
@@ -266,7 +267,7 @@ def test_repeated_kill_9_at_seeded_moments_never_leaves_a_wrong_block(
             assert cached[piece] == data[piece], f"round {round_}: block {block} is wrong"
         assert len(bitmap) >= persisted, f"round {round_}: saved progress went back"
         persisted = len(bitmap)
-        mounts.remount(m)
+        mounts.remount(m, *interval)
     assert 0 < persisted * BLOCK < len(data), "the kills did not land mid-copy"
     mark = nginx.mark()
     assert (m.path / "r.bin").read_bytes() == data

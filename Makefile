@@ -17,7 +17,7 @@ help:
 deps:
 	@scripts/install-system-deps
 
-$(STAMP): pyproject.toml scripts/build-pyfuse3 third_party/pyfuse3-3.5.0-passthrough.patch
+$(STAMP): pyproject.toml scripts/build-pyfuse3 third_party/pyfuse3-3.5.0-rangefs.patch
 	@$(MAKE) --no-print-directory deps
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip

@@ -57,6 +57,7 @@ class MountOptions:
     allow_other: bool = False
     growing: bool = False  # every file may grow by appends (an entry's grow=no still says otherwise)
     passthrough: bool = True  # the kernel may read complete, checked files from the cache itself
+    direct_io: bool = False  # files not complete in the cache are opened with direct I/O
     startup_timeout: float = 300.0
     cache: CacheConfig = field(default_factory=lambda: CacheConfig(Path(".")))
     origin: OriginConfig = field(default_factory=OriginConfig)
@@ -354,7 +355,7 @@ async def _serve_files(
         return entry.option("grow") == "yes" or (opts.growing and entry.option("grow") != "no")
 
     tree = Tree.build([(entry, cache.file(entry.url, remote, growing(entry))) for entry, remote in files])
-    fs = Filesystem(tree, cache, passthrough=opts.passthrough)
+    fs = Filesystem(tree, cache, passthrough=opts.passthrough, direct_io=opts.direct_io)
     _mount_fuse(fs, opts)
     # From here on the mount exists: every path out goes through the finally clauses.
     # Stop signals stay caught until the very end, so a second Ctrl-C cannot cut the shutdown short.

@@ -374,9 +374,10 @@ class Mount:
 class RangefsMount(Mount):
     tool = "rangefs"
 
-    def __init__(self, mountpoint: Path, url_list: Path, cache_dir: Path, block_size: int = 0) -> None:
+    def __init__(self, mountpoint: Path, url_list: Path, cache_dir: Path, block_size: int = 0,
+                 options: Sequence[str] = ()) -> None:
         super().__init__(mountpoint)
-        extra = ["--block-size", str(block_size)] if block_size else []
+        extra = [*(["--block-size", str(block_size)] if block_size else []), *options]
         run([RANGEFS, "mount", str(url_list), str(mountpoint), "--cache-dir", str(cache_dir), *extra], MOUNT_TIMEOUT)
         if not is_mounted(mountpoint):
             raise BenchError("'rangefs mount' returned, but nothing is mounted")
@@ -507,13 +508,15 @@ class Bench:
 
     @contextmanager
     def mount(self, tool: str, base_url: str, name: str) -> Iterator[Mount]:
-        """A fresh mount of the data files (fresh cache dir) by ``tool``, unmounted on exit."""
+        """A fresh mount of the data files (fresh cache dir) by ``tool``, unmounted on exit.
+        ``tool`` is "rclone", or "rangefs" followed by any mount options ("rangefs --direct-io")."""
         run_dir = self.fresh_dir(name)
         (run_dir / "mnt").mkdir()
-        if tool == "rangefs":
+        if tool.split()[0] == "rangefs":
             urls = run_dir / "urls.txt"
             urls.write_text("".join(f"{base_url}/{rel}\n" for rel in (self.data.big, self.data.video)))
-            mnt: Mount = RangefsMount(run_dir / "mnt", urls, run_dir / "cache", self.cfg.block_size)
+            mnt: Mount = RangefsMount(run_dir / "mnt", urls, run_dir / "cache", self.cfg.block_size,
+                                      tool.split()[1:])
         elif self.rclone_error is not None:
             raise BenchError(self.rclone_error)
         else:
@@ -651,11 +654,12 @@ def curl_run(bench: Bench, url: str, rel: str, size: int, to_file: bool, cold: b
 
 
 def case_seq(bench: Bench, case: str, base_url: str) -> None:
-    """Cold sequential read of the big file: rangefs, curl to /dev/null and to a file, rclone."""
+    """Cold sequential read of the big file: rangefs (also with --direct-io, not a target's row),
+    curl to /dev/null and to a file, rclone."""
     data = bench.data
     url = f"{base_url}/{data.big}"
     tools: list[tuple[str, Callable[[], Sample]]] = []
-    for tool in ("rangefs", "curl -o /dev/null", "curl -o FILE", "rclone"):
+    for tool in ("rangefs", "rangefs --direct-io", "curl -o /dev/null", "curl -o FILE", "rclone"):
         if tool.startswith("curl"):
             tools.append((tool, partial(curl_run, bench, url, data.big, data.big_size, tool.endswith("FILE"))))
         else:

@@ -17,6 +17,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from faultserver import FaultServer
+
 from nginx import Nginx
 from proxy import ThrottleProxy
 from util import Mounts, Server
@@ -60,6 +62,13 @@ def video(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ]  # fmt: skip
     subprocess.run(command, check=True, capture_output=True, timeout=120)
     return path
+
+
+@pytest.fixture
+def server() -> Iterator[FaultServer]:
+    """The project's misbehaving HTTP server on 127.0.0.1 (a file's ``change`` makes a new ETag)."""
+    with FaultServer() as fault_server:
+        yield fault_server
 
 
 @pytest.fixture

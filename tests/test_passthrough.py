@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -40,12 +39,6 @@ def read_fd(fd: int, size: int) -> bytes:
 
 def open_ro(path: Path) -> int:
     return os.open(path, os.O_RDONLY)
-
-
-@pytest.fixture
-def server() -> Iterator[FaultServer]:
-    with FaultServer() as fault_server:
-        yield fault_server
 
 
 def test_a_complete_file_is_read_by_the_kernel_even_with_the_daemon_stopped(mounts: Mounts, nginx: Server) -> None:

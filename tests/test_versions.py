@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,12 +18,6 @@ from util import Mounts, seeded_bytes, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 BLOCK = DEFAULT_BLOCK_SIZE
-
-
-@pytest.fixture
-def server() -> Iterator[FaultServer]:
-    with FaultServer() as fault_server:
-        yield fault_server
 
 
 def pread_random(path: Path, offset: int, size: int) -> bytes:

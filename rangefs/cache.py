@@ -55,11 +55,12 @@ class CacheConfig:
 
     cache_dir: Path
     block_size: int = DEFAULT_BLOCK_SIZE
-    # Seconds from the first unsaved write to the checkpoint that saves it: the most progress a
-    # kill -9 can lose. By time only, not also by volume: a checkpoint flushes the data file, and
-    # flushing every 64 MiB made a cold 1 GiB read pay for writing it to disk while it ran (in
-    # `make bench`, 218-303 MB/s against 379-415 MB/s without, 4 runs each taking turns). The
-    # kernel writes back dirty pages on its own; a read that lasts longer pays one flush per interval.
+    # Seconds from the first unsaved write to the checkpoint that saves it (or to the end of one
+    # running then, whichever is later): about the most progress a kill -9 can lose. By time
+    # only, not also by volume: a checkpoint flushes the data file, and flushing every 64 MiB
+    # made a cold 1 GiB read pay for writing it to disk while it ran (in `make bench`, 218-303
+    # MB/s against 379-415 MB/s without, 4 runs each taking turns). The kernel writes back dirty
+    # pages on its own; a read that lasts longer pays one flush per interval.
     checkpoint_interval: float = 5.0
     max_request_bytes: int = 16 * 1024 * 1024  # longest Range request (a prefetch of a sequential reader)
     # Prefetch window of a sequential reader: mountpoint-s3's first request, 1 MiB + 128 KiB,
@@ -686,40 +687,44 @@ class CachedFile:
     async def checkpoint(self) -> None:
         """Make the present blocks durable and save the bitmap that claims them."""
         async with self._checkpoint_lock:
-            if not self._dirty or self._fd < 0:
-                return
-            snapshot = self._bitmap().copy()
-            self._dirty = False
-            sums_dirty, self._sums_dirty = self._sums_dirty, None
-            sums = self._sums[sums_dirty[0] : sums_dirty[1]].tobytes() if sums_dirty else b""
-            try:
-                await trio.to_thread.run_sync(os.fdatasync, self._fd)
-            except OSError as exc:
-                # After a failed fdatasync the kernel forgets the error: a later one succeeds
-                # without the lost pages. Forget every block written since the last good save.
-                log.warning("%s: cannot flush the cache file: %s; refetching recent blocks", self.identity.url,
-                            exc.strerror)
-                self.bitmap = (self._persisted or Bitmap(self.identity.nblocks)).copy()
-                # A block the old state claims may have been rewritten since, and that write lost
-                # (its pages stay cached, clean, until evicted): drop the cached pages, then check
-                # every block again, from the disk, against the sums of what was last written.
-                await trio.to_thread.run_sync(_drop_page_cache, self._fd)
-                self._verified = Bitmap(self.identity.nblocks)
-                if sums_dirty:
-                    self._sums_unsaved(*sums_dirty)
-                self._dirty = True
-                return
-            try:
-                if sums_dirty:
-                    await trio.to_thread.run_sync(_write_sums, self.sums_path, sums_dirty[0], sums)
-                await trio.to_thread.run_sync(state.save, self.state_path, self.identity, snapshot)
-            except OSError as exc:  # the data is safe; only the record of it waits for the next try
-                log.warning("%s: cannot save cache state: %s", self.identity.url, exc.strerror)
-                self._dirty = True
-                if sums_dirty:
-                    self._sums_unsaved(*sums_dirty)
-            else:
-                self._persisted = snapshot
+            # Shielded: cancelled half way (the mount stopping during a flush), it would have
+            # taken the dirty marks without saving the state, and the unmount's own checkpoint
+            # would find nothing to save.
+            with trio.CancelScope(shield=True):
+                if not self._dirty or self._fd < 0:
+                    return
+                snapshot = self._bitmap().copy()
+                self._dirty = False
+                sums_dirty, self._sums_dirty = self._sums_dirty, None
+                sums = self._sums[sums_dirty[0] : sums_dirty[1]].tobytes() if sums_dirty else b""
+                try:
+                    await trio.to_thread.run_sync(os.fdatasync, self._fd)
+                except OSError as exc:
+                    # After a failed fdatasync the kernel forgets the error: a later one succeeds
+                    # without the lost pages. Forget every block written since the last good save.
+                    log.warning("%s: cannot flush the cache file: %s; refetching recent blocks", self.identity.url,
+                                exc.strerror)
+                    self.bitmap = (self._persisted or Bitmap(self.identity.nblocks)).copy()
+                    # A block the old state claims may have been rewritten since, and that write lost
+                    # (its pages stay cached, clean, until evicted): drop the cached pages, then check
+                    # every block again, from the disk, against the sums of what was last written.
+                    await trio.to_thread.run_sync(_drop_page_cache, self._fd)
+                    self._verified = Bitmap(self.identity.nblocks)
+                    if sums_dirty:
+                        self._sums_unsaved(*sums_dirty)
+                    self._dirty = True
+                    return
+                try:
+                    if sums_dirty:
+                        await trio.to_thread.run_sync(_write_sums, self.sums_path, sums_dirty[0], sums)
+                    await trio.to_thread.run_sync(state.save, self.state_path, self.identity, snapshot)
+                except OSError as exc:  # the data is safe; only the record of it waits for the next try
+                    log.warning("%s: cannot save cache state: %s", self.identity.url, exc.strerror)
+                    self._dirty = True
+                    if sums_dirty:
+                        self._sums_unsaved(*sums_dirty)
+                else:
+                    self._persisted = snapshot
 
     def _sums_unsaved(self, first: int, stop: int) -> None:
         """The sums of blocks ``first .. stop`` are not on disk yet: the next checkpoint writes them."""
@@ -910,7 +915,8 @@ class Cache:
         self.direct = direct
         self.files_dir = config.cache_dir / "files"
         self._files: dict[str, CachedFile] = {}
-        self._dirtied = trio.Event()  # set by the first unsaved write since the last checkpoint
+        self._dirtied = trio.Event()  # set by the first unsaved write since the last checkpoint round
+        self._first_unsaved: float | None = None  # trio time of that write
         self._nursery: trio.Nursery | None = None
         self.closing = False
 
@@ -948,7 +954,9 @@ class Cache:
 
     def dirtied(self) -> None:
         """A file has progress to save: a checkpoint comes ``checkpoint_interval`` seconds later."""
-        self._dirtied.set()
+        if self._first_unsaved is None:
+            self._first_unsaved = trio.current_time()
+            self._dirtied.set()
 
     async def checkpoint_all(self) -> None:
         for cached in list(self._files.values()):
@@ -973,14 +981,16 @@ class Cache:
 
     async def _run_checkpoints(self) -> None:
         """Checkpoint dirty files ``checkpoint_interval`` seconds after the first unsaved write
-        (and at least that often, for files made dirty other than by a write)."""
+        (and at least that often, for files made dirty other than by a write). A write is saved
+        by its time + the interval (or the end of a round still running then) + one round."""
         interval = self.config.checkpoint_interval
         while True:
             with trio.move_on_after(interval):
                 await self._dirtied.wait()
-            if self._dirtied.is_set():
-                await trio.sleep(interval)
-            self._dirtied = trio.Event()  # before the checkpoint: writes during it start the next round
+            if self._first_unsaved is not None:
+                await trio.sleep_until(self._first_unsaved + interval)
+            # Before the round: a write during it starts the next one's clock.
+            self._dirtied, self._first_unsaved = trio.Event(), None
             started = time.monotonic()
             await self.checkpoint_all()
             log.debug("checkpoint took %.3fs", time.monotonic() - started)

@@ -382,6 +382,10 @@ class RangefsMount(Mount):
         if not is_mounted(mountpoint):
             raise BenchError("'rangefs mount' returned, but nothing is mounted")
         self.pid = self._daemon_pid()
+        if "--direct-io" in options:  # without the kernel's or pyfuse3's support it would measure the default
+            log = (cache_dir / "rangefs.log").read_text(encoding="utf-8", errors="replace")
+            if "opened with direct I/O" not in log:
+                raise BenchError(f"--direct-io did not take effect (see {cache_dir / 'rangefs.log'})")
 
     def _daemon_pid(self) -> int | None:
         """The daemon's pid, which it names in the mount table (``rangefs:PID``)."""

@@ -290,15 +290,16 @@ def cpu_seconds(pid: int | None) -> float | None:
     """
     if pid is None:
         return None
-    total = 0.0
-    for index, process in enumerate([pid, *children(pid)]):
-        try:
-            fields = Path(f"/proc/{process}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
-        except (OSError, ValueError, IndexError):
-            if index == 0:
-                return None
-    return total
+    times = [_cpu_time(p) for p in [pid, *children(pid)]]
+    return sum(t for t in times if t is not None) if times[0] is not None else None
+
+
+def _cpu_time(pid: int) -> float | None:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _vm_hwm(pid: int) -> int | None:
@@ -516,11 +517,11 @@ class Bench:
         ``tool`` is "rclone", or "rangefs" followed by any mount options ("rangefs --direct-io")."""
         run_dir = self.fresh_dir(name)
         (run_dir / "mnt").mkdir()
-        if tool.split()[0] == "rangefs":
+        name, *options = tool.split()
+        if name == "rangefs":
             urls = run_dir / "urls.txt"
             urls.write_text("".join(f"{base_url}/{rel}\n" for rel in (self.data.big, self.data.video)))
-            mnt: Mount = RangefsMount(run_dir / "mnt", urls, run_dir / "cache", self.cfg.block_size,
-                                      tool.split()[1:])
+            mnt: Mount = RangefsMount(run_dir / "mnt", urls, run_dir / "cache", self.cfg.block_size, options)
         elif self.rclone_error is not None:
             raise BenchError(self.rclone_error)
         else:

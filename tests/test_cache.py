@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -22,17 +23,27 @@ DATA = os.urandom(20 * BLOCK + 1234)
 URL = "http://origin.test/f.bin"
 
 
+@asynccontextmanager
+async def cache_over(
+    tmp_path: Path, fake: FakeOrigin, *, probe: bool = False,
+    checkpoint_interval: float = CacheConfig.checkpoint_interval,
+) -> AsyncIterator[tuple[Cache, CachedFile]]:
+    """A Cache in ``tmp_path`` over ``fake`` (asking it for new versions when ``probe``) and the
+    CachedFile of its file; neither opened nor running."""
+    Cache.prepare(tmp_path)
+    async with Origin(transport=fake.transport()) as origin:
+        config = CacheConfig(tmp_path, block_size=BLOCK, checkpoint_interval=checkpoint_interval)
+        cache = Cache(config, Fetcher(origin, BLOCK), probe=origin.probe if probe else None)
+        yield cache, cache.file(URL, await origin.probe(URL))
+
+
 def with_cache(
     tmp_path: Path, fake: FakeOrigin, body: Callable[[Cache, CachedFile], Awaitable[None]]
 ) -> None:
     """Run ``body`` against an opened CachedFile of ``fake``'s file, with the cache's task group running."""
 
     async def run() -> None:
-        config = CacheConfig(tmp_path, block_size=BLOCK)
-        Cache.prepare(tmp_path)
-        async with Origin(transport=fake.transport()) as origin:
-            cache = Cache(config, Fetcher(origin, BLOCK))
-            cached = cache.file(URL, await origin.probe(URL))
+        async with cache_over(tmp_path, fake) as (cache, cached):
             async with trio.open_nursery() as nursery:
                 await nursery.start(cache.run)
                 await cached.acquire()
@@ -347,10 +358,7 @@ def test_a_new_version_goes_to_a_new_data_file_and_the_old_one_stays_whole(tmp_p
     new = os.urandom(len(DATA) - 5000)
 
     async def run() -> None:
-        Cache.prepare(tmp_path)
-        async with Origin(transport=fake.transport()) as origin:
-            cache = Cache(CacheConfig(tmp_path, block_size=BLOCK), Fetcher(origin, BLOCK), probe=origin.probe)
-            cached = cache.file(URL, await origin.probe(URL))
+        async with cache_over(tmp_path, fake, probe=True) as (cache, cached):
             async with trio.open_nursery() as nursery:
                 await nursery.start(cache.run)
                 await cached.acquire()
@@ -401,10 +409,7 @@ def test_a_checkpoint_running_when_the_mount_stops_still_saves_its_blocks(
     slow_flushes(monkeypatch, 0.5)
 
     async def run() -> None:
-        Cache.prepare(tmp_path)
-        async with Origin(transport=FakeOrigin(DATA).transport()) as origin:
-            cache = Cache(CacheConfig(tmp_path, block_size=BLOCK, checkpoint_interval=0.2), Fetcher(origin, BLOCK))
-            cached = cache.file(URL, await origin.probe(URL))
+        async with cache_over(tmp_path, FakeOrigin(DATA), checkpoint_interval=0.2) as (cache, cached):
             async with trio.open_nursery() as nursery:  # as mount._run_until_unmounted
                 await nursery.start(cache.run)
                 await cached.acquire()
@@ -432,10 +437,7 @@ def test_a_write_is_saved_an_interval_and_one_checkpoint_after_it_even_while_wri
     rounds: list[float] = []
 
     async def run() -> None:
-        Cache.prepare(tmp_path)
-        async with Origin(transport=FakeOrigin(DATA).transport()) as origin:
-            cache = Cache(CacheConfig(tmp_path, block_size=BLOCK, checkpoint_interval=interval),
-                          Fetcher(origin, BLOCK))
+        async with cache_over(tmp_path, FakeOrigin(DATA), checkpoint_interval=interval) as (cache, cached):
             real_round = cache.checkpoint_all
 
             async def timed_round() -> None:
@@ -444,7 +446,6 @@ def test_a_write_is_saved_an_interval_and_one_checkpoint_after_it_even_while_wri
                 rounds.append(trio.current_time() - started)
 
             cache.checkpoint_all = timed_round  # type: ignore[method-assign]
-            cached = cache.file(URL, await origin.probe(URL))
 
             async def watch() -> None:
                 while True:

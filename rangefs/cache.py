@@ -85,6 +85,7 @@ class CacheConfig:
 
 _MAX_INTERRUPTIONS = 3  # a read fetches again after an interrupted fetch at most this often
 _UNWRITABLE_RETRY = 30.0  # seconds between attempts to write into a cache that failed a write
+_MAX_CLOSE_ROUNDS = 3  # flushes a last close makes outside the file's lock before it closes (see release)
 
 
 class _Abandoned(FetchInterrupted):
@@ -158,7 +159,8 @@ class CachedFile:
         self._checkpoint_lock = trio.Lock()
         self._fetches: set[trio.CancelScope] = set()  # every fetch writing to the data file
         self._fetches_done = trio.Event()
-        self._persisted: Bitmap | None = None  # the bitmap the state file holds
+        self._persisted: Bitmap | None = None  # blocks the state file claims, flushed (less any found damaged)
+        self._dropped: set[int] = set()  # blocks found damaged since the running checkpoint's snapshot
         # Handles the kernel serves from the data file itself (FUSE passthrough, set by fs.py).
         # While there are any, the data file must not change: a new version waits until they close.
         self.passthrough_handles = 0
@@ -174,15 +176,16 @@ class CachedFile:
             block_size=self.cache.config.block_size,
         )
 
-    def passthrough_ready(self, *, unflushed_ok: bool = False) -> bool:
-        """Every block is cached, on disk (a checkpoint flushed it) and was checked in this session,
-        and the file may not grow: the kernel may read the data file itself, as it stands, for as
-        long as a handle is open (a later failed flush would drop pages the kernel reads).
-        ``unflushed_ok``: all that, but for the flush (a checkpoint would make it ready). Never
-        without a validator: every revalidation of such a file looks like a change."""
+    def passthrough_ready(self) -> bool:
+        """Every block is cached, on disk (the state file claims it: a checkpoint flushed it) and
+        was checked in this session, and the file may not grow: the kernel may read the data file
+        itself, as it stands, for as long as a handle is open (a later failed flush would drop
+        pages the kernel reads). Never without a validator: every revalidation of such a file
+        looks like a change."""
         return (self._fd >= 0 and bool(self.remote.if_range) and not self.growing and not self.stale
-                and self._switching is None
-                and (unflushed_ok or not self._dirty) and self.bitmap is not None and self.bitmap.complete()
+                and self._switching is None and not self._dirty
+                and self._persisted is not None and self._persisted.complete()
+                and self.bitmap is not None and self.bitmap.complete()
                 and self._verified is not None and self._verified.complete())
 
     @property
@@ -198,16 +201,25 @@ class CachedFile:
         if self.bitmap is None and not self._peeked:
             self._peeked = True
             self.bitmap = self._peek_bitmap()
-        if self.bitmap is None or self.identity.nblocks == 0:
+        return self._bytes_in(self.bitmap)
+
+    def saved_bytes(self) -> int:
+        """Bytes flushed and claimed by the state file: what a crash now would keep."""
+        if self._persisted is None:  # not opened in this session: as its state file says
+            return self.cached_bytes()
+        return self._bytes_in(self._persisted)
+
+    def _bytes_in(self, bitmap: Bitmap | None) -> int:
+        if bitmap is None or self.identity.nblocks == 0:
             return 0
         last = self.identity.nblocks - 1
         tail_short = self.block_size * self.identity.nblocks - self.size
-        return len(self.bitmap) * self.block_size - (tail_short if last in self.bitmap else 0)
+        return len(bitmap) * self.block_size - (tail_short if last in bitmap else 0)
 
     async def acquire(self) -> None:
-        """Open the cache files for one more user (the first one loads or creates them)."""
+        """Open the cache files for one more user (the one that finds them closed loads or creates them)."""
         async with self._lock:
-            if self._users == 0:
+            if self._fd < 0:  # else open for other users, or still open while the last one's release flushes
                 async with self._checkpoint_lock:  # a checkpoint must not see a half-opened file
                     await trio.to_thread.run_sync(self._open_files)
                 if self._grown_from is not None:
@@ -220,11 +232,29 @@ class CachedFile:
             self._users += 1
 
     async def release(self) -> None:
-        """Drop one user; the last one stops prefetching, checkpoints and closes the files."""
+        """Drop one user; the last one stops prefetching, checkpoints and closes the files.
+
+        The checkpoint runs without the lock: after a large read it flushes for seconds (1 GiB
+        took 1.7 s here), and the next open would wait for it. An open meanwhile joins the
+        files as they are, and they stay open.
+        """
         async with self._lock:
             self._users -= 1
-            if self._users == 0:
-                await self._shut()
+            if self._users:
+                return
+            await self._stop_fetches()
+        rounds = 0
+        while True:
+            await self.checkpoint()
+            rounds += 1
+            async with self._lock:
+                if self._users or self._fd < 0:
+                    return  # someone came meanwhile (and still uses the files, or closed them)
+                # Close once nothing is left to flush, so that _shut's checkpoint holds no open up
+                # (someone may have come, written and gone meanwhile), or after a few rounds.
+                if rounds >= _MAX_CLOSE_ROUNDS or not (self._dirty or self._checkpoint_lock.locked()):
+                    await self._shut()
+                    return
 
     async def close(self) -> None:
         """Stop prefetching, checkpoint and close the files whatever the number of users (at unmount)."""
@@ -283,9 +313,10 @@ class CachedFile:
                     if self._fd >= 0 and old_bitmap is not None:
                         # Never the old bitmap under the new version, even if what follows fails.
                         self.bitmap = Bitmap(self.identity.nblocks)
+                        self._persisted = Bitmap(self.identity.nblocks)
                         self.bitmap = await self._adopt(old_identity, old_bitmap)
-                    else:
-                        self.bitmap, self._peeked = None, False  # the next open finds the old state and resets
+                    else:  # the next open finds the old state and resets
+                        self.bitmap, self._peeked, self._persisted = None, False, None
             finally:
                 self._switching.set()
                 self._switching = None
@@ -341,6 +372,7 @@ class CachedFile:
         for block in range(bitmap.nblocks):
             if block in bitmap and old_verified is not None and block < old_verified.nblocks and block in old_verified:
                 self._verified.add(block)
+        os.fdatasync(self._fd)  # the old version's last blocks may not be flushed yet
         state.save(self.state_path, self.identity, bitmap)
         self._persisted = bitmap.copy()
 
@@ -432,6 +464,9 @@ class CachedFile:
         for block in todo:
             if block in bad:
                 bitmap.discard(block)
+                self._dropped.add(block)  # a checkpoint running now must not claim it as flushed
+                if self._persisted is not None:
+                    self._persisted.discard(block)
             elif block in bitmap:
                 verified.add(block)
         if bad:
@@ -694,6 +729,7 @@ class CachedFile:
                 if not self._dirty or self._fd < 0:
                     return
                 snapshot = self._bitmap().copy()
+                self._dropped.clear()
                 self._dirty = False
                 sums_dirty, self._sums_dirty = self._sums_dirty, None
                 sums = self._sums[sums_dirty[0] : sums_dirty[1]].tobytes() if sums_dirty else b""
@@ -724,6 +760,8 @@ class CachedFile:
                     if sums_dirty:
                         self._sums_unsaved(*sums_dirty)
                 else:
+                    for block in self._dropped:  # found damaged during the flush: its rewrite may not be on disk
+                        snapshot.discard(block)
                     self._persisted = snapshot
 
     def _sums_unsaved(self, first: int, stop: int) -> None:

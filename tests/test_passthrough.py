@@ -1,7 +1,9 @@
-"""FUSE passthrough: the kernel reads complete, checked files from the cache file itself.
+"""FUSE passthrough: the kernel reads complete, checked, flushed files from the cache file itself.
 
 Through real mounts. `user.rangefs.passthrough_handles` tells how many open handles of a file
-the kernel serves itself; the first test also shows it with the daemon stopped.
+the kernel serves itself; the first test also shows it with the daemon stopped. A file read
+whole is flushed by its last close, which runs after close() returns: tests wait for
+`user.rangefs.saved_bytes` before they expect an open to pass through.
 """
 
 from __future__ import annotations
@@ -33,6 +35,15 @@ def passthrough_handles(path: Path) -> int:
     return int(os.getxattr(path, "user.rangefs.passthrough_handles"))
 
 
+def saved_bytes(path: Path) -> int:
+    return int(os.getxattr(path, "user.rangefs.saved_bytes"))
+
+
+def wait_saved(path: Path) -> None:
+    """Until the file's blocks are all flushed and claimed by its state file."""
+    assert wait_until(lambda: saved_bytes(path) == path.stat().st_size), f"{path.name} never flushed"
+
+
 def read_fd(fd: int, size: int) -> bytes:
     return b"".join(os.pread(fd, MiB, offset) for offset in range(0, size, MiB))
 
@@ -46,6 +57,7 @@ def test_a_complete_file_is_read_by_the_kernel_even_with_the_daemon_stopped(moun
     m = mounts.mount([nginx.put("pt/whole.bin", data)])
     path = m.path / "whole.bin"
     assert path.read_bytes() == data  # fetched, written and checked: complete
+    wait_saved(path)
     fd = open_ro(path)
     try:
         assert passthrough_handles(path) == 1
@@ -93,6 +105,7 @@ def test_no_passthrough_while_the_file_is_partial_or_open_through_rangefs(mounts
             os.close(third)
         finally:
             os.close(second)
+        wait_saved(path)
         fds = [open_ro(path) for _ in range(3)]  # now every open passes through, on one backing file
         try:
             assert passthrough_handles(path) == 3
@@ -123,6 +136,7 @@ def test_after_a_remount_the_first_open_checks_the_cache_and_the_next_passes_thr
     with open(path, "rb") as f:
         assert passthrough_handles(path) == 0
         assert f.read() == data  # every block checked; the damaged one fetched again
+    wait_saved(path)
     with open(path, "rb") as f:
         assert passthrough_handles(path) == 1
         assert f.read() == data
@@ -136,6 +150,7 @@ def test_a_remote_change_keeps_passthrough_readers_on_the_old_version_and_fails_
     m = mounts.mount([server.url("/f.bin")], "--revalidate-interval", "0")
     path = m.path / "f.bin"
     assert path.read_bytes() == old
+    wait_saved(path)
     fd = open_ro(path)
     try:
         assert passthrough_handles(path) == 1
@@ -154,22 +169,30 @@ def test_a_remote_change_keeps_passthrough_readers_on_the_old_version_and_fails_
     assert "changed while 1 open handle(s) read the cached version" in log
 
 
-def test_a_file_passes_through_only_once_its_blocks_are_flushed(mounts: Mounts, nginx: Server) -> None:
-    """One URL at two paths: the first path's open handle completed the file, whose last blocks
-    no checkpoint has flushed yet (60 s interval). The second path's open may pass through (no
-    read() handle of its own), but only after a checkpoint: a failed flush later would drop the
+def test_a_complete_file_is_served_by_rangefs_until_flushed_then_passes_through(mounts: Mounts, nginx: Server) -> None:
+    """One URL at two paths: the first path's handle completes the file, whose blocks no
+    checkpoint has flushed yet (60 s interval). The second path's open does not wait for a flush
+    (it took 1.7 s after a cold read of 1 GiB): rangefs serves it. Once the last close has
+    flushed the file, an open passes through. Not before: a failed flush later would drop the
     cached pages the kernel reads, leaving it whatever the disk holds."""
     data = seeded_bytes(3 * MiB, seed=49)
     url = nginx.put("pt/twice.bin", data)
     m = mounts.mount([f"{url} a.bin", f"{url} b.bin"], "--checkpoint-interval", "60")
+    a, b = m.path / "a.bin", m.path / "b.bin"
     state_path = m.cache_dir / "files" / f"{cache_key(url)}.state"
-    with open(m.path / "a.bin", "rb") as first:
+    with open(a, "rb") as first:
         assert first.read() == data
-        assert not state.load(state_path)[1].complete()  # complete in the cache, not yet saved
-        with open(m.path / "b.bin", "rb") as second:
-            assert passthrough_handles(m.path / "b.bin") == 1
-            assert state.load(state_path)[1].complete()  # flushed and saved before passing through
+        assert int(os.getxattr(a, "user.rangefs.cached_bytes")) == len(data)
+        assert saved_bytes(a) == 0  # complete in the cache, nothing flushed yet
+        with open(b, "rb") as second:
+            assert passthrough_handles(b) == 0
+            assert saved_bytes(b) == 0  # the open did not flush
             assert second.read() == data
+    wait_saved(b)  # by the last close
+    assert state.load(state_path)[1].complete()
+    with open(b, "rb") as third:
+        assert passthrough_handles(b) == 1
+        assert third.read() == data
 
 
 # Maps the file with libc's mmap (Python's mmap keeps a dup of the descriptor, which would keep
@@ -201,6 +224,7 @@ def test_a_mapping_outlives_its_handle_and_keeps_reading_its_version_whole(
     m = mounts.mount([server.url("/m.bin")], "--revalidate-interval", "0")
     path = m.path / "m.bin"
     assert path.read_bytes() == old
+    wait_saved(path)
     mapper = subprocess.Popen([sys.executable, "-c", _MAPPER, str(path)], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True)
     try:
@@ -224,6 +248,7 @@ def test_no_passthrough_when_turned_off_or_for_files_that_grow(mounts: Mounts, n
     m = mounts.mount([nginx.put(f"pt/off{option}.bin", data)], option)
     path = m.path / f"off{option}.bin"
     assert path.read_bytes() == data
+    wait_saved(path)  # else the open would not pass through anyway
     with open(path, "rb") as f:
         assert passthrough_handles(path) == 0
         assert f.read() == data
@@ -236,9 +261,10 @@ def test_no_passthrough_for_a_file_without_validator(mounts: Mounts, server: Fau
     data = seeded_bytes(MiB + 3, seed=50)
     server.put("/plain.bin", data, etag=None, last_modified=None)
     url = server.url("/plain.bin")
-    m = mounts.mount([f"{url} a.bin", f"{url} b.bin"])
+    m = mounts.mount([f"{url} a.bin", f"{url} b.bin"], "--checkpoint-interval", "0.2")
     with open(m.path / "a.bin", "rb") as first:
         assert first.read() == data  # complete and checked
+        wait_saved(m.path / "a.bin")  # and flushed: only the missing validator holds it back
         with open(m.path / "b.bin", "rb") as second:
             assert passthrough_handles(m.path / "b.bin") == 0
             assert second.read() == data

@@ -733,6 +733,7 @@ def case_seq_warm(bench: Bench) -> None:
         with bench.mount("rangefs", bench.nginx.base_url, "warm") as mnt:
             fill = dd_op(data.big_size)(mnt.path(data.big))
             say(f"seq_warm: first (filling) read took {fill.seconds:.1f} s")
+            wait_saved(mnt.path(data.big), data.big_size)
             since = bench.nginx.mark()
             warm_pair(bench, "seq_warm", (dropped_tool, kept_tool), mnt.path(data.big), mnt)
         fetched = bench.fetched(data.big, since)
@@ -744,6 +745,16 @@ def case_seq_warm(bench: Bench) -> None:
             if not any(m.case == "seq_warm" and m.tool == tool for m in bench.measures):
                 bench.measures.append(Measure("seq_warm", tool, data.big_size, error=str(exc)))
     warm_pair(bench, "seq_warm", ("local dd, page cache dropped", "local dd, page cache kept"), local, None)
+
+
+def wait_saved(path: Path, size: int) -> None:
+    """Until the last close has flushed the file: the warm rows measure a complete, saved cache
+    (an open before that is served by rangefs rather than passed through)."""
+    deadline = time.monotonic() + READ_TIMEOUT
+    while int(os.getxattr(path, "user.rangefs.saved_bytes")) != size:
+        if time.monotonic() > deadline:
+            raise BenchError(f"{path.name} was not flushed within {READ_TIMEOUT:g} s of its last close")
+        time.sleep(0.05)
 
 
 def warm_pair(bench: Bench, case: str, tools: tuple[str, str], path: Path, mnt: Mount | None) -> None:

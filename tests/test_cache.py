@@ -393,6 +393,20 @@ def slow_flushes(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
     monkeypatch.setattr(os, "fdatasync", slow)
 
 
+def held_flushes(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, threading.Event]:
+    """From now on every fdatasync sets the first event, then waits for the test to set the second."""
+    flushing, go_on = threading.Event(), threading.Event()
+    real = os.fdatasync
+
+    def held(fd: int) -> None:
+        flushing.set()
+        go_on.wait(10)
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", held)
+    return flushing, go_on
+
+
 def saved_blocks(cached: CachedFile) -> set[int]:
     try:
         bitmap = state.load(cached.state_path)[1]
@@ -480,15 +494,6 @@ def test_an_open_joins_the_files_while_the_last_close_flushes_them(
     """The last close flushes what was read, for seconds after a large read (1.7 s for 1 GiB
     here). An open meanwhile joins the open files at once instead of waiting for the flush, and
     the close leaves them open for it. (Before: the close held the file's lock while flushing.)"""
-    flushing, go_on = threading.Event(), threading.Event()
-    real = os.fdatasync
-
-    def held(fd: int) -> None:
-        flushing.set()
-        go_on.wait(10)
-        real(fd)
-
-    monkeypatch.setattr(os, "fdatasync", held)
 
     async def run() -> None:
         async with cache_over(tmp_path, FakeOrigin(DATA)) as (cache, cached):
@@ -502,6 +507,7 @@ def test_an_open_joins_the_files_while_the_last_close_flushes_them(
                     await cached.release()
                     closed.set()
 
+                flushing, go_on = held_flushes(monkeypatch)
                 nursery.start_soon(last_close)
                 try:
                     await trio.to_thread.run_sync(flushing.wait, 10)
@@ -526,17 +532,6 @@ def test_a_block_found_damaged_during_a_flush_is_not_claimed_flushed_by_it(
     """A checkpoint snapshots the bitmap, then flushes. A block found damaged on disk meanwhile
     is fetched again, unflushed: that checkpoint must not count it as flushed, or the file could
     pass through (the kernel reading the disk) before its rewrite is on disk. Found by review."""
-    flushing, go_on = threading.Event(), threading.Event()
-    hold = [False]
-    real = os.fdatasync
-
-    def held(fd: int) -> None:
-        if hold[0]:
-            flushing.set()
-            go_on.wait(10)
-        real(fd)
-
-    monkeypatch.setattr(os, "fdatasync", held)
     fake = FakeOrigin(DATA)
 
     async def run() -> None:
@@ -553,7 +548,7 @@ def test_a_block_found_damaged_during_a_flush_is_not_claimed_flushed_by_it(
                 await nursery.start(cache.run)
                 await cached.acquire()
                 assert bytes(await cached.read(BLOCK, 10)) == DATA[BLOCK : BLOCK + 10]  # block 1 fetched again
-                hold[0] = True
+                flushing, go_on = held_flushes(monkeypatch)
                 held_done = trio.Event()
 
                 async def held_checkpoint() -> None:
@@ -563,7 +558,6 @@ def test_a_block_found_damaged_during_a_flush_is_not_claimed_flushed_by_it(
                 nursery.start_soon(held_checkpoint)
                 try:
                     await trio.to_thread.run_sync(flushing.wait, 10)
-                    hold[0] = False
                     assert bytes(await cached.read(0, len(DATA))) == DATA  # block 5 fails its check: fetched again
                 finally:
                     go_on.set()

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import trio
 
-from rangefs import state
+from rangefs import kernel, state
 from rangefs.bitmap import Bitmap
 from rangefs.errors import (
     CacheError,
@@ -82,6 +82,17 @@ class CacheConfig:
         """A fresh sequential-access detector for one open handle."""
         return Readahead(self.readahead_initial, self.readahead_max, self.readahead_tolerance)
 
+
+# ``(fd, offset, size)``: bytes of a data file, for pyfuse3 to reply with. libfuse then splices
+# them from the page cache into the reply (FUSE_CAP_SPLICE_WRITE): the kernel copies each byte
+# once, from the cache file's pages into the FUSE file's, where a reply of bytes costs a
+# zero-filled buffer, a copy into it and a copy out of it. A cold `dd bs=1M` of 1 GiB took
+# 0.33 s less daemon CPU (1.24 against 1.57 s, median of 4 runs each, taking turns) and ran
+# ~10% faster (473 against 428 MB/s). Valid only until the next await: a version switch or the
+# last close may close ``fd``. Only ranges found in the page cache are answered this way, since
+# libfuse reads them on the FUSE thread.
+FileSlice = tuple[int, int, int]
+_PAGE_CACHE = kernel.PageCacheProbe()  # used on the trio thread only
 
 _MAX_INTERRUPTIONS = 3  # a read fetches again after an interrupted fetch at most this often
 _UNWRITABLE_RETRY = 30.0  # seconds between attempts to write into a cache that failed a write
@@ -386,13 +397,21 @@ class CachedFile:
             scope.cancel()
 
     async def read(
-        self, offset: int, size: int, readahead: Readahead | None = None, generation: int | None = None
-    ) -> bytes | bytearray:
+        self,
+        offset: int,
+        size: int,
+        readahead: Readahead | None = None,
+        generation: int | None = None,
+        *,
+        slices: bool = False,
+    ) -> bytes | bytearray | FileSlice:
         """Bytes ``offset .. offset+size`` (clipped at the end), fetching missing blocks first.
 
         With ``readahead``, a sequential reader also gets the blocks ahead of it fetched in the
         background, in large requests, so later reads find them present or in flight.
         ``generation`` is the version the reader opened; bytes of another one are never returned.
+        With ``slices``, bytes that are in the page cache come as ``(fd, offset, size)`` of the
+        data file instead (see FileSlice), unless the read had to read them anyway.
 
         Raises:
             RemoteChanged: the remote changed since the reader opened the file.
@@ -422,6 +441,9 @@ class CachedFile:
                 raise
             self._unwritable()
             return await self._read_uncached(offset, end, generation)
+        if slices and _PAGE_CACHE.cached(self._fd, offset, end - offset):
+            self._check_version(generation)
+            return self._fd, offset, end - offset
         try:
             data = await self._pread(end - offset, offset)
         except OSError:

@@ -22,6 +22,7 @@ from typing import Any, ParamSpec, TypeVar, cast
 import pyfuse3
 import trio
 
+from rangefs import kernel
 from rangefs.cache import Cache, CachedFile
 from rangefs.errors import CacheError, OriginError, RangefsError, RemoteChanged
 from rangefs.fetcher import Readahead
@@ -178,6 +179,10 @@ class Filesystem(pyfuse3.Operations):
         # direct-I/O files be mmapped; without that, direct I/O would break mmap (ENODEV).
         self.enable_direct_io_mmap = direct_io
         self.direct_io_mmap = False
+        # The same: that pyfuse3 sets splice_replies when read() may answer with a FileSlice,
+        # which libfuse splices from the cache file (see rangefs.cache.FileSlice).
+        self.enable_splice_replies = True
+        self.splice_replies = False
         self._backings: dict[int, _Backing] = {}  # inode -> its backing while passthrough handles are open
         self._cached_handles: dict[int, int] = {}  # inode -> handles served through read()
         self._handles: dict[int, _Handle] = {}
@@ -194,6 +199,11 @@ class Filesystem(pyfuse3.Operations):
         elif self.enable_direct_io_mmap:
             log.warning("--direct-io needs Linux >= 6.6 and the pyfuse3 that scripts/build-pyfuse3 builds; "
                         "reads go through the page cache")
+        if self.splice_replies:
+            # Before any reply: libfuse sizes its pipe once, at the first reply it splices.
+            self.splice_replies = kernel.allow_splice_pipes()
+            log.info("replies to reads are %s", "spliced from the cache files" if self.splice_replies
+                     else "copied (no pipe of 2 MiB allowed, see fs.pipe-max-size)")
         self.initialized.set()
 
     def _node(self, inode: int) -> Node:
@@ -359,8 +369,10 @@ class Filesystem(pyfuse3.Operations):
     @_fuse_errors
     async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
         handle = self._handle(fh)
-        # pyfuse3 takes any buffer; its stub says bytes. A bytearray spares a copy per read.
-        return cast(bytes, await handle.cached.read(off, size, handle.readahead, handle.generation))
+        # pyfuse3 takes any buffer, and a FileSlice from the one scripts/build-pyfuse3 builds; its
+        # stub says bytes. A bytearray spares a copy per read.
+        data = await handle.cached.read(off, size, handle.readahead, handle.generation, slices=self.splice_replies)
+        return cast(bytes, data)
 
     @_fuse_errors
     async def release(self, fh: pyfuse3.FileHandleT) -> None:

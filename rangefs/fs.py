@@ -200,10 +200,11 @@ class Filesystem(pyfuse3.Operations):
             log.warning("--direct-io needs Linux >= 6.6 and the pyfuse3 that scripts/build-pyfuse3 builds; "
                         "reads go through the page cache")
         if self.splice_replies:
-            # Before any reply: libfuse sizes its pipe once, at the first reply it splices.
+            # Before any reply: libfuse grows its pipe at the first large reply it splices, and
+            # after one refusal never tries again (each reply is then read and copied by libfuse).
             self.splice_replies = kernel.allow_splice_pipes()
-            log.info("replies to reads are %s", "spliced from the cache files" if self.splice_replies
-                     else "copied (no pipe of 2 MiB allowed, see fs.pipe-max-size)")
+            log.info("replies to reads are %s", "spliced from the cache files when their bytes are in the page cache"
+                     if self.splice_replies else "copied (no pipe of 2 MiB allowed, see fs.pipe-max-size)")
         self.initialized.set()
 
     def _node(self, inode: int) -> Node:

@@ -10,10 +10,11 @@ Imports only the standard library; every failure is logged at debug level and ig
 from __future__ import annotations
 
 import ctypes
-import errno
 import fcntl
 import logging
+import mmap
 import os
+import platform
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,9 +35,11 @@ _M_MMAP_THRESHOLD = -3
 # libfuse's margin of three pages need a pipe of 2 MiB (sizes are powers of two pages).
 SPLICE_PIPE_SIZE = 2 * 1024 * 1024
 _PIPE_MAX_SIZE = Path("/proc/sys/fs/pipe-max-size")
-_F_SETPIPE_SZ = 1031  # from <fcntl.h>; Python's fcntl module has it from 3.10 on, not typed everywhere
-_NR_CACHESTAT = 451  # the same number on every architecture (Linux 6.5+)
-_PAGE = 4096
+# cachestat(2), Linux 6.5+: 451 in the unified syscall table (x86_64, arm64, riscv, ...); a few
+# architectures (alpha, mips) number it otherwise, and there it is never found to work.
+_NR_CACHESTAT = {"x86_64": 451, "aarch64": 451, "riscv64": 451, "ppc64le": 451, "s390x": 451}.get(
+    platform.machine(), -1)
+_PAGE = mmap.PAGESIZE  # cachestat counts kernel pages
 
 
 @dataclass(frozen=True)
@@ -140,22 +143,32 @@ class _Cachestat(ctypes.Structure):
 
 
 class PageCacheProbe:
-    """Whether a range of a file is all in the page cache, without reading it (``cachestat``, Linux 6.5+).
+    """Whether a range of a file is all in the page cache and readable without waiting.
 
-    One syscall through ctypes, ~2 us here. A reply spliced from the cache file reads it on the
-    FUSE thread, where a read from the disk would stall every request: only a range found in
-    the page cache is spliced. On older kernels ``works`` turns False and nothing is.
+    A reply spliced from the cache file reads it on the FUSE thread, where a read from the disk
+    would stall every request: only a range found in the page cache is spliced. ``cachestat``
+    (Linux 6.5+) counts the range's pages without touching them, ~2 us through ctypes; it also
+    counts pages whose read from the disk is still in flight (readahead), so the range's first
+    and last pages are then read, one byte each, with RWF_NOWAIT, which fails on such a page.
+    Readahead fills a range in order, so these two stand for the pages between them; a page
+    evicted between the check and the reply costs one wait for the disk. On a kernel without
+    cachestat, or when it fails for any reason, ``works`` turns False and nothing is spliced.
+    For the trio thread only (one set of buffers).
     """
 
     def __init__(self) -> None:
-        self.works = True
+        self.works = _NR_CACHESTAT > 0
         self._range, self._stat = _CachestatRange(), _Cachestat()
+        self._byte = bytearray(1)
         try:
-            self._syscall = ctypes.CDLL(None, use_errno=True).syscall
+            syscall = ctypes.CDLL(None, use_errno=True).syscall
         except (OSError, AttributeError):
             self.works = False
-        else:
-            self._args = (ctypes.byref(self._range), ctypes.byref(self._stat), 0)
+            return
+        syscall.restype = ctypes.c_long
+        syscall.argtypes = [ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint]
+        self._syscall = syscall
+        self._args = (ctypes.addressof(self._range), ctypes.addressof(self._stat), 0)
 
     def cached(self, fd: int, offset: int, size: int) -> bool:
         if not self.works:
@@ -163,11 +176,17 @@ class PageCacheProbe:
         first = offset - offset % _PAGE
         self._range.off, self._range.len = first, offset + size - first
         if self._syscall(_NR_CACHESTAT, fd, *self._args) != 0:
-            if ctypes.get_errno() == errno.ENOSYS:
-                self.works = False
-                log.debug("no cachestat() in this kernel: FUSE replies are not spliced")
+            self.works = False
+            log.info("cannot tell which cached bytes are in the page cache (cachestat: %s); replies to reads "
+                     "are copied", os.strerror(ctypes.get_errno()))
             return False
-        return bool(self._stat.nr_cache * _PAGE >= offset + size - first)
+        if self._stat.nr_cache * _PAGE < offset + size - first:
+            return False
+        try:
+            return bool(os.preadv(fd, [self._byte], offset, os.RWF_NOWAIT)
+                        and os.preadv(fd, [self._byte], offset + size - 1, os.RWF_NOWAIT))
+        except OSError:  # BlockingIOError: a page still being read from the disk
+            return False
 
 
 def allow_splice_pipes() -> bool:
@@ -180,7 +199,7 @@ def allow_splice_pipes() -> bool:
     """
     read_end, write_end = os.pipe()
     try:
-        fcntl.fcntl(read_end, _F_SETPIPE_SZ, SPLICE_PIPE_SIZE)
+        fcntl.fcntl(read_end, fcntl.F_SETPIPE_SZ, SPLICE_PIPE_SIZE)
         return True
     except OSError:
         pass

@@ -15,6 +15,7 @@ import pytest
 
 from rangefs.cache import cache_key
 from rangefs.kernel import PageCacheProbe
+
 from util import Mounts, Server, seeded_bytes
 
 pytestmark = pytest.mark.timeout(60)
@@ -42,6 +43,14 @@ def drop_page_cache(path: Path) -> None:
         os.close(fd)
 
 
+def in_page_cache(path: Path, size: int) -> bool:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return PageCacheProbe().cached(fd, 0, size)
+    finally:
+        os.close(fd)
+
+
 def test_replies_are_spliced_from_the_cache_file_not_copied_through_the_daemon(mounts: Mounts, nginx: Server) -> None:
     data = seeded_bytes(32 * MiB + 999, seed=71)
     m = mounts.mount([nginx.put("splice/a.bin", data)])
@@ -60,11 +69,14 @@ def test_bytes_gone_from_the_page_cache_are_read_for_the_reply_not_spliced(mount
     data = seeded_bytes(16 * MiB, seed=72)
     url = nginx.put("splice/b.bin", data)
     m = mounts.mount([url], "--no-passthrough")
+    log = (m.cache_dir / "rangefs.log").read_text(encoding="utf-8")
+    assert "replies to reads are spliced from the cache files" in log  # else this tests nothing
     path = m.path / "b.bin"
     assert read_all(path) == data
     cache_file = m.cache_dir / "files" / f"{cache_key(url)}.data"
     drop_page_cache(cache_file)
     drop_page_cache(path)  # the mounted file's own page cache, so the kernel asks the daemon again
+    assert not in_page_cache(cache_file, len(data)), "the cache file's pages stayed (a tmpfs cache dir?)"
     pid = m.pid()
     before = copied_by(pid)
     assert read_all(path) == data
@@ -84,7 +96,7 @@ def test_the_page_cache_probe_sees_which_ranges_are_cached(tmp_path: Path) -> No
         assert probe.cached(fd, 0, 4 * MiB + 100)
         assert probe.cached(fd, 4 * MiB + 50, 50)  # the last, partial page
         drop_page_cache(path)
-        assert not probe.cached(fd, 0, 4 * MiB + 100)
+        assert not probe.cached(fd, 0, 4 * MiB + 100), "the file's pages stayed (tmp_path on tmpfs?)"
         os.pread(fd, 8192, MiB + 10)  # pages 256 and 257 come back (with what readahead adds)
         assert probe.cached(fd, MiB + 10, 8000)
         assert not probe.cached(fd, 0, 4 * MiB + 100)

@@ -18,7 +18,7 @@ Messages are pickled tuples, one per packet of a SOCK_SEQPACKET socketpair (both
                        ("fetch", id, RemoteFile, BlockRun, data path)
                        ("cancel", id)
     helper -> daemon   ("ready", None)                                once it can take fetches
-                       ("written", id, first block, stop block, sums) after each pwrite
+                       ("written", id, first block, stop block, sums) grouped (_Reports)
                        ("done", id, error or None)
 
 The helper exits when its socket closes, and the kernel kills it when the daemon dies
@@ -36,6 +36,7 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +56,8 @@ _RESTART_DELAY = 1.0  # between a helper's death and its replacement: bounded re
 _RESTART_WAIT = 10.0  # how long a new fetch waits for a replacement helper before failing
 _EXIT_GRACE = 2.0  # seconds a closing helper has to exit before SIGKILL
 _PR_SET_PDEATHSIG = 1
+_REPORT_BYTES = 2 * 1024 * 1024  # written blocks are reported in messages of up to this much (see _Reports)
+_REPORT_DELAY = 0.002  # seconds a written block may wait for others to share its report
 
 
 @dataclass(frozen=True)
@@ -272,6 +275,54 @@ def main() -> None:
         pass
 
 
+class _Reports:
+    """One fetch's "written" reports, sent together: at most every ``_REPORT_BYTES`` of blocks, and
+    ``_REPORT_DELAY`` after the first block not yet reported (so a stalled stream holds none back).
+
+    One report per socket read (~600 KB here) made ~1800 messages per GiB, each unpickled and
+    applied by the daemon's one thread. Grouped, a cold 1 GiB `dd` through the mount ran at a
+    median 570 against 523 MB/s, with 0.97 against 1.15 s of daemon CPU and 1.45 against 1.60 s
+    of helper CPU (5 runs each, taking turns; faster in all 5 pairs).
+    """
+
+    def __init__(self, send: Callable[[tuple[object, ...]], Awaitable[None]], rid: int, block_size: int) -> None:
+        self._send, self._rid = send, rid
+        self._max_blocks = max(1, _REPORT_BYTES // block_size)
+        self._first = self._stop = 0
+        self._sums: list[int] = []
+        self._due = trio.Event()  # set while blocks wait to be reported
+        self.timer = trio.CancelScope()  # around send_when_due: cancelled when the fetch ends
+
+    async def add(self, first: int, stop: int, sums: list[int]) -> None:
+        if self._sums and first != self._stop:
+            await self.send_now()  # not adjacent (a fetch reports in order, so never): no gap claimed
+        if not self._sums:
+            self._first = first
+            self._due.set()
+        self._stop = stop
+        self._sums += sums
+        if self._stop - self._first >= self._max_blocks:
+            await self.send_now()
+
+    async def send_now(self) -> None:
+        if not self._sums:
+            return
+        message = ("written", self._rid, self._first, self._stop, self._sums)
+        self._sums, self._due = [], trio.Event()
+        with trio.CancelScope(shield=True):  # taken off the list: must not be lost to the timer's end
+            await self._send(message)
+
+    async def send_when_due(self) -> None:
+        with self.timer:
+            while True:
+                await self._due.wait()
+                await trio.sleep(_REPORT_DELAY)
+                try:
+                    await self.send_now()
+                except OSError:
+                    return  # the daemon is gone; the fetch's own next report finds out too
+
+
 async def _helper(raw: socket.socket) -> None:
     sock = trio.socket.from_stdlib_socket(raw)
     kind, config = pickle.loads(await sock.recv(_MAX_MESSAGE))
@@ -285,20 +336,19 @@ async def _helper(raw: socket.socket) -> None:
         async with send_lock:
             await sock.send(pickle.dumps(message))
 
-    async def fetch_one(rid: int, remote: RemoteFile, run: BlockRun, path: str) -> None:
+    async def fetch_one(nursery: trio.Nursery, rid: int, remote: RemoteFile, run: BlockRun, path: str) -> None:
         error: BaseException | None = None
-
-        async def written(first: int, stop: int, sums: list[int]) -> None:
-            await send(("written", rid, first, stop, sums))
-
+        scope = scopes[rid]
+        reports = _Reports(send, rid, config.block_size)
+        nursery.start_soon(reports.send_when_due)
         try:
-            with scopes[rid]:
+            with scope:
                 fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
                 try:
-                    await fetcher.fetch_into(remote, run, Path(path), fd, written)
+                    await fetcher.fetch_into(remote, run, Path(path), fd, reports.add)
                 finally:
                     os.close(fd)
-            if scopes[rid].cancelled_caught:
+            if scope.cancelled_caught:
                 error = CacheError(f"{redact_url(remote.url)}: fetch cancelled")
         except RangefsError as exc:
             error = exc
@@ -309,8 +359,11 @@ async def _helper(raw: socket.socket) -> None:
             error = CacheError(f"{redact_url(remote.url)}: unexpected error: {exc!r}")
         finally:
             del scopes[rid]
+            reports.timer.cancel()
             with trio.CancelScope(shield=True):
                 try:
+                    if not scope.cancel_called:  # blocks written before an error are still good
+                        await reports.send_now()
                     await send(("done", rid, error))
                 except OSError:
                     pass  # the daemon is gone
@@ -330,7 +383,7 @@ async def _helper(raw: socket.socket) -> None:
                 kind, rid, *rest = pickle.loads(packet)
                 if kind == "fetch":
                     scopes[rid] = trio.CancelScope()
-                    nursery.start_soon(fetch_one, rid, *rest)
+                    nursery.start_soon(fetch_one, nursery, rid, *rest)
                 elif kind == "cancel" and rid in scopes:
                     scopes[rid].cancel()
 

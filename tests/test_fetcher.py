@@ -1,5 +1,9 @@
-"""Unit tests of block planning, block progress of a byte stream, and the readahead detector."""
+"""Unit tests of block planning, block progress of a byte stream, the readahead detector, and
+how the fetch helper groups its reports."""
 
+import trio
+
+from rangefs import fetchproc
 from rangefs.fetcher import BlockProgress, BlockRun, plan_runs
 
 
@@ -80,3 +84,32 @@ def test_checksums_are_per_block_whatever_the_chunking() -> None:
             got += sums.take(complete - len(got))
         got += sums.take(1)  # the short last block
         assert got == expected, size
+
+
+def test_helper_reports_go_together_up_to_a_size_and_none_waits_past_a_delay() -> None:
+    sent: list[tuple[object, ...]] = []
+
+    async def send(message: tuple[object, ...]) -> None:
+        sent.append(message)
+
+    async def run() -> None:
+        block = 64 * 1024
+        reports = fetchproc._Reports(send, 7, block)
+        most = fetchproc._REPORT_BYTES // block
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reports.send_when_due)
+            await reports.add(0, 3, [1, 2, 3])
+            await reports.add(3, 5, [4, 5])
+            assert sent == []  # held for the next blocks...
+            await trio.sleep(fetchproc._REPORT_DELAY * 5)
+            assert sent == [("written", 7, 0, 5, [1, 2, 3, 4, 5])]  # ...but not for long
+            await reports.add(5, 5 + most, list(range(most)))
+            assert sent[-1] == ("written", 7, 5, 5 + most, list(range(most)))  # a full report goes at once
+            await reports.add(5 + most, 6 + most, [9])
+            await reports.add(9 + most, 10 + most, [8])  # not adjacent: what came before goes alone
+            await reports.send_now()
+            assert sent[-2:] == [("written", 7, 5 + most, 6 + most, [9]), ("written", 7, 9 + most, 10 + most, [8])]
+            reports.timer.cancel()
+        assert len(sent) == 4
+
+    trio.run(run)

@@ -312,6 +312,9 @@ class _Reports:
         with trio.CancelScope(shield=True):  # taken off the list: must not be lost to the timer's end
             await self._send(message)
 
+    def drop(self) -> None:
+        self._sums = []
+
     async def send_when_due(self) -> None:
         with self.timer:
             while True:
@@ -360,10 +363,11 @@ async def _helper(raw: socket.socket) -> None:
         finally:
             del scopes[rid]
             reports.timer.cancel()
+            if scope.cancel_called:
+                reports.drop()  # the daemon gave this fetch up: it hears "done" alone
             with trio.CancelScope(shield=True):
                 try:
-                    if not scope.cancel_called:  # blocks written before an error are still good
-                        await reports.send_now()
+                    await reports.send_now()  # blocks written before an error are still good
                     await send(("done", rid, error))
                 except OSError:
                     pass  # the daemon is gone

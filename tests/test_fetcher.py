@@ -2,6 +2,7 @@
 how the fetch helper groups its reports."""
 
 import trio
+import trio.testing
 
 from rangefs import fetchproc
 from rangefs.fetcher import BlockProgress, BlockRun, plan_runs
@@ -99,9 +100,11 @@ def test_helper_reports_go_together_up_to_a_size_and_none_waits_past_a_delay() -
         async with trio.open_nursery() as nursery:
             nursery.start_soon(reports.send_when_due)
             await reports.add(0, 3, [1, 2, 3])
+            await trio.sleep(fetchproc._REPORT_DELAY / 2)
             await reports.add(3, 5, [4, 5])
+            await trio.sleep(fetchproc._REPORT_DELAY * 0.4)
             assert sent == []  # held for the next blocks...
-            await trio.sleep(fetchproc._REPORT_DELAY * 5)
+            await trio.sleep(fetchproc._REPORT_DELAY * 0.2)  # the first block's delay is up
             assert sent == [("written", 7, 0, 5, [1, 2, 3, 4, 5])]  # ...but not for long
             await reports.add(5, 5 + most, list(range(most)))
             assert sent[-1] == ("written", 7, 5, 5 + most, list(range(most)))  # a full report goes at once
@@ -112,4 +115,4 @@ def test_helper_reports_go_together_up_to_a_size_and_none_waits_past_a_delay() -
             reports.timer.cancel()
         assert len(sent) == 4
 
-    trio.run(run)
+    trio.run(run, clock=trio.testing.MockClock(autojump_threshold=0))  # virtual time: no flakiness

@@ -9,11 +9,9 @@ kernel drop the file's page cache, so it would see nothing whatever the reader's
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import mmap
 import os
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -21,28 +19,10 @@ from pathlib import Path
 import pytest
 from faultserver import FaultServer
 
-from util import Mounts, Server, seeded_bytes
+from util import Mounts, Server, cached_pages, resident_pages, seeded_bytes
 
 pytestmark = pytest.mark.timeout(60)
 MiB = 1 << 20
-
-
-_SYS_CACHESTAT = 451  # x86_64, Linux >= 6.5
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def cached_pages(fd: int) -> int:
-    """Pages of the open file ``fd`` in the page cache (the mounted file's, not the cache file's)."""
-    whole_file = struct.pack("=QQ", 0, 0)
-    stats = ctypes.create_string_buffer(5 * 8)
-    if _libc.syscall(_SYS_CACHESTAT, fd, whole_file, stats, 0) != 0:
-        raise OSError(ctypes.get_errno(), "cachestat")
-    return int(struct.unpack("=5Q", stats.raw)[0])
-
-
-def resident_pages(path: Path) -> int:
-    with open(path, "rb") as f:
-        return cached_pages(f.fileno())
 
 
 def test_reads_of_an_incomplete_file_bypass_the_page_cache_and_mmap_still_works(

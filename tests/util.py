@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import random
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -21,6 +23,24 @@ from nginx import Nginx
 
 RANGEFS = [sys.executable, "-m", "rangefs"]
 COMMAND_TIMEOUT = 60
+
+
+_SYS_CACHESTAT = 451  # x86_64, Linux >= 6.5
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def cached_pages(fd: int) -> int:
+    """Pages of the open file ``fd`` in the page cache (cachestat(2), without touching them)."""
+    whole_file = struct.pack("=QQ", 0, 0)
+    stats = ctypes.create_string_buffer(5 * 8)
+    if _libc.syscall(_SYS_CACHESTAT, fd, whole_file, stats, 0) != 0:
+        raise OSError(ctypes.get_errno(), "cachestat")
+    return int(struct.unpack("=5Q", stats.raw)[0])
+
+
+def resident_pages(path: Path) -> int:
+    with open(path, "rb") as f:
+        return cached_pages(f.fileno())
 
 
 def seeded_bytes(size: int, seed: int) -> bytes:

@@ -104,7 +104,12 @@ class _Abandoned(FetchInterrupted):
 
 
 class _Flight:
-    """One fetch of a block run in progress; waiters are woken per block."""
+    """One fetch of a block run in progress; waiters are woken per block.
+
+    A waiter's Event is made when someone waits for a block, not for every block: a 1 GiB
+    sequential read fetches 16384 blocks and waits for a few hundred of them, and one Event per
+    block cost ~9% of the daemon's samples (py-spy, cold read at +20 ms RTT).
+    """
 
     def __init__(self, run: BlockRun, generation: int, blocks: list[int] | None = None, stream: bool = False) -> None:
         """``generation``: the file version it fetches; ``blocks``: the ones it delivers, when not
@@ -112,14 +117,37 @@ class _Flight:
         self.run = run
         self.generation = generation
         self.stream = stream
-        self.events = {block: trio.Event() for block in (range(run.first, run.stop) if blocks is None else blocks)}
+        self.blocks: range | set[int] = range(run.first, run.stop) if blocks is None else set(blocks)
         self.error: BaseException | None = None
         self.scope = trio.CancelScope()
+        self._waiters: dict[int, trio.Event] = {}  # blocks someone waits for, until delivered
+        self._ended = trio.Event()
+
+    async def arrival(self, block: int) -> None:
+        """Return once ``block`` is delivered or the flight has ended (the caller tells which)."""
+        if self._ended.is_set():
+            await trio.lowlevel.checkpoint()
+            return
+        event = self._waiters.get(block)
+        if event is None:
+            event = self._waiters[block] = trio.Event()
+        await event.wait()
+
+    async def end(self) -> None:
+        """Return once the flight has ended."""
+        await self._ended.wait()
+
+    def delivered(self, block: int) -> None:
+        event = self._waiters.pop(block, None)
+        if event is not None:
+            event.set()
 
     def finish(self, error: BaseException | None) -> None:
         """Wake everyone still waiting; blocks not delivered carry ``error``."""
         self.error = error
-        for event in self.events.values():
+        self._ended.set()
+        waiters, self._waiters = self._waiters, {}
+        for event in waiters.values():
             event.set()
 
 
@@ -612,8 +640,7 @@ class CachedFile:
         if running is not None and any(b not in self._inflight for b in missing):
             # Present when that stream started and dropped since (a failed check): it will not
             # bring them. Wait for it to end; the next pass starts a stream that will.
-            for event in list(running.events.values()):
-                await event.wait()
+            await running.end()
             await trio.lowlevel.checkpoint()
             return
         if running is None:
@@ -639,7 +666,7 @@ class CachedFile:
         flights = [_Flight(run, self.generation) for run in plan_runs(blocks, self.cache.config.max_request_blocks)]
         for flight in flights:
             self._fetches.add(flight.scope)  # from the claim on, so closing waits for it
-            for block in flight.events:
+            for block in flight.blocks:
                 self._inflight[block] = flight
         return flights
 
@@ -647,8 +674,8 @@ class CachedFile:
         """Wait for other readers' fetches of ``blocks``; re-raise their errors, not abandonment."""
         for flight in flights:
             for block in blocks:
-                if block in flight.events:
-                    await flight.events[block].wait()
+                if block in flight.blocks and block not in self._bitmap():
+                    await flight.arrival(block)
                     if block not in self._bitmap() and not isinstance(flight.error, (FetchInterrupted, RangesIgnored,
                                                                                        type(None))):
                         raise flight.error
@@ -718,7 +745,7 @@ class CachedFile:
             log.warning("%s: cannot learn the new version: %s", self.identity.url, exc)
 
     def _forget(self, flight: _Flight) -> None:
-        for block in flight.events:
+        for block in flight.blocks:
             if self._inflight.get(block) is flight:
                 del self._inflight[block]
 
@@ -733,9 +760,7 @@ class CachedFile:
                 bitmap.add(block)
                 if self._verified is not None:
                     self._verified.add(block)
-                event = flight.events.get(block)  # a stream also passes blocks it did not rewrite
-                if event is not None:
-                    event.set()
+                flight.delivered(block)  # a stream also passes blocks it did not rewrite: no-op
             self._dirty = True
             self.cache.dirtied()
 

@@ -29,11 +29,12 @@ _SYS_CACHESTAT = 451  # x86_64, Linux >= 6.5
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def cached_pages(fd: int) -> int:
-    """Pages of the open file ``fd`` in the page cache (cachestat(2), without touching them)."""
-    whole_file = struct.pack("=QQ", 0, 0)
+def cached_pages(fd: int, offset: int = 0, length: int = 0) -> int:
+    """Pages of the open file ``fd`` in the page cache, of ``length`` bytes from ``offset`` (0:
+    to the end), by cachestat(2), without touching them."""
+    byte_range = struct.pack("=QQ", offset, length)
     stats = ctypes.create_string_buffer(5 * 8)
-    if _libc.syscall(_SYS_CACHESTAT, fd, whole_file, stats, 0) != 0:
+    if _libc.syscall(_SYS_CACHESTAT, fd, byte_range, stats, 0) != 0:
         raise OSError(ctypes.get_errno(), "cachestat")
     return int(struct.unpack("=5Q", stats.raw)[0])
 

@@ -1,0 +1,97 @@
+"""Drop-behind: the kernel's pages of a file far behind a sequential reader are dropped.
+
+Through real mounts. A cold read through the mount fills two page caches with the same bytes,
+the cache file's and the mounted file's; rangefs drops the second far behind a sequential reader
+(rangefs.fs._DROP_BEHIND). cachestat(2) on the reader's own descriptor counts the mounted
+file's pages without touching them.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from rangefs.cache import cache_key
+
+from util import Mounts, Server, cached_pages, resident_pages, seeded_bytes
+
+pytestmark = pytest.mark.timeout(120)
+MiB = 1 << 20
+SIZE = 160 * MiB
+PAGE = os.sysconf("SC_PAGESIZE")
+
+
+def read_through(fd: int, data: bytes) -> None:
+    """Read the whole file sequentially, 1 MiB at a time, checking every byte."""
+    offset = 0
+    while chunk := os.read(fd, MiB):
+        assert chunk == data[offset : offset + len(chunk)], f"wrong bytes at {offset}"
+        offset += len(chunk)
+    assert offset == len(data)
+
+
+def first_pages_cached(fd: int, settle: float) -> int:
+    """Pages of the first 64 MiB of ``fd`` in the kernel's cache, once drops under way are done
+    (waiting up to ``settle`` seconds for the count to reach 0)."""
+    deadline = time.monotonic() + settle
+    while (pages := cached_pages(fd, 0, 64 * MiB)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return pages
+
+
+@pytest.fixture
+def big(nginx: Server) -> tuple[str, bytes]:
+    data = seeded_bytes(SIZE, seed=81)
+    return nginx.put("drop/big.bin", data), data
+
+
+def test_pages_far_behind_a_sequential_reader_are_dropped(mounts: Mounts, big: tuple[str, bytes]) -> None:
+    url, data = big
+    m = mounts.mount([url])
+    log = (m.cache_dir / "rangefs.log").read_text(encoding="utf-8")
+    assert "far behind a sequential reader are dropped" in log
+    fd = os.open(m.path / "big.bin", os.O_RDONLY)
+    try:
+        read_through(fd, data)
+        assert first_pages_cached(fd, settle=5.0) == 0
+        # The last 32 MiB, within the margin behind the reader, stay.
+        assert cached_pages(fd, SIZE - 32 * MiB, 32 * MiB) > (32 * MiB // PAGE) // 2
+    finally:
+        os.close(fd)
+    # The cache file keeps every byte (a later open passes through to it).
+    cache_file = m.cache_dir / "files" / f"{cache_key(url)}.data"
+    assert resident_pages(cache_file) >= SIZE // PAGE * 9 // 10
+    assert Path(m.path / "big.bin").read_bytes() == data
+
+
+def test_with_a_second_handle_open_nothing_is_dropped(mounts: Mounts, big: tuple[str, bytes]) -> None:
+    """Another reader of the file may still want the pages: they stay. This also shows that the
+    first test would see pages that were not dropped."""
+    url, data = big
+    m = mounts.mount([url])
+    other = os.open(m.path / "big.bin", os.O_RDONLY)
+    fd = os.open(m.path / "big.bin", os.O_RDONLY)
+    try:
+        read_through(fd, data)
+        assert first_pages_cached(fd, settle=0.5) >= (64 * MiB // PAGE) * 9 // 10
+    finally:
+        os.close(fd)
+        os.close(other)
+
+
+def test_a_complete_file_read_through_the_kernels_cache_keeps_it(mounts: Mounts, big: tuple[str, bytes]) -> None:
+    """Without passthrough a complete file is read through the kernel's cache, which is then the
+    fast copy for a reader that comes back: nothing is dropped."""
+    url, data = big
+    m = mounts.mount([url], "--no-passthrough")
+    for expect_dropped in (True, False):  # cold (the file fills up), then complete
+        fd = os.open(m.path / "big.bin", os.O_RDONLY)
+        try:
+            read_through(fd, data)
+            pages = first_pages_cached(fd, settle=5.0 if expect_dropped else 0.5)
+        finally:
+            os.close(fd)
+        assert (pages == 0) if expect_dropped else pages >= (64 * MiB // PAGE) * 9 // 10

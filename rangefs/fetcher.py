@@ -78,6 +78,7 @@ class Readahead:
     expected: int | None = None  # where the next sequential read should start
     frontier: int = 0  # prefetch has been issued up to this byte offset
     consumed: int = 0  # bytes read in the current sequential run
+    run: int = 0  # counts the sequential runs: a read that is not sequential starts the next
 
     def advise(self, offset: int, size: int) -> int:
         """Record a read; return the offset up to which data should be fetched ahead (0: none)."""
@@ -90,6 +91,7 @@ class Readahead:
             self.expected = max(expected, end)
             return self.expected + self.window
         self.window, self.expected, self.frontier, self.consumed = 0, end, end, size
+        self.run += 1
         return 0
 
 

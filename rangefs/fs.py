@@ -162,8 +162,8 @@ class _Handle:
     generation: int
     backing: _Backing | None = None  # set: the kernel reads the data file itself; no read reaches us
     drop_behind: bool = False  # drop the kernel's pages behind this reader (see _DROP_BEHIND)
-    run_start: int = 0  # where the sequential run that ``dropped`` belongs to started
-    dropped: int = 0  # the kernel's pages from run_start to this offset were dropped behind this reader
+    run: int = -1  # the reader's sequential run (Readahead.run) that ``dropped`` belongs to
+    dropped: int = 0  # the kernel's pages from the run's start to this offset were dropped
     dropping: bool = False  # a drop is under way
 
 
@@ -207,6 +207,8 @@ class Filesystem(pyfuse3.Operations):
         self.enable_splice_replies = True
         self.splice_replies = False
         self._drop_behind = hasattr(pyfuse3, "fuse_fd")  # writing the notification needs /dev/fuse
+        self._notify_fd = -1  # our own descriptor of /dev/fuse for it (see _drop_pages)
+        self._drops = trio.CapacityLimiter(1)  # a blocked drop holds one thread, not trio's pool
         self._backings: dict[int, _Backing] = {}  # inode -> its backing while passthrough handles are open
         self._cached_handles: dict[int, int] = {}  # inode -> handles served through read()
         self._handles: dict[int, _Handle] = {}
@@ -230,6 +232,9 @@ class Filesystem(pyfuse3.Operations):
             log.info("replies to reads are %s", "spliced from the cache files when their bytes are in the page cache"
                      if self.splice_replies else "copied (no pipe of 2 MiB allowed, see fs.pipe-max-size)")
         if self._drop_behind:
+            # Never closed (the process ends after the unmount): a drop abandoned at the unmount
+            # may still write to it, and a closed number could meanwhile name another file.
+            self._notify_fd = os.dup(pyfuse3.fuse_fd())
             log.info("the kernel's pages of a file far behind a sequential reader are dropped "
                      "(the cache file keeps them)")
         self.initialized.set()
@@ -409,32 +414,41 @@ class Filesystem(pyfuse3.Operations):
         return cast(bytes, data)
 
     def _drop_behind_reader(self, handle: _Handle) -> None:
-        """Drop the kernel's pages of the file far behind a sequential reader (see _DROP_BEHIND)."""
-        readahead = handle.readahead
+        """Drop the kernel's pages of the file far behind a sequential reader (see _DROP_BEHIND).
+
+        Pages of the reader's current sequential run only. A run that starts once the file is
+        complete drops nothing: a reader that passes over a file again (an mmap of model weights,
+        a looped video) keeps the kernel's copy, the fast one.
+        """
+        readahead, cached = handle.readahead, handle.cached
         if readahead.expected is None or handle.dropping:
             return
-        run_start = readahead.expected - readahead.consumed  # pages of this sequential run only
-        if run_start != handle.run_start:
-            handle.run_start = handle.dropped = run_start
-        start = handle.dropped
+        run_start = readahead.expected - readahead.consumed
+        if readahead.run != handle.run:
+            handle.run, handle.dropped = readahead.run, run_start
+            handle.drop_behind = cached.cached_bytes() < cached.size
         stop = (readahead.expected - _DROP_BEHIND) // mmap.PAGESIZE * mmap.PAGESIZE
-        if stop - start < _DROP_STEP or self._cached_handles.get(handle.inode) != 1:
+        start = handle.dropped
+        if not handle.drop_behind or stop - start < _DROP_STEP or self._cached_handles.get(handle.inode) != 1:
             return
         handle.dropped, handle.dropping = stop, True
         if not self.cache.spawn(self._drop_pages, handle, start, stop):
             handle.dropping = False
 
     async def _drop_pages(self, handle: _Handle, start: int, stop: int) -> None:
-        # In a worker thread: the kernel waits for pages that a read in flight holds locked, and
-        # that read waits for this thread's loop to answer it.
         message = _NOTIFY_INVAL_INODE.pack(_NOTIFY_INVAL_INODE.size, _FUSE_NOTIFY_INVAL_INODE, 0,
                                            handle.inode, start, stop - start)
         try:
-            await trio.to_thread.run_sync(os.write, pyfuse3.fuse_fd(), message)
+            # In a worker thread: the kernel waits for pages that a read in flight holds locked,
+            # and that read waits for the FUSE loop. Abandoned when the mount stops, as such a
+            # read may then never be answered; the unmount ends the write (on our own descriptor).
+            await trio.to_thread.run_sync(os.write, self._notify_fd, message, limiter=self._drops,
+                                          abandon_on_cancel=True)
         except OSError as exc:  # the kernel forgot the inode meanwhile, or the mount is going away
             log.debug("dropping pages %d-%d of inode %d: %s", start, stop, handle.inode, exc.strerror)
         finally:
             handle.dropping = False
+        self._drop_behind_reader(handle)  # the reader may have gone a step further meanwhile
 
     @_fuse_errors
     async def release(self, fh: pyfuse3.FileHandleT) -> None:

@@ -209,6 +209,7 @@ class Filesystem(pyfuse3.Operations):
         self._drop_behind = hasattr(pyfuse3, "fuse_fd")  # writing the notification needs /dev/fuse
         self._notify_fd = -1  # our own descriptor of /dev/fuse for it (see _drop_pages)
         self._drops = trio.CapacityLimiter(1)  # a blocked drop holds one thread, not trio's pool
+        self._drops_stopped = False
         self._backings: dict[int, _Backing] = {}  # inode -> its backing while passthrough handles are open
         self._cached_handles: dict[int, int] = {}  # inode -> handles served through read()
         self._handles: dict[int, _Handle] = {}
@@ -421,7 +422,7 @@ class Filesystem(pyfuse3.Operations):
         a looped video) keeps the kernel's copy, the fast one.
         """
         readahead, cached = handle.readahead, handle.cached
-        if readahead.expected is None or handle.dropping:
+        if readahead.expected is None or handle.dropping or self._drops_stopped:
             return
         run_start = readahead.expected - readahead.consumed
         if readahead.run != handle.run:
@@ -440,21 +441,35 @@ class Filesystem(pyfuse3.Operations):
                                            handle.inode, start, stop - start)
         try:
             # In a worker thread: the kernel waits for pages that a read in flight holds locked,
-            # and that read waits for the FUSE loop. Abandoned when the mount stops, as such a
-            # read may then never be answered; the unmount ends the write (on our own descriptor).
+            # and that read waits for the FUSE loop (see stop_drops). Abandoned if cancelled, on
+            # our own descriptor, so no reused descriptor number can receive it.
             await trio.to_thread.run_sync(os.write, self._notify_fd, message, limiter=self._drops,
                                           abandon_on_cancel=True)
         except OSError as exc:  # the kernel forgot the inode meanwhile, or the mount is going away
             log.debug("dropping pages %d-%d of inode %d: %s", start, stop, handle.inode, exc.strerror)
         finally:
             handle.dropping = False
-        self._drop_behind_reader(handle)  # the reader may have gone a step further meanwhile
+        if handle.drop_behind:
+            self._drop_behind_reader(handle)  # the reader may have gone a step further meanwhile
+
+    async def stop_drops(self, timeout: float) -> None:
+        """Start no more drops and wait (up to ``timeout``) for the one under way, if any.
+
+        Called while requests are still answered, before the FUSE loop stops: a drop waits for
+        pages whose reads are in flight, and once the loop stops nobody answers those reads, so
+        the drop's write would never return and the daemon could not exit.
+        """
+        self._drops_stopped = True
+        with trio.move_on_after(timeout):
+            while (drops := self._drops.statistics()).borrowed_tokens or drops.tasks_waiting:
+                await trio.sleep(0.01)
 
     @_fuse_errors
     async def release(self, fh: pyfuse3.FileHandleT) -> None:
         handle = self._handles.pop(fh, None)
         if handle is None:
             return
+        handle.drop_behind = False  # a drop under way must not start another for a closed handle
         inode, backing = handle.inode, handle.backing
         if backing is not None:
             handle.cached.passthrough_handles -= 1

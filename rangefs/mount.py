@@ -396,6 +396,7 @@ async def _run_until_unmounted(fs: Filesystem, mountpoint: Path, signals: AsyncI
                 continue
             log.info("%s: unmounting", signal.Signals(signum).name)
             stopped_by_signal = True
+            await fs.stop_drops(_ABORT_GRACE)
             pyfuse3.terminate()
             nursery.start_soon(abort_after_grace)
 

@@ -581,16 +581,16 @@ def ensure_rclone() -> str | None:
 
 
 def measure(bench: Bench, case: str, size: int, tools: Sequence[tuple[str, Callable[[], Sample]]]) -> None:
-    """Run each tool's ``once`` --runs times, taking turns, the order rotating run by run
-    (A, B, C, then B, C, A, then C, A, B, ...).
+    """Run each tool's ``once`` --runs times, taking turns, in an order shuffled run by run
+    (seeded: every bench run uses the same orders).
 
-    This machine's speed drifts during a run (rclone's cold read measured 125-336 MB/s on one day);
+    This machine's speed drifts during a run (rclone's cold read measured 125-346 MB/s on one day);
     taking turns makes the drift fall on every tool alike instead of on whichever ran last. The
-    rotation keeps a tool from always following the same one: a cold read right after a tool that
-    wrote and deleted 1 GiB tended to run slower (2026-12-07, before drop-behind: rangefs right
-    after `curl -o FILE` 411-749 MB/s, median 523, right after another rangefs run 541-675,
-    median 626, 4 runs each), and the fixed order put rangefs right after rclone. A tool
-    stops repeating after TOOL_BUDGET seconds of its own runs, and at its first failure (kept).
+    shuffle keeps a tool from always running in the same place and after the same tool: what ran
+    before can carry over (a cold read right after a tool that wrote and deleted 1 GiB tended to
+    run slower), and a fixed order (or one that only rotates) puts each tool after the same
+    neighbour in nearly every run. A tool stops repeating after TOOL_BUDGET seconds of its own
+    runs, and at its first failure (kept).
     """
     entries: list[tuple[Measure, Callable[[], Sample]]] = []
     for tool, once in tools:
@@ -601,8 +601,9 @@ def measure(bench: Bench, case: str, size: int, tools: Sequence[tuple[str, Calla
         entries.append((result, once))
     spent = {id(result): 0.0 for result, _ in entries}
     for i in range(bench.cfg.runs):
-        turn = i % len(entries) if entries else 0
-        for result, once in entries[turn:] + entries[:turn]:
+        order = list(entries)
+        random.Random(i).shuffle(order)
+        for result, once in order:
             if result.error:
                 continue
             if i and spent[id(result)] > TOOL_BUDGET:

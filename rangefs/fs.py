@@ -60,8 +60,8 @@ _FUSE_DEV_IOC_BACKING_CLOSE = 1 << 30 | 4 << 16 | 229 << 8 | 2
 # (free pages go back to the host). A cold 1 GiB `dd bs=1M`: 758 against 514 MB/s, daemon CPU
 # 0.67 against 1.03 s, helper 0.94 against 1.73 s (medians of 6 runs each, ABBA order). 64 MiB
 # is four times the readahead rangefs sets (kernel.READ_AHEAD_KB): the reader itself has passed
-# these pages. Only for a file not complete when opened, while the handle is the inode's one
-# handle served through read().
+# these pages. Only within a sequential run that started while the file was incomplete, and
+# while the handle is the inode's one handle served through read() (see _drop_behind_reader).
 _DROP_BEHIND = 64 * 1024 * 1024
 _DROP_STEP = 32 * 1024 * 1024
 # What libfuse's fuse_lowlevel_notify_inval_inode writes to /dev/fuse: struct fuse_out_header

@@ -9,6 +9,8 @@ file's pages without touching them.
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -16,7 +18,7 @@ import pytest
 
 from rangefs.cache import cache_key
 
-from util import Mounts, Server, cached_pages, resident_pages, seeded_bytes
+from util import Mounts, Server, alive, cached_pages, fstype, resident_pages, seeded_bytes, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 MiB = 1 << 20
@@ -100,3 +102,40 @@ def test_a_complete_file_read_through_the_kernels_cache_keeps_it(mounts: Mounts,
         finally:
             os.close(fd)
         assert (pages == 0) if expect_dropped else pages > HALF_OF_64_MIB
+
+
+def test_a_stop_signal_while_pages_are_being_dropped_ends_the_daemon(mounts: Mounts, big: tuple[str, bytes]) -> None:
+    """SIGTERM in the middle of a sequential read that drops pages: the daemon waits for the drop
+    under way (Filesystem.stop_drops), unmounts and exits; the reader gets the bytes or an error."""
+    url, data = big
+    m = mounts.mount([url])
+    pid = m.pid()
+    fd = os.open(m.path / "big.bin", os.O_RDONLY)
+    read, errors = [0], []
+
+    def reader() -> None:
+        try:
+            while chunk := os.read(fd, MiB):
+                assert chunk == data[read[0] : read[0] + len(chunk)]
+                read[0] += len(chunk)
+                if read[0] >= 112 * MiB:
+                    time.sleep(0.01)  # from here on slowly, so that the signal comes mid-read
+        except OSError as exc:  # the mount went away under it
+            errors.append(exc)
+
+    thread = threading.Thread(target=reader, daemon=True)
+    thread.start()
+    try:
+        assert wait_until(lambda: read[0] >= 112 * MiB or not thread.is_alive(), timeout=60)
+        assert read[0] < SIZE, "the read ended before the signal: this tests nothing"
+        os.kill(pid, signal.SIGTERM)
+        assert wait_until(lambda: not alive(pid), timeout=20), "the daemon did not exit"
+        assert fstype(m.path) is None
+        thread.join(timeout=20)
+        assert not thread.is_alive()
+        assert read[0] == SIZE or errors
+    finally:
+        try:
+            os.close(fd)
+        except OSError:
+            pass  # the mount is gone

@@ -355,11 +355,8 @@ class Filesystem(pyfuse3.Operations):
         # 358-405 MB/s, 4 runs each, taking turns), but every read costs a request (~0.1-0.14 ms
         # of daemon CPU): 32 KiB reads (ffmpeg's) ran at half the speed, 4 KiB reads at a tenth.
         # Hence an option, and only for files not complete yet (a complete one keeps the page cache).
-        incomplete = cached.cached_bytes() < cached.size
-        direct = self.direct_io_mmap and incomplete
-        # A complete file read through the kernel's cache (no passthrough) keeps that copy: it is
-        # the fast one for a reader that comes back, and no fresh pages are being filled.
-        self._handles[fh].drop_behind = self._drop_behind and incomplete and not direct
+        direct = self.direct_io_mmap and cached.cached_bytes() < cached.size
+        self._handles[fh].drop_behind = self._drop_behind and not direct  # its first read decides
         return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), keep_cache=keep_cache, direct_io=direct)
 
     async def _backing_for(self, inode: int, cached: CachedFile) -> _Backing | None:
@@ -424,9 +421,8 @@ class Filesystem(pyfuse3.Operations):
         readahead, cached = handle.readahead, handle.cached
         if readahead.expected is None or handle.dropping or self._drops_stopped:
             return
-        run_start = readahead.expected - readahead.consumed
         if readahead.run != handle.run:
-            handle.run, handle.dropped = readahead.run, run_start
+            handle.run, handle.dropped = readahead.run, readahead.expected - readahead.consumed
             handle.drop_behind = cached.cached_bytes() < cached.size
         stop = (readahead.expected - _DROP_BEHIND) // mmap.PAGESIZE * mmap.PAGESIZE
         start = handle.dropped
@@ -461,8 +457,8 @@ class Filesystem(pyfuse3.Operations):
         """
         self._drops_stopped = True
         with trio.move_on_after(timeout):
-            while (drops := self._drops.statistics()).borrowed_tokens or drops.tasks_waiting:
-                await trio.sleep(0.01)
+            async with self._drops:  # first in first out: after every drop already waiting
+                pass
 
     @_fuse_errors
     async def release(self, fh: pyfuse3.FileHandleT) -> None:

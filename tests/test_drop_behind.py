@@ -12,7 +12,6 @@ import os
 import signal
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
@@ -71,7 +70,7 @@ def test_pages_far_behind_a_sequential_reader_are_dropped(mounts: Mounts, big: t
     # The cache file keeps every byte (a later open passes through to it).
     cache_file = m.cache_dir / "files" / f"{cache_key(url)}.data"
     assert resident_pages(cache_file) >= SIZE // PAGE * 9 // 10
-    assert Path(m.path / "big.bin").read_bytes() == data
+    assert (m.path / "big.bin").read_bytes() == data
 
 
 def test_with_a_second_handle_open_nothing_is_dropped(mounts: Mounts, big: tuple[str, bytes]) -> None:

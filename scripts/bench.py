@@ -732,26 +732,30 @@ def _read_port(proc: subprocess.Popen[bytes]) -> int:
 
 
 def case_seq_warm(bench: Bench) -> None:
-    """Second read through rangefs after a complete first one, page cache dropped or kept; local dd alike."""
+    """Second read through rangefs after a complete first one, page cache dropped or kept; local dd
+    of the same bytes alike. rangefs and local dd take turns run by run, as in ``measure``."""
     data = bench.data
     local = data.www / data.big
-    dropped_tool, kept_tool = "rangefs, page cache dropped", "rangefs, page cache kept"
+    rangefs_tools = ("rangefs, page cache dropped", "rangefs, page cache kept")
+    local_tools = ("local dd, page cache dropped", "local dd, page cache kept")
     try:
         with bench.mount("rangefs", bench.nginx.base_url, "warm") as mnt:
             fill = dd_op(data.big_size)(mnt.path(data.big))
             say(f"seq_warm: first (filling) read took {fill.seconds:.1f} s")
             wait_saved(mnt.path(data.big), data.big_size)
             since = bench.nginx.mark()
-            warm_pair(bench, "seq_warm", (dropped_tool, kept_tool), mnt.path(data.big), mnt)
+            warm_pairs(bench, "seq_warm", [(rangefs_tools, mnt.path(data.big), mnt), (local_tools, local, None)])
         fetched = bench.fetched(data.big, since)
-        for m in bench.measures[-2:]:
-            m.note = (f"first read {fill.seconds:.1f} s; nginx sent {fetched[0]} bytes "
-                      f"in {fetched[1]} GETs during the warm reads")
+        for m in bench.measures:
+            if m.case == "seq_warm" and m.tool in rangefs_tools:
+                m.note = (f"first read {fill.seconds:.1f} s; nginx sent {fetched[0]} bytes "
+                          f"in {fetched[1]} GETs during the warm reads")
     except BenchError as exc:
-        for tool in (dropped_tool, kept_tool):
+        for tool in rangefs_tools:
             if not any(m.case == "seq_warm" and m.tool == tool for m in bench.measures):
                 bench.measures.append(Measure("seq_warm", tool, data.big_size, error=str(exc)))
-    warm_pair(bench, "seq_warm", ("local dd, page cache dropped", "local dd, page cache kept"), local, None)
+    if not any(m.case == "seq_warm" and m.tool in local_tools for m in bench.measures):
+        warm_pairs(bench, "seq_warm", [(local_tools, local, None)])  # rangefs failed before taking turns
 
 
 def wait_saved(path: Path, size: int) -> None:
@@ -764,24 +768,31 @@ def wait_saved(path: Path, size: int) -> None:
         time.sleep(0.05)
 
 
-def warm_pair(bench: Bench, case: str, tools: tuple[str, str], path: Path, mnt: Mount | None) -> None:
-    """Each run: drop the page cache and read, then read again; two measures."""
+def warm_pairs(bench: Bench, case: str, readers: list[tuple[tuple[str, str], Path, Mount | None]]) -> None:
+    """Each run, for each reader in an order shuffled run by run (seeded, as in ``measure``): drop
+    the page cache and read its file, then read it again; two measures per reader."""
     size = bench.data.big_size
-    dropped, kept = Measure(case, tools[0], size), Measure(case, tools[1], size)
-    bench.measures += [dropped, kept]
+    entries = []
+    for tools, path, mnt in readers:
+        dropped, kept = Measure(case, tools[0], size), Measure(case, tools[1], size)
+        bench.measures += [dropped, kept]
+        entries.append((dropped, kept, path, mnt))
     for i in range(bench.cfg.runs):
-        say(f"{case}: {tools[0]} / {tools[1]} run {i + 1}")
-        for m, drop in ((dropped, True), (kept, False)):
-            if m.error:
-                continue
-            try:
-                if drop:
-                    bench.drop()
-                sample = dd_op(size)(path)
-                sample.peak_rss = mnt.peak_rss() if mnt else None
-                m.samples.append(sample)
-            except BenchError as exc:
-                m.error = str(exc)
+        order = list(entries)
+        random.Random(i).shuffle(order)
+        for dropped, kept, path, mnt in order:
+            say(f"{case}: {dropped.tool} / {kept.tool} run {i + 1}")
+            for m, drop in ((dropped, True), (kept, False)):
+                if m.error:
+                    continue
+                try:
+                    if drop:
+                        bench.drop()
+                    sample = dd_op(size)(path)
+                    sample.peak_rss = mnt.peak_rss() if mnt else None
+                    m.samples.append(sample)
+                except BenchError as exc:
+                    m.error = str(exc)
 
 
 def case_random(bench: Bench) -> None:

@@ -386,12 +386,18 @@ class CachedFile:
                     for block in range(keep):
                         if block in old_bitmap:
                             bitmap.add(block)
-                    await trio.to_thread.run_sync(self._grow, bitmap)
-                    log.info("%s: grew from %d to %d bytes; kept %d cached blocks", self.identity.url, old.size,
-                             self.size, len(bitmap))
-                    return bitmap
-            log.info("%s: not a pure append (block %d differs); dropping the cached blocks", self.identity.url,
-                     check)
+                    try:
+                        await trio.to_thread.run_sync(self._grow, bitmap)
+                    except OSError as exc:  # e.g. no room for the larger state file: start afresh
+                        log.warning("%s: cannot keep the cached blocks of the file that grew (%s); dropping them",
+                                    self.identity.url, exc.strerror)
+                    else:
+                        log.info("%s: grew from %d to %d bytes; kept %d cached blocks", self.identity.url,
+                                 old.size, self.size, len(bitmap))
+                        return bitmap
+                else:
+                    log.info("%s: not a pure append (block %d differs); dropping the cached blocks",
+                             self.identity.url, check)
         try:
             return await trio.to_thread.run_sync(self._reset)
         except OSError as exc:

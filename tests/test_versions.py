@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -175,3 +176,38 @@ def test_without_grow_an_appended_file_is_fetched_again_whole(mounts: Mounts, se
     mounts.remount(m)
     assert read_all(m.path / "plain.bin")[1] == new
     assert sum(r.body_bytes_sent for r in server.since(mark)) == len(new)
+
+
+def test_an_append_seen_with_the_cache_disk_full_is_still_read_whole(
+    mounts: Mounts, server: FaultServer, tmp_path: Path
+) -> None:
+    """Keeping the prefix needs a larger state file; on a full disk that fails, and the open must
+    then fall back to an empty cache (or none), not fail with an unexpected error."""
+    old = seeded_bytes(6 * BLOCK, seed=28)
+    new = old + seeded_bytes(3 * BLOCK, seed=29)
+    server.put("/full.bin", old)
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(small)], check=True, timeout=30)
+    try:
+        log = tmp_path / "rangefs.log"
+        m = mounts.mount([server.url("/full.bin")], "--growing", "--revalidate-interval", "0",
+                         "--log-file", str(log), cache_dir=small / "cache")
+        assert read_all(m.path / "full.bin")[1] == old
+        filler = os.open(small / "filler", os.O_WRONLY | os.O_CREAT, 0o600)  # fill the cache's disk
+        try:
+            with pytest.raises(OSError) as full:
+                while True:
+                    os.write(filler, b"\0" * 4096)
+            assert full.value.errno == errno.ENOSPC
+        finally:
+            os.close(filler)
+        server.change("/full.bin", new)
+        assert read_all(m.path / "full.bin") == (len(new), new)
+        assert read_all(m.path / "full.bin") == (len(new), new)
+        text = log.read_text()
+        assert "unexpected error" not in text and "Traceback" not in text, text
+        assert m.unmount().returncode == 0
+    finally:
+        mounts.cleanup()  # unmount before the tmpfs goes
+        subprocess.run(["umount", "-l", str(small)], capture_output=True, timeout=30)

@@ -768,16 +768,29 @@ def wait_saved(path: Path, size: int) -> None:
         time.sleep(0.05)
 
 
+def warm_runs(cfg: Config) -> int:
+    """Runs of the warm rows: they take a second each, so twice the others' and one more."""
+    return 2 * cfg.runs + 1
+
+
 def warm_pairs(bench: Bench, case: str, readers: list[tuple[tuple[str, str], Path, Mount | None]]) -> None:
     """Each run, for each reader in an order shuffled run by run (seeded, as in ``measure``): drop
-    the page cache and read its file, then read it again; two measures per reader."""
+    the page cache and read its file, then read it again; two measures per reader.
+
+    ``warm_runs`` runs, more than the other rows: a read after ``drop_caches`` on this VM now and
+    then takes up to three times its usual time (0.6-1.3 s against 0.35-0.5 s), for a local ``dd``
+    as for the mount, and the first one after the filling read mostly does (6 of 7). Of 35 such
+    reads per tool in seven bench runs, 10 through the mount (6 of them first runs) and 5 of the
+    local ``dd`` were slow, and a median of 5 runs went to the slow ones once (0.50x, 2026-12-07
+    12:23), where the other two reads through the mount took what the local ``dd``'s did (0.38 s).
+    """
     size = bench.data.big_size
     entries = []
     for tools, path, mnt in readers:
         dropped, kept = Measure(case, tools[0], size), Measure(case, tools[1], size)
         bench.measures += [dropped, kept]
         entries.append((dropped, kept, path, mnt))
-    for i in range(bench.cfg.runs):
+    for i in range(warm_runs(bench.cfg)):
         order = list(entries)
         random.Random(i).shuffle(order)
         for dropped, kept, path, mnt in order:
@@ -1147,7 +1160,8 @@ def header(bench: Bench, facts: dict[str, str], command: str) -> list[str]:
         f"{facts['ffmpeg']}, rangefs {facts['rangefs']} (block size {cfg.rangefs_block // 1024} KiB)",
         f"- page cache dropped for cold runs: {drop}",
         f"- data: {fmt_bytes(data.big_size)} random file, {data.video_size / MB:.1f} MB MP4 ({data.video_seconds} s, "
-        f"index at the end), nginx on 127.0.0.1; up to {cfg.runs} run(s) per row, medians shown",
+        f"index at the end), nginx on 127.0.0.1; up to {cfg.runs} run(s) per row "
+        f"({warm_runs(cfg)} for the warm rows), medians shown",
         "- MB/s and MB are 10^6 bytes; fetched = body bytes nginx logged for the file's GETs from the measured "
         "command until the unmount; peak RSS = VmHWM of the rangefs daemon + its fetch process / of the rclone "
         "process, read just before unmount",

@@ -101,27 +101,28 @@ class _Direction:
         self._queue: deque[tuple[float, int, int]] = deque()  # (release time, pipe, length); 0 = end
         self._cond = threading.Condition()
         self._loops_running = 2
-        self._readable = select.poll()
+        self._readable, self._writable = select.poll(), select.poll()
         self._readable.register(source, select.POLLIN)
+        self._writable.register(sink, select.POLLOUT)
 
     def read_loop(self) -> None:
         try:
             while (pipe := self._next_pipe()) is not None:
                 _, write_end, capacity = self._pipes[pipe]
-                # splice holds the pipe's lock while it waits for the socket, which would keep the
-                # writer from that pipe: wait outside it. Never wait for room in the pipe either.
-                self._readable.poll()
+                self._readable.poll()  # waits outside splice, which holds the pipe's lock (see _serve)
                 try:
                     received = os.splice(self.source.fileno(), write_end, capacity - self._held[pipe],
                                          flags=os.SPLICE_F_NONBLOCK)
-                except BlockingIOError:  # the pipe ran out of slots before bytes
+                except BlockingIOError:  # the pipe ran out of slots before bytes, or no data after all
                     self._pipe_full(pipe)
                     continue
                 self._put(pipe, received)
                 if not received:
                     return
-        except OSError:
+        except BaseException as exc:
             self._fail()
+            if not isinstance(exc, OSError):
+                raise
         finally:
             self._loop_ended()
 
@@ -135,10 +136,16 @@ class _Direction:
                     return
                 left = length
                 while left:
-                    left -= os.splice(self._pipes[pipe][0], self.sink.fileno(), left)
+                    self._writable.poll()  # as in read_loop: never wait inside splice
+                    try:
+                        left -= os.splice(self._pipes[pipe][0], self.sink.fileno(), left, flags=os.SPLICE_F_NONBLOCK)
+                    except BlockingIOError:
+                        pass
                 self._done(pipe, length)
-        except OSError:
+        except BaseException as exc:
             self._fail()
+            if not isinstance(exc, OSError):
+                raise
         finally:
             self._loop_ended()
 
@@ -158,10 +165,11 @@ class _Direction:
             return pipe
 
     def _pipe_full(self, pipe: int) -> None:
+        """A splice into ``pipe`` would have blocked: move on to the next pipe if this one holds
+        bytes; if it holds none (the writer may just have sent them), the socket had nothing."""
         with self._cond:
-            if not self._held[pipe]:
-                raise OSError("splice into an empty pipe would block")
-            self._move_on = True
+            if self._held[pipe]:
+                self._move_on = True
 
     def _put(self, pipe: int, length: int) -> None:
         with self._cond:
@@ -264,7 +272,10 @@ class LatencyProxy:
             try:
                 client, _ = self._listener.accept()
             except OSError:
-                return
+                if self._stopping.is_set():
+                    return
+                time.sleep(0.01)  # e.g. out of file descriptors for a moment
+                continue
             try:
                 server = socket.create_connection(self.upstream, timeout=10)
             except OSError:
@@ -277,6 +288,10 @@ class LatencyProxy:
         client, server = conn.sockets
         for sock in conn.sockets:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # the delay is ours alone
+            # Non-blocking, and each loop polls before it splices: splice holds its pipe's lock
+            # while it waits for a socket, so a reader waiting for data (or a writer for a slow
+            # client) inside splice would hold up the other side of the same pipe.
+            sock.setblocking(False)
         with self._lock:
             self._connections.append(conn)
         for direction in (_Direction(conn, client, server, self.delay), _Direction(conn, server, client, self.delay)):

@@ -39,7 +39,8 @@ JOIN_TIMEOUT = 5.0
 class _Connection:
     """One client connection and its upstream connection; aborts both at the first error.
 
-    Four threads serve it (a reader and a writer per direction); the last one to end closes the sockets.
+    Four threads serve it (a reader and a writer per direction); the last one to end closes the
+    sockets and the directions' pipes.
     """
 
     THREADS = 4
@@ -51,6 +52,7 @@ class _Connection:
         self._running_threads = self.THREADS
         self.aborted = threading.Event()
         self.closed = threading.Event()
+        self.pipes: list[tuple[int, int, int]] = []  # (read end, write end, capacity), both directions
 
     def run(self, target: Callable[[], None]) -> None:
         """A thread's body: ``target``, then close the sockets if it was the connection's last thread."""
@@ -63,6 +65,9 @@ class _Connection:
             if last:
                 for sock in self.sockets:
                     sock.close()
+                for read_end, write_end, _ in self.pipes:
+                    os.close(read_end)
+                    os.close(write_end)
                 self.closed.set()
 
     def direction_done(self) -> None:
@@ -94,13 +99,12 @@ class _Direction:
 
     def __init__(self, conn: _Connection, source: socket.socket, sink: socket.socket, delay: float) -> None:
         self.conn, self.source, self.sink, self.delay = conn, source, sink, delay
-        self._pipes: list[tuple[int, int, int]] = []  # (read end, write end, capacity), made as needed
+        self._pipes: list[tuple[int, int, int]] = []  # made as needed; the connection closes them
         self._held = [0] * MAX_PIPES  # bytes in each pipe not yet sent
         self._current = 0  # the pipe the reader fills
         self._move_on = False  # the current pipe took all it can
         self._queue: deque[tuple[float, int, int]] = deque()  # (release time, pipe, length); 0 = end
         self._cond = threading.Condition()
-        self._loops_running = 2
         self._readable, self._writable = select.poll(), select.poll()
         self._readable.register(source, select.POLLIN)
         self._writable.register(sink, select.POLLOUT)
@@ -123,8 +127,6 @@ class _Direction:
             self._fail()
             if not isinstance(exc, OSError):
                 raise
-        finally:
-            self._loop_ended()
 
     def write_loop(self) -> None:
         try:
@@ -146,8 +148,6 @@ class _Direction:
             self._fail()
             if not isinstance(exc, OSError):
                 raise
-        finally:
-            self._loop_ended()
 
     def _next_pipe(self) -> int | None:
         """The pipe to splice into next (made if new); None once aborted."""
@@ -162,6 +162,7 @@ class _Direction:
                 return None
             if pipe == len(self._pipes):
                 self._pipes.append(_make_pipe())
+                self.conn.pipes.append(self._pipes[-1])
             return pipe
 
     def _pipe_full(self, pipe: int) -> None:
@@ -198,17 +199,6 @@ class _Direction:
         self.conn.abort()
         with self._cond:
             self._cond.notify_all()
-
-    def _loop_ended(self) -> None:
-        """The second of the reader and the writer to end closes the pipes."""
-        with self._cond:
-            self._loops_running -= 1
-            if self._loops_running:
-                return
-            pipes, self._pipes = self._pipes, []
-        for read_end, write_end, _ in pipes:
-            os.close(read_end)
-            os.close(write_end)
 
 
 def _make_pipe() -> tuple[int, int, int]:

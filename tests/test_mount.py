@@ -279,10 +279,7 @@ def test_a_full_cache_disk_still_serves_every_byte_and_claims_only_what_it_wrote
 ) -> None:
     data = seeded_bytes(6 * MiB + 1234, seed=14)
     url = nginx.put("full/f.bin", data)
-    small = tmp_path / "small"  # a 2 MiB tmpfs holds the cache: it fills up a third of the way in
-    small.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(small)], check=True, timeout=30)
-    try:
+    with mounts.small_disk() as small:  # a 2 MiB tmpfs holds the cache: it fills up a third of the way in
         log = tmp_path / "rangefs.log"
         m = mounts.mount([url], "--log-file", str(log), cache_dir=small / "cache")
         mark = nginx.mark()
@@ -298,9 +295,6 @@ def test_a_full_cache_disk_still_serves_every_byte_and_claims_only_what_it_wrote
         for block in (b for b in range(bitmap.nblocks) if b in bitmap):
             piece = slice(block * BLOCK, (block + 1) * BLOCK)
             assert cached[piece] == data[piece], f"block {block} claimed but wrong"
-    finally:
-        mounts.cleanup()  # unmount before the tmpfs goes
-        subprocess.run(["umount", "-l", str(small)], capture_output=True, timeout=30)
 
 
 def test_a_block_overwritten_behind_the_daemons_back_is_fetched_again(mounts: Mounts, nginx: Server) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import errno
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -186,10 +185,7 @@ def test_an_append_seen_with_the_cache_disk_full_is_still_read_whole(
     old = seeded_bytes(6 * BLOCK, seed=28)
     new = old + seeded_bytes(3 * BLOCK, seed=29)
     server.put("/full.bin", old)
-    small = tmp_path / "small"
-    small.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(small)], check=True, timeout=30)
-    try:
+    with mounts.small_disk() as small:
         log = tmp_path / "rangefs.log"
         m = mounts.mount([server.url("/full.bin")], "--growing", "--revalidate-interval", "0",
                          "--log-file", str(log), cache_dir=small / "cache")
@@ -208,6 +204,3 @@ def test_an_append_seen_with_the_cache_disk_full_is_still_read_whole(
         text = log.read_text()
         assert "unexpected error" not in text and "Traceback" not in text, text
         assert m.unmount().returncode == 0
-    finally:
-        mounts.cleanup()  # unmount before the tmpfs goes
-        subprocess.run(["umount", "-l", str(small)], capture_output=True, timeout=30)

@@ -10,7 +10,8 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -148,6 +149,19 @@ class Mounts:
                 subprocess.run(["fusermount3", "-u", "-z", str(m.path)], capture_output=True, timeout=30)
         for pid in self.pids:
             end_process(pid)
+
+    @contextmanager
+    def small_disk(self) -> Iterator[Path]:
+        """A 2 MiB tmpfs under the test's tmp dir, for a cache that fills up; the mounts are
+        cleaned up before it is unmounted."""
+        small = self.tmp / "small"
+        small.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(small)], check=True, timeout=30)
+        try:
+            yield small
+        finally:
+            self.cleanup()
+            subprocess.run(["umount", "-l", str(small)], capture_output=True, timeout=30)
 
 
 def fstype(path: Path) -> str | None:

@@ -14,6 +14,7 @@ import subprocess
 import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -138,7 +139,7 @@ def test_a_range_ignoring_server_serving_another_version_never_mixes_bytes(
     old = seeded_bytes(2 * MiB, seed=163)
     new = seeded_bytes(2 * MiB + (BLOCK + 7 if change == "size" else 0), seed=164)
     cut = 700_001
-    faults = {"cut_next": [cut], "stall_after": (cut, 1.0)} if when == "retry" else {}
+    faults: dict[str, Any] = {"cut_next": [cut], "stall_after": (cut, 1.0)} if when == "retry" else {}
     spec = server.put("/moving.bin", old, ignore_range=True, accept_ranges="none", **faults)
     m = mounts.mount([server.url("/moving.bin")])
     same = {"etag": spec.etag, "last_modified": spec.last_modified} if change == "size" else {}
@@ -217,7 +218,9 @@ def test_with_a_weak_etag_ranged_gets_carry_the_date_and_fetch_only_what_is_aske
 class _Versions:
     """A stub origin: each version's bytes are the first letter of its ETag, repeated."""
 
-    async def fetch(self, remote: RemoteFile, start: int, stop: int, sink: Callable[[int, bytes], Awaitable[None]]) -> None:
+    async def fetch(
+        self, remote: RemoteFile, start: int, stop: int, sink: Callable[[int, bytes], Awaitable[None]]
+    ) -> None:
         assert remote.etag is not None
         await sink(start, remote.etag[1:2].encode() * (stop - start))
 

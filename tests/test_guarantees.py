@@ -124,6 +124,34 @@ def test_a_change_behind_206s_without_validators_fails_the_old_handle_never_mixi
     assert wait_until(lambda: pread_random(path, 5 * BLOCK, 1000) == new[5 * BLOCK : 5 * BLOCK + 1000], 10)
 
 
+def test_a_file_that_shrank_under_the_same_validators_fails_the_old_handle_and_reopens_new(
+    mounts: Mounts, server: FaultServer
+) -> None:
+    """Guards origin.py ``_check_range_answer``: ``if resp.status_code in (200, 416): raise RemoteChanged``
+    (its 416 half; a 200 of another version is also caught by the ``_same_version`` check after it).
+    The server keeps the validators but the file shrank: If-Range matches, and a range past the
+    new end gets 416. That is a change (ESTALE, and the next open sees the new size), not a bad
+    answer (EIO, with every open after it still on the old size)."""
+    old, new = seeded_bytes(8 * BLOCK, seed=167), seeded_bytes(3 * BLOCK, seed=168)
+    spec = server.put("/shrunk.bin", old)
+    m = mounts.mount([server.url("/shrunk.bin")])
+    path = m.path / "shrunk.bin"
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        assert os.pread(fd, 1000, 0) == old[:1000]
+        server.change("/shrunk.bin", new, etag=spec.etag, last_modified=spec.last_modified)
+        mark = server.mark()
+        with pytest.raises(OSError) as failure:
+            os.pread(fd, 1000, 6 * BLOCK)
+        assert [r.status for r in ranged_gets(server, "/shrunk.bin", mark)][:1] == [416]
+        assert failure.value.errno == errno.ESTALE
+    finally:
+        os.close(fd)
+    assert wait_until(lambda: path.stat().st_size == len(new), 10)
+    assert cat(path) == new
+
+
 # -- a server that ignores Range ---------------------------------------------------------------
 
 
@@ -318,3 +346,40 @@ def test_fault_server_bare_206_names_no_validator_but_honours_if_range(server: F
             assert named == ((None, None) if status == 206 else (spec.etag, spec.last_modified))
         finally:
             conn.close()
+
+
+# -- read-only: the daemon's own answers, behind the kernel's -------------------------------------
+
+
+_CHANGES = ("setattr", "mknod", "mkdir", "unlink", "rmdir", "symlink", "rename", "link", "write", "create",
+            "setxattr", "removexattr")
+
+
+@pytest.mark.parametrize("operation", _CHANGES)
+def test_the_daemon_answers_erofs_to_every_change(operation: str) -> None:
+    """Guards fs.py ``_erofs``: ``raise pyfuse3.FUSEError(errno.EROFS)`` and the handlers bound to it.
+    The mount is also ``ro`` (mount.py ``_mount_fuse``), so through a mount the kernel answers
+    first and tests/test_mount.py cannot see this layer: it is called here directly."""
+    import pyfuse3
+
+    from rangefs.fs import Filesystem
+
+    with pytest.raises(pyfuse3.FUSEError) as info:
+        trio.run(getattr(Filesystem, operation))
+    assert info.value.errno == errno.EROFS
+
+
+@pytest.mark.parametrize("flag", [os.O_WRONLY, os.O_RDWR, os.O_TRUNC, os.O_APPEND])
+def test_the_daemon_refuses_an_open_for_writing_with_erofs(flag: int) -> None:
+    """Guards fs.py ``Filesystem.open``: ``if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
+    raise pyfuse3.FUSEError(errno.EROFS)`` (behind the kernel's ``ro``, as above)."""
+    import pyfuse3
+
+    from rangefs.fs import Filesystem, Node, Tree
+
+    tree = Tree()
+    tree.nodes[2] = Node(2, b"f", pyfuse3.ROOT_INODE, cached=object())  # type: ignore[arg-type]
+    fs = Filesystem(tree, None, passthrough=False)  # type: ignore[arg-type]
+    with pytest.raises(pyfuse3.FUSEError) as info:
+        trio.run(fs.open, 2, flag, None)  # type: ignore[arg-type]
+    assert info.value.errno == errno.EROFS

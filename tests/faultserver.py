@@ -48,6 +48,7 @@ class Faults:
     ignore_range: bool = False  # GET always 200 with the full body
     accept_ranges: str | None = "bytes"  # Accept-Ranges value; None omits the header
     bare_206: bool = False  # a 206 names no ETag or Last-Modified (only If-Range tells versions apart)
+    long_206: int = 0  # a 206 body (and its Content-Length) this many "X" bytes longer than its Content-Range
     refuse_head: bool = False  # HEAD answered with head_status
     head_status: int = 405
     redirect: tuple[int, str] | None = None  # (status, Location) for every request
@@ -395,6 +396,7 @@ def _entity(
         shift = faults.content_range_shift
         status, body = 206, data[start : end + 1]
         headers["Content-Range"] = f"bytes {start + shift}-{end + shift}/{total}"
+        body += b"X" * faults.long_206
         if faults.bare_206:
             headers.pop("ETag", None)
             headers.pop("Last-Modified", None)

@@ -124,32 +124,51 @@ def test_a_change_behind_206s_without_validators_fails_the_old_handle_never_mixi
     assert wait_until(lambda: pread_random(path, 5 * BLOCK, 1000) == new[5 * BLOCK : 5 * BLOCK + 1000], 10)
 
 
-def test_a_file_that_shrank_under_the_same_validators_fails_the_old_handle_and_reopens_new(
-    mounts: Mounts, server: FaultServer
+@pytest.mark.parametrize("change", ["shrank", "grew"])
+def test_a_new_size_under_the_same_validators_fails_the_old_handle_and_reopens_new(
+    mounts: Mounts, server: FaultServer, change: str
 ) -> None:
     """Guards origin.py ``_check_range_answer``: ``if resp.status_code in (200, 416): raise RemoteChanged``
-    (its 416 half; a 200 of another version is also caught by the ``_same_version`` check after it).
-    The server keeps the validators but the file shrank: If-Range matches, and a range past the
-    new end gets 416. That is a change (ESTALE, and the next open sees the new size), not a bad
-    answer (EIO, with every open after it still on the old size)."""
-    old, new = seeded_bytes(8 * BLOCK, seed=167), seeded_bytes(3 * BLOCK, seed=168)
-    spec = server.put("/shrunk.bin", old)
-    m = mounts.mount([server.url("/shrunk.bin")])
-    path = m.path / "shrunk.bin"
+    (its 416 half; a 200 of another version is also caught by the ``_same_version`` check after it)
+    and ``if got[2] != remote.size: raise RemoteChanged``. The server keeps the validators but the
+    size changed: If-Range matches, and a range past the new end gets 416, or a 206 names the new
+    total. That is a change (ESTALE, and the next open sees the new size), not a bad answer (EIO
+    after retries, with every open after it still on the old size)."""
+    old = seeded_bytes(8 * BLOCK, seed=167)
+    new = seeded_bytes(3 * BLOCK if change == "shrank" else 11 * BLOCK, seed=168)
+    spec = server.put("/resized.bin", old)
+    m = mounts.mount([server.url("/resized.bin")])
+    path = m.path / "resized.bin"
     fd = os.open(path, os.O_RDONLY)
     try:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
         assert os.pread(fd, 1000, 0) == old[:1000]
-        server.change("/shrunk.bin", new, etag=spec.etag, last_modified=spec.last_modified)
+        server.change("/resized.bin", new, etag=spec.etag, last_modified=spec.last_modified)
         mark = server.mark()
         with pytest.raises(OSError) as failure:
             os.pread(fd, 1000, 6 * BLOCK)
-        assert [r.status for r in ranged_gets(server, "/shrunk.bin", mark)][:1] == [416]
+        assert [r.status for r in ranged_gets(server, "/resized.bin", mark)][:1] == [416 if change == "shrank" else 206]
         assert failure.value.errno == errno.ESTALE
     finally:
         os.close(fd)
     assert wait_until(lambda: path.stat().st_size == len(new), 10)
     assert cat(path) == new
+
+
+def test_a_206_longer_than_its_content_range_never_writes_past_the_range(mounts: Mounts, server: FaultServer) -> None:
+    """Guards origin.py ``Origin._fetch_once``: ``chunk = chunk[: stop - position]``. The server's 206
+    bodies carry garbage past the range they announce; handed on, it would land on the next
+    block in the data file, which is already cached and checked in this session, and be served
+    from there. ``--direct-io`` so that the second read of that block reaches the daemon."""
+    data = seeded_bytes(8 * BLOCK, seed=169)
+    server.put("/long.bin", data, long_206=1000)
+    m = mounts.mount([server.url("/long.bin")], "--direct-io")
+    path = m.path / "long.bin"
+
+    assert pread_random(path, 3 * BLOCK, BLOCK) == data[3 * BLOCK : 4 * BLOCK]
+    assert pread_random(path, 2 * BLOCK, BLOCK) == data[2 * BLOCK : 3 * BLOCK]  # its 206 runs on into block 3
+    assert pread_random(path, 3 * BLOCK, BLOCK) == data[3 * BLOCK : 4 * BLOCK]
+    assert all(r.body_bytes_sent == _length(r) + 1000 for r in ranged_gets(server, "/long.bin"))
 
 
 # -- a server that ignores Range ---------------------------------------------------------------
@@ -383,3 +402,17 @@ def test_the_daemon_refuses_an_open_for_writing_with_erofs(flag: int) -> None:
     with pytest.raises(pyfuse3.FUSEError) as info:
         trio.run(fs.open, 2, flag, None)  # type: ignore[arg-type]
     assert info.value.errno == errno.EROFS
+
+
+def test_fault_server_long_206_sends_garbage_past_the_range_it_announces(server: FaultServer) -> None:
+    import http.client
+
+    server.put("/f", bytes(1000), long_206=7)
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+    try:
+        conn.request("GET", "/f", headers={"Range": "bytes=10-19"})
+        response = conn.getresponse()
+        assert (response.status, response.getheader("Content-Range")) == (206, "bytes 10-19/1000")
+        assert response.read() == bytes(10) + b"X" * 7
+    finally:
+        conn.close()

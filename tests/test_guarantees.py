@@ -186,7 +186,7 @@ def test_a_range_ignoring_server_serving_another_version_never_mixes_bytes(
     old = seeded_bytes(2 * MiB, seed=163)
     new = seeded_bytes(2 * MiB + (BLOCK + 7 if change == "size" else 0), seed=164)
     cut = 700_001
-    faults: dict[str, Any] = {"cut_next": [cut], "stall_after": (cut, 1.0)} if when == "retry" else {}
+    faults: dict[str, Any] = {"cut_next": [cut], "stall_after": (cut, 2.0)} if when == "retry" else {}
     spec = server.put("/moving.bin", old, ignore_range=True, accept_ranges="none", **faults)
     m = mounts.mount([server.url("/moving.bin")])
     same = {"etag": spec.etag, "last_modified": spec.last_modified} if change == "size" else {}
@@ -197,7 +197,7 @@ def test_a_range_ignoring_server_serving_another_version_never_mixes_bytes(
     reader = threading.Thread(target=lambda: outcome.append(read_until_error(m.path / "moving.bin")))
     reader.start()
     try:
-        if when == "retry":  # the body stalls at the cut for a second: the change lands before the retry
+        if when == "retry":  # the body stalls at the cut for 2 s: the change lands before the retry
             assert wait_until(lambda: server.bytes_sent("/moving.bin") >= cut, 20)
             server.change("/moving.bin", new, **same)
     finally:

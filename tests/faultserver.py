@@ -47,6 +47,8 @@ class Faults:
 
     ignore_range: bool = False  # GET always 200 with the full body
     accept_ranges: str | None = "bytes"  # Accept-Ranges value; None omits the header
+    bare_206: bool = False  # a 206 names no ETag or Last-Modified (only If-Range tells versions apart)
+    long_206: int = 0  # a 206 body (and its Content-Length) this many "X" bytes longer than its Content-Range
     refuse_head: bool = False  # HEAD answered with head_status
     head_status: int = 405
     redirect: tuple[int, str] | None = None  # (status, Location) for every request
@@ -54,6 +56,7 @@ class Faults:
     content_range_shift: int = 0  # a 206 claims start+shift..end+shift, sends start..end
     wrong_total: int | None = None  # total size announced in Content-Range
     cut_after: int | None = None  # write at most this many body bytes, then close
+    cut_next: list[int] = field(default_factory=list)  # as cut_after, one value per body sent, in order
     extra_bytes: int = 0  # garbage after the announced GET body, then close
     short_body: int = 0  # write this many body bytes fewer than announced, then close
     fail_next: list[tuple[int, float | None]] = field(default_factory=list)  # (status, Retry-After)
@@ -334,6 +337,10 @@ class FaultServer:
         limit = max(0, len(body) - faults.short_body)
         if faults.cut_after is not None:
             limit = min(limit, faults.cut_after)
+        with self._lock:
+            cut = faults.cut_next.pop(0) if faults.cut_next else None
+        if cut is not None:
+            limit = min(limit, cut)
         stall_at, stall_for = faults.stall_after or (-1, 0.0)
         marks = (stall_at, -1 if faults.change_after is None else faults.change_after)  # writes stop at these
         step = max(1, faults.rate // _RATE_TICKS) if faults.rate else _SLICE  # capped: small writes, not bursts
@@ -389,6 +396,10 @@ def _entity(
         shift = faults.content_range_shift
         status, body = 206, data[start : end + 1]
         headers["Content-Range"] = f"bytes {start + shift}-{end + shift}/{total}"
+        body += b"X" * faults.long_206
+        if faults.bare_206:
+            headers.pop("ETag", None)
+            headers.pop("Last-Modified", None)
     if faults.gzip:
         body = gzip.compress(body, mtime=0)
         headers["Content-Encoding"] = "gzip"

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import trio
 
-from rangefs import kernel
+from rangefs import kernel, safefs
 from rangefs.errors import CacheError, FetchInterrupted, RangefsError
 from rangefs.fetcher import BlockRun, Fetcher, WrittenSink
 from rangefs.origin import Origin, OriginConfig, RemoteFile
@@ -346,7 +346,7 @@ async def _helper(raw: socket.socket) -> None:
         nursery.start_soon(reports.send_when_due)
         try:
             with scope:
-                fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+                fd = safefs.open(Path(path), os.O_WRONLY | os.O_CLOEXEC)
                 try:
                     await fetcher.fetch_into(remote, run, Path(path), fd, reports.add)
                 finally:
@@ -399,7 +399,7 @@ def _setup_logging(config: HelperConfig) -> None:
     handlers: list[logging.Handler] = []
     if config.log_path:
         try:
-            handlers.append(logging.FileHandler(config.log_path))
+            handlers.append(safefs.LogHandler(Path(config.log_path)))
         except OSError:
             pass  # the daemon checked it at mount; losing the helper's log lines is no reason to fail
     if config.foreground:

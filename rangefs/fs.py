@@ -18,12 +18,13 @@ import struct
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ParamSpec, TypeVar, cast
 
 import pyfuse3
 import trio
 
-from rangefs import kernel
+from rangefs import kernel, safefs
 from rangefs.cache import Cache, CachedFile
 from rangefs.errors import CacheError, OriginError, RangefsError, RemoteChanged
 from rangefs.fetcher import Readahead
@@ -546,7 +547,7 @@ def _backing_open(path: os.PathLike[str]) -> int:
     The kernel keeps its own reference to the file. It gets a descriptor of its own, not the
     cache's: that one holds the cache's flock, which must go when the cache closes it.
     """
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    fd = safefs.open(Path(path), os.O_RDONLY | os.O_CLOEXEC)
     try:
         request = bytearray(struct.pack("=iIQ", fd, 0, 0))
         return int(fcntl.ioctl(pyfuse3.fuse_fd(), _FUSE_DEV_IOC_BACKING_OPEN, request, True))

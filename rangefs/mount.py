@@ -22,7 +22,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from rangefs import kernel
+from rangefs import kernel, safefs
 from rangefs.cache import DEFAULT_BLOCK_SIZE, Cache, CacheConfig
 from rangefs.errors import CacheError, OriginError, RangefsError, UsageError
 from rangefs.fetcher import Fetcher, SplitFetcher
@@ -256,7 +256,7 @@ def _setup_logging(opts: MountOptions) -> None:
     root.setLevel(logging.DEBUG if opts.verbose else logging.INFO)
     formatter = logging.Formatter(_LOG_FORMAT)
     try:
-        file_handler = logging.FileHandler(opts.log_path)
+        file_handler = safefs.LogHandler(opts.log_path)
     except OSError as exc:
         raise UsageError(f"cannot write log file '{opts.log_path}': {exc.strerror}") from None
     file_handler.setFormatter(formatter)

@@ -95,6 +95,24 @@ def test_a_planted_hard_link_in_the_cache_is_replaced(mounts: Mounts, nginx: Ser
     assert victim.read_bytes() == VICTIM
 
 
+def test_a_link_planted_while_mounted_does_not_redirect_fetches(mounts: Mounts, nginx: Server, tmp_path: Path) -> None:
+    """The fetch helper writes through the daemon's descriptor, never by the file's name."""
+    data = seeded_bytes(24 * MiB, seed=166)
+    url = nginx.put("contain/live.bin", data)
+    m = mounts.mount([url], "--no-passthrough")
+    victim = tmp_path / "victim"
+    victim.write_bytes(VICTIM)
+    with open(m.path / "live.bin", "rb", buffering=0) as f:
+        assert f.read(4096) == data[:4096]  # the daemon has its cache file open now
+        link = m.cache_dir / "files" / f"{cache_key(url)}.data"
+        link.unlink()
+        link.symlink_to(victim)
+        rest = b"".join(iter(lambda: f.read(MiB), b""))  # runs of MiBs: fetched by the helper
+    assert data[:4096] + rest == data
+    _unmount(m)
+    assert victim.read_bytes() == VICTIM
+
+
 def test_files_dir_as_a_symlink_is_refused(mounts: Mounts, nginx: Server, tmp_path: Path) -> None:
     cache, elsewhere = tmp_path / "cache", tmp_path / "elsewhere"
     cache.mkdir(mode=0o700)

@@ -7,6 +7,7 @@ so no other mount on the machine loses it.
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
@@ -14,6 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from rangefs import kernel
 
 from util import RANGEFS, Mounts, Server, end_process, seeded_bytes
 
@@ -103,3 +106,19 @@ def test_fusectl_is_mounted_only_with_tune_system(mounts: Mounts, nginx: Server,
         pid_file = Path(f"{out}.pid")
         if pid_file.exists() and pid_file.read_text().strip():
             end_process(int(pid_file.read_text()))
+
+
+@pytest.mark.parametrize("tune", [False, True], ids=["default", "tune-system"])
+def test_pipe_max_size_is_written_only_with_tune_system(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        tune: bool) -> None:
+    """The same decision without the machine's value, which other tests may change meanwhile."""
+    limit = tmp_path / "pipe-max-size"
+    limit.write_text(f"{LOW}\n")
+
+    def refused(fd: int, command: int, arg: int = 0) -> int:
+        raise PermissionError(errno.EPERM, "Operation not permitted")  # no CAP_SYS_RESOURCE
+
+    monkeypatch.setattr(kernel, "_PIPE_MAX_SIZE", limit)
+    monkeypatch.setattr(kernel.fcntl, "fcntl", refused)
+    assert kernel.allow_splice_pipes(tune) is tune
+    assert int(limit.read_text()) == (2 * MiB if tune else LOW)

@@ -96,6 +96,8 @@ _PAGE_CACHE = kernel.PageCacheProbe()  # used on the trio thread only
 
 _MAX_INTERRUPTIONS = 3  # a read fetches again after an interrupted fetch at most this often
 _UNWRITABLE_RETRY = 30.0  # seconds between attempts to write into a cache that failed a write
+# A temp file unchanged this long is a crash's leftover, not another mount's write in progress.
+_STALE_TEMP_AGE = 3600.0
 _MAX_CLOSE_ROUNDS = 3  # flushes a last close makes outside the file's lock before it closes (see release)
 
 
@@ -1023,6 +1025,7 @@ class Cache:
             probe = safefs.temp_path(cache_dir / safefs.FILES / ".probe")
             os.close(safefs.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL))
             safefs.unlink(probe)
+            safefs.remove_stale_temps(cache_dir / safefs.FILES, _STALE_TEMP_AGE)
         except OSError as exc:
             raise CacheError(f"cache directory '{cache_dir}' is not writable: {exc.strerror}") from None
 

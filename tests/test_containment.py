@@ -232,3 +232,19 @@ def test_open_cache_dir_refuses_what_others_may_write(tmp_path: Path) -> None:
     os.chown(cache / "files", 65534, 65534)
     with pytest.raises(CacheError, match="uid 65534"):
         safefs.open_cache_dir(cache)
+
+
+def test_temp_files_a_crash_left_are_removed_once_old(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    safefs.open_cache_dir(cache)
+    files = cache / "files"
+    old = [safefs.temp_path(files / "k.state"), files / "k.state.tmp4242", files / "k.data-new"]
+    young = safefs.temp_path(files / "j.state")
+    kept = [files / "k.data", files / "k.state", files / "k.xxh", young]
+    for path in old + kept:
+        path.write_bytes(b"x")
+    for path in old:
+        os.utime(path, (1, 1))
+    os.utime(files / "k.data", (1, 1))
+    assert safefs.remove_stale_temps(files, 3600) == len(old)
+    assert sorted(files.iterdir()) == sorted(kept)

@@ -75,7 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     m = commands.add_parser("mount", help="mount a URL list", description="Mount a URL list as read-only files.")
     m.add_argument("url_list", metavar="URLS", type=Path, help="the URL list: 'URL [PATH]' per line")
     m.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path, help="an existing empty directory")
-    m.add_argument("--cache-dir", type=Path, default=None, help="cache directory (default: %(default)s)")
+    m.add_argument("--cache-dir", type=Path, default=None,
+                   help="cache directory, created 0700; refused if another user owns it or others may write it "
+                        "(default: $XDG_CACHE_HOME/rangefs, else ~/.cache/rangefs)")
     m.add_argument("-f", "--foreground", action="store_true", help="stay attached; log to stderr")
     m.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     m.add_argument("--log-file", type=Path, help="log file (default: CACHE_DIR/rangefs.log)")

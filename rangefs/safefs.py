@@ -28,8 +28,10 @@ import errno
 import fcntl
 import logging
 import os
+import re
 import secrets
 import stat
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
@@ -41,6 +43,9 @@ log = logging.getLogger(__name__)
 FILES = "files"  # the cache directory's subdirectory of per-URL files
 _NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+_TEMP_BYTES = 8
+# Temp names, and those of rangefs before temp_path (".tmp" and a pid; ".data-new").
+_TEMP_NAME = re.compile(rf".+\.(tmp[0-9a-f]{{{2 * _TEMP_BYTES}}}|tmp[0-9]+|data-new)")
 # Directories checked and opened by open_cache_dir, by path: written before any thread starts
 # (at mount), read by every thread after; kept open for the process's life.
 _dirs: dict[Path, int] = {}
@@ -88,18 +93,23 @@ def _check_dir(fd: int, what: str) -> None:
                          "refusing it (chmod go-w)")
 
 
+def _parent(path: Path) -> contextlib.AbstractContextManager[int]:
+    """A descriptor of ``path``'s directory (see ``_directory``)."""
+    return _directory(path.parent)
+
+
 @contextlib.contextmanager
-def _parent(path: Path) -> Iterator[int]:
-    """A descriptor of ``path``'s directory: the one open_cache_dir opened, else one opened now."""
-    fd = _dirs.get(path.parent)
+def _directory(directory: Path) -> Iterator[int]:
+    """A descriptor of ``directory``: the one open_cache_dir opened, else one opened now."""
+    fd = _dirs.get(directory)
     if fd is not None:
         yield fd
         return
-    grandparent = os.open(path.parent.parent, _DIR_FLAGS)
+    parent = os.open(directory.parent, _DIR_FLAGS)
     try:
-        fd = os.open(path.parent.name, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=grandparent)
+        fd = os.open(directory.name, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=parent)
     finally:
-        os.close(grandparent)
+        os.close(parent)
     try:
         yield fd
     finally:
@@ -190,7 +200,22 @@ def replace(source: Path, target: Path) -> None:
 
 def temp_path(path: Path) -> Path:
     """A name beside ``path`` that no one can guess: open it with O_CREAT|O_EXCL."""
-    return path.with_name(f"{path.name}.tmp{secrets.token_hex(8)}")
+    return path.with_name(f"{path.name}.tmp{secrets.token_hex(_TEMP_BYTES)}")
+
+
+def remove_stale_temps(directory: Path, min_age: float) -> int:
+    """Remove temp files (``temp_path``) left by a crash: those unchanged for ``min_age`` seconds,
+    since another mount sharing the cache directory may be writing a young one. Their number."""
+    removed = 0
+    with _directory(directory) as dir_fd:
+        for name in os.listdir(dir_fd):
+            if _TEMP_NAME.fullmatch(name) is None:
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                if time.time() - os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mtime >= min_age:
+                    os.unlink(name, dir_fd=dir_fd)
+                    removed += 1
+    return removed
 
 
 def open_log(path: Path) -> int:

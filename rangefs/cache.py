@@ -25,7 +25,7 @@ from pathlib import Path
 
 import trio
 
-from rangefs import kernel, state
+from rangefs import kernel, safefs, state
 from rangefs.bitmap import Bitmap
 from rangefs.errors import (
     CacheError,
@@ -96,6 +96,8 @@ _PAGE_CACHE = kernel.PageCacheProbe()  # used on the trio thread only
 
 _MAX_INTERRUPTIONS = 3  # a read fetches again after an interrupted fetch at most this often
 _UNWRITABLE_RETRY = 30.0  # seconds between attempts to write into a cache that failed a write
+# A temp file unchanged this long is a crash's leftover, not another mount's write in progress.
+_STALE_TEMP_AGE = 3600.0
 _MAX_CLOSE_ROUNDS = 3  # flushes a last close makes outside the file's lock before it closes (see release)
 
 
@@ -840,9 +842,9 @@ class CachedFile:
     # -- blocking helpers, run in worker threads --------------------------------------------
 
     def _open_files(self) -> None:
-        existed = self.data_path.exists()
+        existed = safefs.exists(self.data_path)
         try:
-            fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fd = safefs.open(self.data_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             raise CacheError(f"cannot open cache file {self.data_path}: {exc.strerror}") from None
         self._fd = fd
@@ -850,7 +852,7 @@ class CachedFile:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             # The lock is on an inode: if another process replaced the file (a reset) after our
             # open, we hold the lock of a file that has no name any more. Treat it as in use.
-            if os.fstat(fd).st_ino != os.stat(self.data_path).st_ino:
+            if os.fstat(fd).st_ino != safefs.lstat(self.data_path).st_ino:
                 raise BlockingIOError
             self.bitmap = self._load_bitmap(existed)  # may replace self._fd
             self._load_sums(keep_verified=self._closed_as == _stamp(self._fd))
@@ -897,9 +899,9 @@ class CachedFile:
         no new check. Without it, every `cat` after the last close re-hashed the whole file.
         """
         nblocks = self.identity.nblocks
-        self._legacy_sums_path.unlink(missing_ok=True)
+        safefs.unlink(self._legacy_sums_path)
         try:
-            raw = self.sums_path.read_bytes()
+            raw = safefs.read_bytes(self.sums_path)
         except FileNotFoundError:
             raw = b""
         self._sums = array.array("I")
@@ -916,22 +918,22 @@ class CachedFile:
         never changed. The kernel may still read it for passthrough opens and mappings (an mmap
         outlives its handle), and must go on seeing the old version there, whole.
         """
-        self.state_path.unlink(missing_ok=True)
-        self.sums_path.unlink(missing_ok=True)
+        safefs.unlink(self.state_path)
+        safefs.unlink(self.sums_path)
         _reserve(self.sums_path, 4 * self.identity.nblocks)
         self._sums = array.array("I", bytes(4 * self.identity.nblocks))
         self._sums_dirty = None
         self._verified = Bitmap(self.identity.nblocks)
-        fresh_path = self.data_path.with_suffix(".data-new")
-        fd = os.open(fresh_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fresh_path = safefs.temp_path(self.data_path)
+        fd = safefs.open(fresh_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             os.ftruncate(fd, 0)  # a leftover of a crash may hold bytes
             os.ftruncate(fd, self.size)
-            os.replace(fresh_path, self.data_path)
+            safefs.replace(fresh_path, self.data_path)
         except BaseException:
             os.close(fd)
-            fresh_path.unlink(missing_ok=True)
+            safefs.unlink(fresh_path)
             raise
         old, self._fd = self._fd, fd
         os.close(old)
@@ -967,7 +969,7 @@ def _stamp(fd: int) -> tuple[int, ...]:
 def _reserve(path: Path, size: int) -> None:
     """Give the sums file its full size now, while there is room: a full disk later must not
     stop checkpoints (the state file is rewritten in place, and so are these sums)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = safefs.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         if size:
             try:
@@ -979,7 +981,7 @@ def _reserve(path: Path, size: int) -> None:
 
 
 def _write_sums(path: Path, first_block: int, sums: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = safefs.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         os.pwrite(fd, sums, 4 * first_block)
         os.fdatasync(fd)
@@ -1013,17 +1015,17 @@ class Cache:
 
     @staticmethod
     def prepare(cache_dir: Path) -> None:
-        """Create the cache directory and check it is writable (called before mounting).
+        """Create the cache directory, check it is ours alone and writable (called before mounting).
 
         Raises:
-            CacheError: it cannot be created or written.
+            CacheError: it cannot be created or written, or others could write it.
         """
-        files_dir = cache_dir / "files"
         try:
-            files_dir.mkdir(parents=True, exist_ok=True)
-            probe = files_dir / f".probe{os.getpid()}"
-            probe.write_bytes(b"")
-            probe.unlink()
+            safefs.open_cache_dir(cache_dir)  # refuses one that others could plant links in
+            probe = safefs.temp_path(cache_dir / safefs.FILES / ".probe")
+            os.close(safefs.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL))
+            safefs.unlink(probe)
+            safefs.remove_stale_temps(cache_dir / safefs.FILES, _STALE_TEMP_AGE)
         except OSError as exc:
             raise CacheError(f"cache directory '{cache_dir}' is not writable: {exc.strerror}") from None
 

@@ -75,7 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     m = commands.add_parser("mount", help="mount a URL list", description="Mount a URL list as read-only files.")
     m.add_argument("url_list", metavar="URLS", type=Path, help="the URL list: 'URL [PATH]' per line")
     m.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path, help="an existing empty directory")
-    m.add_argument("--cache-dir", type=Path, default=None, help="cache directory (default: %(default)s)")
+    m.add_argument("--cache-dir", type=Path, default=None,
+                   help="cache directory, created 0700; refused if another user owns it or others may write it "
+                        "(default: $XDG_CACHE_HOME/rangefs, else ~/.cache/rangefs)")
     m.add_argument("-f", "--foreground", action="store_true", help="stay attached; log to stderr")
     m.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     m.add_argument("--log-file", type=Path, help="log file (default: CACHE_DIR/rangefs.log)")
@@ -90,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--direct-io", action="store_true",
                    help="open files not complete in the cache with direct I/O: faster for large reads "
                         "(1 MiB), slower for small ones (each read reaches rangefs); needs Linux >= 6.6")
+    m.add_argument("--tune-system", action="store_true",
+                   help="as root, change system-wide settings for speed: raise fs.pipe-max-size to 2 MiB (left "
+                        "raised) so replies can be spliced from the cache, and mount fusectl at "
+                        "/sys/fs/fuse/connections if missing (default: change nothing outside this mount)")
     m.add_argument("--block-size", type=_block_size, default=DEFAULT_BLOCK_SIZE,
                    help="cache block size, a power of two (default: 64K)")
     m.add_argument("--checkpoint-interval", type=_positive, default=5.0, metavar="SECONDS",
@@ -126,6 +132,7 @@ def _mount_options(args: argparse.Namespace) -> MountOptions:
         growing=args.growing,
         passthrough=args.passthrough,
         direct_io=args.direct_io,
+        tune_system=args.tune_system,
         cache=CacheConfig(cache_dir, block_size=args.block_size, checkpoint_interval=args.checkpoint_interval,
                           revalidate_interval=args.revalidate_interval),
         origin=OriginConfig(connect_timeout=args.connect_timeout, read_timeout=args.read_timeout,

@@ -15,11 +15,14 @@ of an abandoned fetch can land later; a helper that does not acknowledge in time
 Messages are pickled tuples, one per packet of a SOCK_SEQPACKET socketpair (both ends are ours):
 
     daemon -> helper   ("config", HelperConfig)                       first, once
-                       ("fetch", id, RemoteFile, BlockRun, data path)
+                       ("fetch", id, RemoteFile, BlockRun, data path) + the data file's fd
                        ("cancel", id)
     helper -> daemon   ("ready", None)                                once it can take fetches
                        ("written", id, first block, stop block, sums) grouped (_Reports)
                        ("done", id, error or None)
+
+The data file's descriptor travels with its fetch (SCM_RIGHTS): the helper never opens a cache
+file by name, so no link planted in the cache directory can redirect its writes.
 
 The helper exits when its socket closes, and the kernel kills it when the daemon dies
 (PR_SET_PDEATHSIG), so a kill -9 of the daemon leaves nothing behind.
@@ -27,6 +30,7 @@ The helper exits when its socket closes, and the kernel kills it when the daemon
 
 from __future__ import annotations
 
+import array
 import ctypes
 import itertools
 import logging
@@ -42,7 +46,7 @@ from pathlib import Path
 
 import trio
 
-from rangefs import kernel
+from rangefs import kernel, safefs
 from rangefs.errors import CacheError, FetchInterrupted, RangefsError
 from rangefs.fetcher import BlockRun, Fetcher, WrittenSink
 from rangefs.origin import Origin, OriginConfig, RemoteFile
@@ -98,7 +102,6 @@ class FetchProcess:
 
     async def fetch_into(self, remote: RemoteFile, run: BlockRun, path: Path, fd: int, on_written: WrittenSink) -> None:
         """Have the helper fetch ``run`` into the data file at ``path``; see ``Fetcher.fetch_into``."""
-        del fd  # the helper opens the file itself
         request = _Request(on_written)
         rid = next(self._ids)
         self._pending[rid] = request
@@ -109,7 +112,7 @@ class FetchProcess:
                     await self._running.wait()
                 try:
                     helper = self._proc
-                    await self._send(("fetch", rid, remote, run, str(path)))
+                    await self._send(("fetch", rid, remote, run, str(path)), fd)
                     request.sent_to = helper
                     if self._proc is not helper and not request.done.is_set():  # it died as we sent
                         request.error = FetchInterrupted("the fetch process exited")
@@ -143,12 +146,14 @@ class FetchProcess:
             request.sent_to.kill()
             await trio.to_thread.run_sync(request.sent_to.wait)  # no write of it can land after this
 
-    async def _send(self, message: tuple[object, ...]) -> None:
+    async def _send(self, message: tuple[object, ...], fd: int = -1) -> None:
+        """Send ``message``, and a duplicate of ``fd`` with it unless -1."""
         if self._sock is None:
             raise CacheError("the fetch process is not running")
+        fds = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))] if fd >= 0 else []
         async with self._send_lock:
             try:
-                await self._sock.send(pickle.dumps(message))
+                await self._sock.sendmsg([pickle.dumps(message)], fds)
             except OSError as exc:
                 self._lost()
                 raise CacheError(f"cannot reach the fetch process: {exc.strerror}") from None
@@ -339,18 +344,16 @@ async def _helper(raw: socket.socket) -> None:
         async with send_lock:
             await sock.send(pickle.dumps(message))
 
-    async def fetch_one(nursery: trio.Nursery, rid: int, remote: RemoteFile, run: BlockRun, path: str) -> None:
+    async def fetch_one(nursery: trio.Nursery, rid: int, fd: int, remote: RemoteFile, run: BlockRun, path: str) -> None:
         error: BaseException | None = None
         scope = scopes[rid]
         reports = _Reports(send, rid, config.block_size)
         nursery.start_soon(reports.send_when_due)
         try:
             with scope:
-                fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-                try:
-                    await fetcher.fetch_into(remote, run, Path(path), fd, reports.add)
-                finally:
-                    os.close(fd)
+                if fd < 0:
+                    raise CacheError(f"{redact_url(remote.url)}: no cache file came with the fetch")
+                await fetcher.fetch_into(remote, run, Path(path), fd, reports.add)
             if scope.cancelled_caught:
                 error = CacheError(f"{redact_url(remote.url)}: fetch cancelled")
         except RangefsError as exc:
@@ -362,6 +365,8 @@ async def _helper(raw: socket.socket) -> None:
             error = CacheError(f"{redact_url(remote.url)}: unexpected error: {exc!r}")
         finally:
             del scopes[rid]
+            if fd >= 0:
+                os.close(fd)
             reports.timer.cancel()
             if scope.cancel_called:
                 reports.drop()  # the daemon gave this fetch up: it hears "done" alone
@@ -378,18 +383,30 @@ async def _helper(raw: socket.socket) -> None:
         async with trio.open_nursery() as nursery:
             while True:
                 try:
-                    packet = await sock.recv(_MAX_MESSAGE)
+                    packet, fds = await _receive(sock)
                 except OSError:
-                    packet = b""
+                    packet, fds = b"", []
                 if not packet:
                     nursery.cancel_scope.cancel()  # the daemon closed the socket or died
                     return
                 kind, rid, *rest = pickle.loads(packet)
                 if kind == "fetch":
                     scopes[rid] = trio.CancelScope()
-                    nursery.start_soon(fetch_one, nursery, rid, *rest)
+                    nursery.start_soon(fetch_one, nursery, rid, fds.pop(0) if fds else -1, *rest)
                 elif kind == "cancel" and rid in scopes:
                     scopes[rid].cancel()
+                for fd in fds:  # none is expected
+                    os.close(fd)
+
+
+async def _receive(sock: trio.socket.SocketType) -> tuple[bytes, list[int]]:
+    """One message and the descriptors that came with it (close-on-exec)."""
+    fds = array.array("i")
+    packet, ancdata, _, _ = await sock.recvmsg(_MAX_MESSAGE, socket.CMSG_SPACE(fds.itemsize), socket.MSG_CMSG_CLOEXEC)
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+    return packet, list(fds)
 
 
 def _setup_logging(config: HelperConfig) -> None:
@@ -399,7 +416,7 @@ def _setup_logging(config: HelperConfig) -> None:
     handlers: list[logging.Handler] = []
     if config.log_path:
         try:
-            handlers.append(logging.FileHandler(config.log_path))
+            handlers.append(safefs.LogHandler(Path(config.log_path)))
         except OSError:
             pass  # the daemon checked it at mount; losing the helper's log lines is no reason to fail
     if config.foreground:

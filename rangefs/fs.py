@@ -18,12 +18,13 @@ import struct
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ParamSpec, TypeVar, cast
 
 import pyfuse3
 import trio
 
-from rangefs import kernel
+from rangefs import kernel, safefs
 from rangefs.cache import Cache, CachedFile
 from rangefs.errors import CacheError, OriginError, RangefsError, RemoteChanged
 from rangefs.fetcher import Readahead
@@ -187,10 +188,13 @@ class Filesystem(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, tree: Tree, cache: Cache, passthrough: bool = True, direct_io: bool = False) -> None:
+    def __init__(
+        self, tree: Tree, cache: Cache, passthrough: bool = True, direct_io: bool = False, tune_system: bool = False
+    ) -> None:
         """``passthrough``: let the kernel read complete, checked files from the cache itself
         (needs Linux >= 6.9, root, and the pyfuse3 that scripts/build-pyfuse3 builds).
-        ``direct_io``: open files that are not complete in the cache with direct I/O (see open)."""
+        ``direct_io``: open files that are not complete in the cache with direct I/O (see open).
+        ``tune_system``: raise fs.pipe-max-size if spliced replies need it (see rangefs.kernel)."""
         super().__init__()
         self.tree = tree
         self.cache = cache
@@ -206,6 +210,7 @@ class Filesystem(pyfuse3.Operations):
         # which libfuse splices from the cache file (see rangefs.cache.FileSlice).
         self.enable_splice_replies = True
         self.splice_replies = False
+        self.tune_system = tune_system  # may change system-wide settings (see rangefs.kernel)
         self._drop_behind = hasattr(pyfuse3, "fuse_fd")  # writing the notification needs /dev/fuse
         self._notify_fd = -1  # our own descriptor of /dev/fuse for it (see _drop_pages)
         self._drops = trio.CapacityLimiter(1)  # a blocked drop holds one thread, not trio's pool
@@ -229,7 +234,7 @@ class Filesystem(pyfuse3.Operations):
         if self.splice_replies:
             # Before any reply: libfuse grows its pipe at the first large reply it splices, and
             # after one refusal never tries again (each reply is then read and copied by libfuse).
-            self.splice_replies = kernel.allow_splice_pipes()
+            self.splice_replies = kernel.allow_splice_pipes(self.tune_system)
             log.info("replies to reads are %s", "spliced from the cache files when their bytes are in the page cache"
                      if self.splice_replies else "copied (no pipe of 2 MiB allowed, see fs.pipe-max-size)")
         if self._drop_behind:
@@ -546,7 +551,7 @@ def _backing_open(path: os.PathLike[str]) -> int:
     The kernel keeps its own reference to the file. It gets a descriptor of its own, not the
     cache's: that one holds the cache's flock, which must go when the cache closes it.
     """
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    fd = safefs.open(Path(path), os.O_RDONLY | os.O_CLOEXEC)
     try:
         request = bytearray(struct.pack("=iIQ", fd, 0, 0))
         return int(fcntl.ioctl(pyfuse3.fuse_fd(), _FUSE_DEV_IOC_BACKING_OPEN, request, True))

@@ -1,6 +1,10 @@
 """Kernel-side tuning of a FUSE mount through sysfs (best effort, needs root), of malloc, and
 the page-cache and pipe facts that spliced FUSE replies need.
 
+Only knobs of our own mount are changed by default (its readahead, and its max_background under
+an already mounted fusectl). Settings of the whole system change only when the user asks with
+``--tune-system`` (``tune_system=True``): raising ``fs.pipe-max-size`` (left raised: another
+process may rely on it by then) and mounting fusectl when it is missing.
 pyfuse3 cannot pass these as mount options. Without them the kernel sends FUSE reads of
 128 KiB (the default readahead of a FUSE mount) and keeps at most 12 of them in flight
 (``max_background``), which caps a sequential reader far below what the cache can serve.
@@ -79,8 +83,10 @@ def _unescape(path: str) -> str:
     return path.encode().decode("unicode_escape").encode("latin-1").decode(errors="replace")
 
 
-def tune(mountpoint: str) -> None:
+def tune(mountpoint: str, tune_system: bool = False) -> None:
     """Raise readahead and background-request limits of our FUSE mount, when permitted.
+
+    ``tune_system``: mount fusectl if it is missing (a system-wide change) to reach the latter.
 
     Must run after the FUSE handshake: the kernel clamps readahead to what INIT negotiated.
     It must not touch the mount itself: a daemon thread blocked in a request to its own mount
@@ -93,6 +99,10 @@ def tune(mountpoint: str) -> None:
     major, minor = entry.major, entry.minor
     _write(Path(f"/sys/class/bdi/{major}:{minor}/read_ahead_kb"), READ_AHEAD_KB)
     if not _FUSECTL.joinpath(str(minor)).is_dir():
+        if not tune_system:
+            log.info("fusectl is not mounted at %s: this mount keeps the kernel's max_background "
+                     "(--tune-system mounts it)", _FUSECTL)
+            return
         _mount_fusectl()
     connection = _FUSECTL / str(minor)
     _write(connection / "max_background", MAX_BACKGROUND)
@@ -189,13 +199,13 @@ class PageCacheProbe:
             return False
 
 
-def allow_splice_pipes() -> bool:
-    """Make sure libfuse can grow its pipe to ``SPLICE_PIPE_SIZE``: whether it now can.
+def allow_splice_pipes(tune_system: bool = False) -> bool:
+    """Whether libfuse can grow its pipe to ``SPLICE_PIPE_SIZE``, so replies may be spliced.
 
     Pipes larger than ``fs.pipe-max-size`` (1 MiB by default) need CAP_SYS_RESOURCE, which root
-    in a container often lacks. Then, as root, the limit is raised to that size (never lowered;
-    it caps only how large a pipe an unprivileged process may ask for). Without it libfuse
-    reads each reply and copies it, as before.
+    in a container often lacks. With ``tune_system``, root then raises the limit to that size
+    (never lowered; it caps only how large a pipe an unprivileged process may ask for). Without
+    it replies are not spliced: libfuse gets bytes and copies them, correct and a little slower.
     """
     read_end, write_end = os.pipe()
     try:
@@ -210,6 +220,10 @@ def allow_splice_pipes() -> bool:
         current = int(_PIPE_MAX_SIZE.read_text())
         if current >= SPLICE_PIPE_SIZE:
             log.debug("a pipe of %d bytes is refused below fs.pipe-max-size (per-user pipe limit?)", SPLICE_PIPE_SIZE)
+            return False
+        if not tune_system:
+            log.info("fs.pipe-max-size (%d) is below the %d bytes a spliced reply needs; --tune-system "
+                     "raises it", current, SPLICE_PIPE_SIZE)
             return False
         _PIPE_MAX_SIZE.write_text(f"{SPLICE_PIPE_SIZE}\n")
     except (OSError, ValueError) as exc:

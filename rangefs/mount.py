@@ -22,7 +22,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from rangefs import kernel
+from rangefs import kernel, safefs
 from rangefs.cache import DEFAULT_BLOCK_SIZE, Cache, CacheConfig
 from rangefs.errors import CacheError, OriginError, RangefsError, UsageError
 from rangefs.fetcher import Fetcher, SplitFetcher
@@ -59,6 +59,7 @@ class MountOptions:
     passthrough: bool = True  # the kernel may read complete, checked files from the cache itself
     direct_io: bool = False  # files not complete in the cache are opened with direct I/O
     startup_timeout: float = 300.0
+    tune_system: bool = False  # may change system-wide settings for speed (see rangefs.kernel)
     cache: CacheConfig = field(default_factory=lambda: CacheConfig(Path(".")))
     origin: OriginConfig = field(default_factory=OriginConfig)
 
@@ -256,7 +257,7 @@ def _setup_logging(opts: MountOptions) -> None:
     root.setLevel(logging.DEBUG if opts.verbose else logging.INFO)
     formatter = logging.Formatter(_LOG_FORMAT)
     try:
-        file_handler = logging.FileHandler(opts.log_path)
+        file_handler = safefs.LogHandler(opts.log_path)
     except OSError as exc:
         raise UsageError(f"cannot write log file '{opts.log_path}': {exc.strerror}") from None
     file_handler.setFormatter(formatter)
@@ -355,7 +356,7 @@ async def _serve_files(
         return entry.option("grow") == "yes" or (opts.growing and entry.option("grow") != "no")
 
     tree = Tree.build([(entry, cache.file(entry.url, remote, growing(entry))) for entry, remote in files])
-    fs = Filesystem(tree, cache, passthrough=opts.passthrough, direct_io=opts.direct_io)
+    fs = Filesystem(tree, cache, passthrough=opts.passthrough, direct_io=opts.direct_io, tune_system=opts.tune_system)
     _mount_fuse(fs, opts)
     # From here on the mount exists: every path out goes through the finally clauses.
     # Stop signals stay caught until the very end, so a second Ctrl-C cannot cut the shutdown short.
@@ -417,7 +418,7 @@ async def _run_until_unmounted(fs: Filesystem, mountpoint: Path, signals: AsyncI
 
 async def _tune_kernel(fs: Filesystem, mountpoint: Path) -> None:
     await fs.initialized.wait()
-    await trio.to_thread.run_sync(kernel.tune, str(mountpoint), abandon_on_cancel=True)
+    await trio.to_thread.run_sync(kernel.tune, str(mountpoint), fs.tune_system, abandon_on_cancel=True)
 
 
 async def _shutdown(cache: Cache) -> None:

@@ -1,6 +1,7 @@
 """The per-URL state file: a versioned header plus the block bitmap, saved atomically.
 
-Imports only the standard library and rangefs.bitmap. Layout (all integers little-endian):
+Imports only the standard library, rangefs.bitmap and rangefs.safefs (which opens its files).
+Layout (all integers little-endian):
 
     0   8 bytes   magic b"RANGEFS\\0"
     8   u32       format version (FORMAT_VERSION)
@@ -23,6 +24,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from rangefs import safefs
 from rangefs.bitmap import Bitmap
 
 MAGIC = b"RANGEFS\0"
@@ -102,7 +104,7 @@ def load(path: Path) -> tuple[Identity, Bitmap]:
         FileNotFoundError: there is none.
         StateCorrupt: it cannot be trusted.
     """
-    return decode(path.read_bytes())
+    return decode(safefs.read_bytes(path))
 
 
 def save(path: Path, identity: Identity, bitmap: Bitmap) -> None:
@@ -114,16 +116,16 @@ def save(path: Path, identity: Identity, bitmap: Bitmap) -> None:
     The caller must have made the data the bitmap claims durable (fdatasync) before this.
     """
     payload = encode(identity, bitmap)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    tmp = safefs.temp_path(path)
     try:
-        _write_file(tmp, payload, os.O_CREAT | os.O_TRUNC)
+        _write_file(tmp, payload, os.O_CREAT | os.O_EXCL)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
+        safefs.unlink(tmp)
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or _size(path) != len(payload):
             raise
         _write_file(path, payload, 0)
         return
-    os.replace(tmp, path)
+    safefs.replace(tmp, path)
     dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(dir_fd)
@@ -132,7 +134,7 @@ def save(path: Path, identity: Identity, bitmap: Bitmap) -> None:
 
 
 def _write_file(path: Path, payload: bytes, flags: int) -> None:
-    fd = os.open(path, os.O_WRONLY | flags, 0o600)
+    fd = safefs.open(path, os.O_WRONLY | flags, 0o600)
     try:
         view = memoryview(payload)
         while view:
@@ -144,6 +146,6 @@ def _write_file(path: Path, payload: bytes, flags: int) -> None:
 
 def _size(path: Path) -> int:
     try:
-        return path.stat().st_size
+        return safefs.lstat(path).st_size
     except OSError:
         return -1

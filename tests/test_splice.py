@@ -45,7 +45,7 @@ def drop_page_cache(path: Path) -> None:
 
 def test_replies_are_spliced_from_the_cache_file_not_copied_through_the_daemon(mounts: Mounts, nginx: Server) -> None:
     data = seeded_bytes(32 * MiB + 999, seed=71)
-    m = mounts.mount([nginx.put("splice/a.bin", data)])
+    m = mounts.mount([nginx.put("splice/a.bin", data)], "--tune-system")  # pipes of 2 MiB
     log = (m.cache_dir / "rangefs.log").read_text(encoding="utf-8")
     assert "replies to reads are spliced from the cache files" in log
     pid = m.pid()
@@ -60,7 +60,7 @@ def test_replies_are_spliced_from_the_cache_file_not_copied_through_the_daemon(m
 def test_bytes_gone_from_the_page_cache_are_read_for_the_reply_not_spliced(mounts: Mounts, nginx: Server) -> None:
     data = seeded_bytes(16 * MiB, seed=72)
     url = nginx.put("splice/b.bin", data)
-    m = mounts.mount([url], "--no-passthrough")
+    m = mounts.mount([url], "--no-passthrough", "--tune-system")
     log = (m.cache_dir / "rangefs.log").read_text(encoding="utf-8")
     assert "replies to reads are spliced from the cache files" in log  # else this tests nothing
     path = m.path / "b.bin"

@@ -91,10 +91,10 @@ def test_a_full_disk_overwrites_the_state_in_place(tmp_path: Path, monkeypatch: 
     state.save(path, IDENTITY, Bitmap(IDENTITY.nblocks))
     real_open = os.open
 
-    def no_room_for_new_files(file: str | Path, flags: int, *args: int) -> int:
+    def no_room_for_new_files(file: str | Path, flags: int, *args: int, **kwargs: int) -> int:
         if flags & os.O_CREAT:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real_open(file, flags, *args)
+        return real_open(file, flags, *args, **kwargs)
 
     monkeypatch.setattr(os, "open", no_room_for_new_files)
     state.save(path, IDENTITY, _bitmap())

@@ -119,7 +119,9 @@ def redact_url(url: str) -> str:
     """Return url with its userinfo and every query value replaced by ``***`` (the keys are kept).
 
     Every value, not those whose key looks secret: signed URLs name their secrets freely
-    (``code=``, ``Policy=``, ``p=``), and no list of names can know them all. Never raises: odd input is handled textually, without a URL parser that could refuse it.
+    (``code=``, ``Policy=``, ``p=``), and no list of names can know them all.
+
+    Never raises: odd input is handled textually, without a URL parser that could refuse it.
     """
     head, hash_mark, fragment = url.partition("#")
     head, question_mark, query = head.partition("?")

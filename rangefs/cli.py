@@ -61,6 +61,14 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _bytes_per_second(text: str) -> int:
+    """A rate in bytes per second, as a size (``1K`` is 1024); zero allowed."""
+    try:
+        return _size(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"not a rate in bytes per second: '{text}' (e.g. 1024, 10K)") from None
+
+
 def _count(text: str) -> int:
     if not text.isdigit() or int(text) > 100:
         raise argparse.ArgumentTypeError(f"must be a whole number from 0 to 100: '{text}'")
@@ -103,6 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--retries", type=_count, default=5, help="retries without progress per request (default: 5)")
     m.add_argument("--retry-time", type=_positive, default=120.0, metavar="SECONDS",
                    help="longest time a request retries without progress (default: 120)")
+    m.add_argument("--low-speed-limit", type=_bytes_per_second, default=1024, metavar="BYTES/S",
+                   help="cut and retry a request that gets fewer bytes per second than this over "
+                        "--low-speed-time, its wait for the answer included (0: never; default: 1024)")
+    m.add_argument("--low-speed-time", type=_seconds, default=15.0, metavar="SECONDS",
+                   help="the time over which --low-speed-limit is measured (0: never; default: 15)")
+    m.add_argument("--allow-insecure-redirect", action="store_true",
+                   help="follow redirects from https to http (default: refuse them)")
 
     u = commands.add_parser("unmount", help="unmount and wait for the daemon to save its state",
                             description="Unmount a rangefs mount; waits until its state is saved.")
@@ -129,7 +144,9 @@ def _mount_options(args: argparse.Namespace) -> MountOptions:
         cache=CacheConfig(cache_dir, block_size=args.block_size, checkpoint_interval=args.checkpoint_interval,
                           revalidate_interval=args.revalidate_interval),
         origin=OriginConfig(connect_timeout=args.connect_timeout, read_timeout=args.read_timeout,
-                            retries=args.retries, retry_time=args.retry_time),
+                            retries=args.retries, retry_time=args.retry_time,
+                            low_speed_limit=args.low_speed_limit, low_speed_time=args.low_speed_time,
+                            allow_insecure_redirect=args.allow_insecure_redirect),
     )
 
 

@@ -19,7 +19,7 @@ import trio
 from faultserver import FaultServer
 from tlsproxy import TlsProxy, self_signed_certificate
 
-from rangefs.errors import BadResponse
+from rangefs.errors import BadResponse, RemoteUnreachable
 from rangefs.origin import Origin, OriginConfig, RemoteFile
 
 from util import Mounts, Server, seeded_bytes, wait_until
@@ -103,6 +103,19 @@ def test_a_trickle_is_cut_by_the_low_speed_limit_and_retried_a_bounded_number_of
     # 1 + --retries attempts per fetch, though each made progress; the kernel may ask twice
     assert len(gets) in (2, 4) and all(r.body_bytes_sent > 0 for r in gets), gets
     assert "too slow: 1 B/s over 1 s (gave up after 2 attempts)" in (m.cache_dir / "rangefs.log").read_text()
+
+
+def test_a_probe_whose_answer_does_not_come_is_cut_by_the_low_speed_limit(server: FaultServer) -> None:
+    server.put("/late.bin", b"x" * 1000, delay=5)  # within --read-timeout, which measures only gaps
+
+    async def probe() -> None:
+        async with Origin(OriginConfig(retries=1, low_speed_time=1)) as origin:
+            await origin.probe(server.url("/late.bin"))
+
+    started = time.monotonic()
+    with pytest.raises(RemoteUnreachable, match=r"too slow: 0 B/s over 1 s \(gave up after 2 attempts\)"):
+        trio.run(probe)
+    assert time.monotonic() - started < 4
 
 
 def test_a_trickling_host_leaves_other_hosts_their_connections(
@@ -189,7 +202,8 @@ def test_credentials_follow_a_redirect_on_the_same_origin_and_only_there(server:
     auth = "Basic " + base64.b64encode(b"alice:hunter2").decode()
     data, other_data = seeded_bytes(2 * MiB + 3, seed=191), seeded_bytes(1 * MiB + 1, seed=192)
     server.put("/real.bin", data, require_auth=auth)
-    server.put("/link.bin", b"", redirect=(302, "/real.bin"), require_auth=auth)
+    # an absolute Location, as most servers send (httpx's join keeps the user info of a relative one)
+    server.put("/link.bin", b"", redirect=(302, server.url("/real.bin")), require_auth=auth)
     with FaultServer() as other:
         other.put("/away.bin", other_data)
         server.put("/away.bin", b"", redirect=(302, other.url("/away.bin")), require_auth=auth)

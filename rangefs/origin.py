@@ -188,6 +188,7 @@ class Origin:
         self._client: httpx.AsyncClient | None = None
         self._lean: RangeClient | None = None
         self._httpx_only: set[bytes] = set()  # servers whose answers the lean client cannot read
+        self._probes: dict[str, trio.CapacityLimiter] = {}  # per origin; httpx has no cap of its own here
 
     async def __aenter__(self) -> Origin:
         cfg = self.config
@@ -249,7 +250,12 @@ class Origin:
         Raises:
             RemoteNotFound, RemoteUnreachable, BadResponse.
         """
-        return await self._with_retries(url, lambda: self._probe_once(url))
+        key = origin_of(url)
+        limiter = self._probes.get(key)
+        if limiter is None:
+            limiter = self._probes[key] = trio.CapacityLimiter(self.config.max_connections)
+        async with limiter:
+            return await self._with_retries(url, lambda: self._probe_once(url))
 
     async def _probe_once(self, url: str) -> RemoteFile:
         with self._low_speed():
@@ -578,8 +584,12 @@ def _origin_key(url: httpx.URL) -> tuple[str, str, int | None]:
 
 
 def origin_of(url: str) -> str:
-    """``scheme://host:port`` of a URL: what connection limits are counted by."""
-    scheme, host, port = _origin_key(httpx.URL(url))
+    """``scheme://host:port`` of a URL: what connection limits are counted by. Never raises (a URL
+    httpx cannot parse is its own origin: its request fails with the reason anyway)."""
+    try:
+        scheme, host, port = _origin_key(httpx.URL(url))
+    except (httpx.InvalidURL, UnicodeError):
+        return url
     return f"{scheme}://{host}:{port}"
 
 

@@ -118,6 +118,20 @@ def test_a_probe_whose_answer_does_not_come_is_cut_by_the_low_speed_limit(server
     assert time.monotonic() - started < 4
 
 
+def test_probes_of_one_origin_share_a_bounded_number_of_connections(server: FaultServer) -> None:
+    for i in range(24):
+        server.put(f"/p{i}.bin", b"p" * 100, delay=0.5)
+
+    async def probe_all() -> None:
+        async with Origin(OriginConfig(max_connections=6)) as origin, trio.open_nursery() as nursery:
+            for i in range(24):
+                nursery.start_soon(origin.probe, server.url(f"/p{i}.bin"))
+
+    trio.run(probe_all)
+    assert len(server.requests) == 24
+    assert len({r.connection for r in server.requests}) == 6  # kept connections, reused in turn
+
+
 def test_a_trickling_host_leaves_other_hosts_their_connections(
     server: FaultServer, mounts: Mounts, nginx: Server
 ) -> None:

@@ -80,7 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"rangefs {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    m = commands.add_parser("mount", help="mount a URL list", description="Mount a URL list as read-only files.")
+    m = commands.add_parser("mount", help="mount a URL list", description="Mount a URL list as read-only files.",
+                            epilog="https trusts the certificates of certifi, or of SSL_CERT_FILE or SSL_CERT_DIR "
+                                   "when set; a certificate that fails verification fails at once, unretried.")
     m.add_argument("url_list", metavar="URLS", type=Path, help="the URL list: 'URL [PATH]' per line")
     m.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path, help="an existing empty directory")
     m.add_argument("--cache-dir", type=Path, default=None, help="cache directory (default: %(default)s)")
@@ -108,7 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--connect-timeout", type=_positive, default=10.0, metavar="SECONDS")
     m.add_argument("--read-timeout", type=_positive, default=30.0, metavar="SECONDS",
                    help="longest wait for the next bytes of an answer (default: 30)")
-    m.add_argument("--retries", type=_count, default=5, help="retries without progress per request (default: 5)")
+    m.add_argument("--retries", type=_count, default=5,
+                   help="retries without progress per request; a cut for --low-speed-limit counts "
+                        "even after progress (default: 5)")
     m.add_argument("--retry-time", type=_positive, default=120.0, metavar="SECONDS",
                    help="longest time a request retries without progress (default: 120)")
     m.add_argument("--low-speed-limit", type=_bytes_per_second, default=1024, metavar="BYTES/S",

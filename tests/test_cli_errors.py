@@ -139,6 +139,8 @@ def test_credentials_never_appear_in_errors(mounts: Mounts, nginx: Server) -> No
         (["--block-size", "3000"], ["block size", "3000"]),
         (["--checkpoint-interval", "-1"], ["-1"]),
         (["--retries", "many"], ["many"]),
+        (["--low-speed-limit", "fast"], ["--low-speed-limit", "fast"]),
+        (["--low-speed-time", "-3"], ["--low-speed-time", "-3"]),
         (["--no-such-option"], ["--no-such-option"]),
     ],
 )

@@ -192,6 +192,20 @@ def test_range_gets_stop_at_a_certificate_failure_too(server: FaultServer, tls: 
     assert tls.connections == 1
 
 
+def test_https_reads_trust_the_certificates_ssl_cert_file_names(
+    server: FaultServer, tls: TlsProxy, certificate: tuple[Path, Path], mounts: Mounts,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("SSL_CERT_FILE", str(certificate[0]))
+    data = seeded_bytes(2 * MiB + 5, seed=185)
+    server.put("/secure.bin", data)
+    m = mounts.mount([tls.url("/secure.bin")])
+
+    assert (m.path / "secure.bin").read_bytes() == data  # range GETs: the lean client, same trust
+    ranged = [r for r in server.requests if r.method == "GET"]
+    assert ranged and all(r.status == 206 for r in ranged)
+
+
 def test_an_https_url_redirected_to_http_is_refused_unless_allowed(
     server: FaultServer, tls: TlsProxy, certificate: tuple[Path, Path], mounts: Mounts,
     monkeypatch: pytest.MonkeyPatch,

@@ -61,6 +61,14 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _bytes_per_second(text: str) -> int:
+    """A rate in bytes per second, as a size (``1K`` is 1024); zero allowed."""
+    try:
+        return _size(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"not a rate in bytes per second: '{text}' (e.g. 1024, 10K)") from None
+
+
 def _count(text: str) -> int:
     if not text.isdigit() or int(text) > 100:
         raise argparse.ArgumentTypeError(f"must be a whole number from 0 to 100: '{text}'")
@@ -72,7 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"rangefs {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    m = commands.add_parser("mount", help="mount a URL list", description="Mount a URL list as read-only files.")
+    m = commands.add_parser("mount", help="mount a URL list", description="Mount a URL list as read-only files.",
+                            epilog="https trusts the certificates of certifi, or of SSL_CERT_FILE or SSL_CERT_DIR "
+                                   "when set; a certificate that fails verification fails at once, unretried.")
     m.add_argument("url_list", metavar="URLS", type=Path, help="the URL list: 'URL [PATH]' per line")
     m.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path, help="an existing empty directory")
     m.add_argument("--cache-dir", type=Path, default=None,
@@ -106,9 +116,18 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--connect-timeout", type=_positive, default=10.0, metavar="SECONDS")
     m.add_argument("--read-timeout", type=_positive, default=30.0, metavar="SECONDS",
                    help="longest wait for the next bytes of an answer (default: 30)")
-    m.add_argument("--retries", type=_count, default=5, help="retries without progress per request (default: 5)")
+    m.add_argument("--retries", type=_count, default=5,
+                   help="retries without progress per request; a cut for --low-speed-limit counts "
+                        "even after progress (default: 5)")
     m.add_argument("--retry-time", type=_positive, default=120.0, metavar="SECONDS",
                    help="longest time a request retries without progress (default: 120)")
+    m.add_argument("--low-speed-limit", type=_bytes_per_second, default=1024, metavar="BYTES/S",
+                   help="cut and retry a request that gets fewer bytes per second than this over "
+                        "--low-speed-time, its wait for the answer included (0: never; default: 1024)")
+    m.add_argument("--low-speed-time", type=_seconds, default=15.0, metavar="SECONDS",
+                   help="the time over which --low-speed-limit is measured (0: never; default: 15)")
+    m.add_argument("--allow-insecure-redirect", action="store_true",
+                   help="follow redirects from https to http (default: refuse them)")
 
     u = commands.add_parser("unmount", help="unmount and wait for the daemon to save its state",
                             description="Unmount a rangefs mount; waits until its state is saved.")
@@ -136,7 +155,9 @@ def _mount_options(args: argparse.Namespace) -> MountOptions:
         cache=CacheConfig(cache_dir, block_size=args.block_size, checkpoint_interval=args.checkpoint_interval,
                           revalidate_interval=args.revalidate_interval),
         origin=OriginConfig(connect_timeout=args.connect_timeout, read_timeout=args.read_timeout,
-                            retries=args.retries, retry_time=args.retry_time),
+                            retries=args.retries, retry_time=args.retry_time,
+                            low_speed_limit=args.low_speed_limit, low_speed_time=args.low_speed_time,
+                            allow_insecure_redirect=args.allow_insecure_redirect),
     )
 
 

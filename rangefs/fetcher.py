@@ -2,7 +2,8 @@
 
 Sits between the cache (above) and the origin (below); imports rangefs.origin, never httpx or
 pyfuse3. Planning (``plan_runs``) and block progress (``BlockProgress``) are pure logic;
-``Fetcher.fetch_into`` bounds how many requests are in flight at once. A mount runs its
+``Fetcher.fetch_into`` bounds how many requests are in flight at once, per origin (a slow host
+uses its own share, never another's) and over all origins (sockets are finite). A mount runs its
 Fetcher in a helper process (rangefs.fetchproc); the cache sees either through ``BlockFetcher``.
 """
 
@@ -10,7 +11,8 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -19,12 +21,16 @@ import trio
 import xxhash
 
 from rangefs.errors import CacheUnwritable
-from rangefs.origin import Origin, RemoteFile
+from rangefs.origin import Origin, RemoteFile, origin_of
 from rangefs.urllist import redact_url
 
 # Told (first, stop, sums) once blocks ``first <= b < stop`` are written to the data file;
 # sums[i] is the block_sum() of block first + i as received.
 WrittenSink = Callable[[int, int, list[int]], Awaitable[None]]
+
+# Requests in flight over all origins, per Fetcher: each holds a socket, and a mount has a
+# file-descriptor limit; well above one origin's share, so a few slow hosts leave room for the rest.
+MAX_REQUESTS_ALL_ORIGINS = 128
 
 
 @dataclass(frozen=True)
@@ -115,12 +121,27 @@ class Fetcher:
     """Fetch block runs from an origin into a data file, telling which blocks are complete."""
 
     def __init__(self, origin: Origin, block_size: int, max_requests: int = 8, *, write_in_thread: bool = True) -> None:
-        """``write_in_thread``: pwrite from a worker thread, as the FUSE thread must never block
+        """``max_requests``: requests in flight per origin (scheme, host, port).
+
+        ``write_in_thread``: pwrite from a worker thread, as the FUSE thread must never block
         on the disk; a process that only fetches (rangefs.fetchproc) writes directly."""
         self.origin = origin
         self.block_size = block_size
         self.write_in_thread = write_in_thread
-        self._requests = trio.CapacityLimiter(max_requests)
+        self.max_requests = max_requests
+        self._per_origin: dict[str, trio.CapacityLimiter] = {}  # one per origin fetched from; trio only
+        self._all_origins = trio.CapacityLimiter(MAX_REQUESTS_ALL_ORIGINS)
+
+    @asynccontextmanager
+    async def _request_slot(self, remote: RemoteFile) -> AsyncIterator[None]:
+        """Hold one of the origin's request slots, then one of all origins' (in that order, so a
+        request waiting for its busy origin holds nothing another origin could use)."""
+        key = origin_of(remote.url)
+        limiter = self._per_origin.get(key)
+        if limiter is None:
+            limiter = self._per_origin[key] = trio.CapacityLimiter(self.max_requests)
+        async with limiter, self._all_origins:
+            yield
 
     async def fetch_into(self, remote: RemoteFile, run: BlockRun, path: Path, fd: int, on_written: WrittenSink) -> None:
         """Fetch ``run`` into the data file ``fd`` (``path`` is for fetchers in another process).
@@ -141,7 +162,7 @@ class Fetcher:
             await self._write(remote, fd, chunk, offset)
             await delivery.written(offset, chunk)
 
-        async with self._requests:
+        async with self._request_slot(remote):
             await self.origin.fetch(remote, start, stop, store)
 
     async def stream_into(
@@ -180,7 +201,7 @@ class Fetcher:
                 view, position = view[len(piece) :], position + len(piece)
             await delivery.written(offset, chunk)
 
-        async with self._requests:
+        async with self._request_slot(remote):
             await self.origin.stream(remote, store)
 
     async def _write(self, remote: RemoteFile, fd: int, data: bytes | memoryview, offset: int) -> None:
@@ -200,7 +221,7 @@ class Fetcher:
         async def keep(offset: int, chunk: bytes) -> None:
             buffer.extend(chunk)  # the origin delivers in order, resuming where it stopped
 
-        async with self._requests:
+        async with self._request_slot(remote):
             await self.origin.fetch(remote, start, stop, keep)
         return bytes(buffer)
 

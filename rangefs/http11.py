@@ -77,13 +77,16 @@ class RangeResponse:
 class RangeClient:
     """GETs over pooled HTTP/1.1 connections; ``async with RangeClient(...) as client``."""
 
-    def __init__(self, connect_timeout: float, read_timeout: float, max_idle: int = 16) -> None:
+    def __init__(
+        self, connect_timeout: float, read_timeout: float, max_idle: int = 16, tls: ssl.SSLContext | None = None
+    ) -> None:
+        """``tls``: the context for https (give the one httpx uses, so both trust the same certificates)."""
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self.max_idle = max_idle
         self._backend = httpcore.TrioBackend()
         self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
-        self._ssl: ssl.SSLContext | None = None
+        self._ssl: ssl.SSLContext | None = tls
 
     async def __aenter__(self) -> RangeClient:
         return self
@@ -167,7 +170,7 @@ class RangeClient:
 
     def _ssl_context(self) -> ssl.SSLContext:
         if self._ssl is None:
-            self._ssl = httpx.create_ssl_context()  # the same trust store httpx uses (certifi)
+            self._ssl = httpx.create_ssl_context()  # httpx's trust store (certifi, or SSL_CERT_FILE)
         return self._ssl
 
     async def _exchange(

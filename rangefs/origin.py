@@ -6,18 +6,26 @@ range GETs through the lean client unless a proxy is configured. Every ranged GE
 ``If-Range`` with the file's validator and ``Accept-Encoding: identity`` (ranges count bytes
 of the encoded body), and every 206 is checked against the request before a byte of it is
 handed on.
+
+A hostile or failing server is bounded: every attempt is cut when fewer than
+``low_speed_limit`` bytes per second arrive over ``low_speed_time`` seconds (a trickle never
+trips the read timeout, which only measures gaps); a certificate that fails verification
+ends the request at once with its reason; an https URL is not followed to http unless
+``allow_insecure_redirect``; the URL's credentials go only to its own origin.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import math
 import random
 import re
+import ssl
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Protocol, TypeVar
@@ -53,6 +61,8 @@ if hasattr(httpcore_http11.AsyncHTTP11Connection, "READ_NUM_BYTES"):
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)$")
 _CONTENT_RANGE_UNSATISFIED = re.compile(r"bytes \*/(\d+)$")
 _HEAD_REFUSED = {403, 405, 501}  # answers that may mean "no HEAD here" rather than "no file"
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+_MOVES_PER_WINDOW = 8  # see _LowSpeed: an attempt is cut at most an eighth of a window early
 
 Sink = Callable[[int, bytes], Awaitable[None]]
 
@@ -108,16 +118,64 @@ class OriginConfig:
     retries: int = 5  # attempts after the first without progress
     retry_max_delay: float = 10.0  # cap of one backoff sleep (a server's Retry-After may ask up to 60 s)
     retry_time: float = 120.0  # seconds of retrying without progress, from the first failure, at most
-    max_connections: int = 16
+    max_connections: int = 16  # idle connections kept; callers bound those in use (rangefs.fetcher per origin)
     lean_ranges: bool = True  # range GETs through rangefs.http11 (httpx when False, or behind a proxy)
+    # An attempt that gets fewer than low_speed_limit bytes/s over low_speed_time seconds (its
+    # head included) is cut and retried, like curl's --speed-limit; 0 in either turns it off.
+    # The time outlasts connect_timeout, so a connect that times out says so.
+    low_speed_limit: int = 1024
+    low_speed_time: float = 15.0
+    allow_insecure_redirect: bool = False  # follow https -> http redirects
 
 
 class _Retry(Exception):
-    """An attempt failed in a way another attempt may fix."""
+    """An attempt failed in a way another attempt may fix.
 
-    def __init__(self, reason: str, delay: float | None = None) -> None:
+    ``counts``: the failure counts against the retries even when the attempt made progress
+    (a trickle makes progress on every attempt, and must still end).
+    """
+
+    def __init__(self, reason: str, delay: float | None = None, *, counts: bool = False) -> None:
         super().__init__(reason)
         self.delay = delay
+        self.counts = counts
+
+
+class _InsecureRedirect(Exception):
+    """An https URL redirected to http (raised by the response hook, before the redirect is followed)."""
+
+    def __init__(self, target: str) -> None:
+        super().__init__(target)
+        self.target = target
+
+
+class _LowSpeed:
+    """Cuts an attempt that receives fewer than ``limit`` bytes/s over ``seconds``.
+
+    The deadline of ``scope`` moves ``seconds`` ahead once a window's worth of bytes has arrived
+    since it last moved, at most _MOVES_PER_WINDOW times per window: moving a trio deadline costs
+    microseconds, so a fast body costs a clock read per chunk, no timer and no system call.
+    """
+
+    def __init__(self, limit: int, seconds: float) -> None:
+        self.seconds = seconds
+        self.quota = limit * seconds if limit > 0 and seconds > 0 else math.inf
+        self.received = 0  # since the deadline last moved
+        now = trio.current_time()
+        self.next_move = now + seconds / _MOVES_PER_WINDOW
+        self.scope = trio.CancelScope(deadline=now + seconds if self.quota < math.inf else math.inf)
+
+    def feed(self, size: int) -> None:
+        self.received += size
+        if self.received >= self.quota:
+            now = trio.current_time()
+            if now >= self.next_move:
+                self.received = 0
+                self.next_move = now + self.seconds / _MOVES_PER_WINDOW
+                self.scope.deadline = now + self.seconds
+
+    def describe(self) -> str:
+        return f"too slow: {self.received / self.seconds:.0f} B/s over {self.seconds:g} s"
 
 
 class Origin:
@@ -130,23 +188,47 @@ class Origin:
         self._client: httpx.AsyncClient | None = None
         self._lean: RangeClient | None = None
         self._httpx_only: set[bytes] = set()  # servers whose answers the lean client cannot read
+        self._probes: dict[str, trio.CapacityLimiter] = {}  # per origin; httpx has no cap of its own here
 
     async def __aenter__(self) -> Origin:
         cfg = self.config
         timeout = httpx.Timeout(cfg.read_timeout, connect=cfg.connect_timeout, pool=None)
-        limits = httpx.Limits(max_connections=cfg.max_connections, max_keepalive_connections=cfg.max_connections)
+        # No cap on connections in use: one cap over all hosts would let a slow host hold
+        # what another needs. Callers bound them (rangefs.fetcher per origin, the mount's probes).
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=cfg.max_connections)
+        # One trust store for both clients: httpx's (certifi, or SSL_CERT_FILE / SSL_CERT_DIR when set).
+        tls = httpx.create_ssl_context()
         self._client = httpx.AsyncClient(
             timeout=timeout,
             limits=limits,
+            verify=tls,
             follow_redirects=True,
             max_redirects=10,
             headers={"Accept-Encoding": "identity", "User-Agent": "rangefs"},
             transport=self._transport,
+            event_hooks={"response": [self._check_redirect]},
         )
         # Range GETs take the lean client unless a test transport or a proxy is in the way.
         if cfg.lean_ranges and self._transport is None and not urllib.request.getproxies():
-            self._lean = RangeClient(cfg.connect_timeout, cfg.read_timeout, max_idle=cfg.max_connections)
+            self._lean = RangeClient(cfg.connect_timeout, cfg.read_timeout, max_idle=cfg.max_connections, tls=tls)
         return self
+
+    async def _check_redirect(self, resp: httpx.Response) -> None:
+        """Refuse to follow an https URL to http (its bytes and cookies would travel in the clear)."""
+        if self.config.allow_insecure_redirect or not resp.has_redirect_location or resp.url.scheme != "https":
+            return
+        target = resp.url.join(resp.headers["Location"])
+        if target.scheme == "http":
+            raise _InsecureRedirect(str(target))
+
+    @contextmanager
+    def _low_speed(self) -> Iterator[_LowSpeed]:
+        """Run an attempt under the low-speed limit; raises a counting _Retry when it is too slow."""
+        guard = _LowSpeed(self.config.low_speed_limit, self.config.low_speed_time)
+        with guard.scope:
+            yield guard
+        if guard.scope.cancelled_caught:
+            raise _Retry(guard.describe(), counts=True)
 
     async def __aexit__(self, *exc_info: object) -> None:
         if self._lean is not None:
@@ -168,9 +250,19 @@ class Origin:
         Raises:
             RemoteNotFound, RemoteUnreachable, BadResponse.
         """
-        return await self._with_retries(url, lambda: self._probe_once(url))
+        key = origin_of(url)
+        limiter = self._probes.get(key)
+        if limiter is None:
+            limiter = self._probes[key] = trio.CapacityLimiter(self.config.max_connections)
+        async with limiter:
+            return await self._with_retries(url, lambda: self._probe_once(url))
 
     async def _probe_once(self, url: str) -> RemoteFile:
+        with self._low_speed():
+            return await self._probe_unguarded(url)
+        raise AssertionError("unreachable")  # _low_speed raises when it cut the attempt short
+
+    async def _probe_unguarded(self, url: str) -> RemoteFile:
         resp = await self.client.head(url)
         _raise_for_status(url, resp)
         size = resp.headers.get("Content-Length")
@@ -179,7 +271,7 @@ class Origin:
         if not resp.is_success:
             raise BadResponse(f"{redact_url(url)}: HEAD answered {_status(resp)}")
         _refuse_encoding(url, resp)
-        return _remote_from(resp, int(size), resp.headers.get("Accept-Ranges", "bytes") != "none")
+        return _remote_from(url, resp, int(size), resp.headers.get("Accept-Ranges", "bytes") != "none")
 
     async def _probe_by_get(self, url: str) -> RemoteFile:
         async with self.client.stream("GET", url, headers={"Range": "bytes=0-0"}) as resp:
@@ -187,14 +279,14 @@ class Origin:
             _refuse_encoding(url, resp)
             if resp.status_code == 206:
                 size = _total_from_content_range(url, resp)
-                return _remote_from(resp, size, True)
+                return _remote_from(url, resp, size, True)
             if resp.status_code == 416:
                 match = _CONTENT_RANGE_UNSATISFIED.match(resp.headers.get("Content-Range", ""))
                 if match and match.group(1) == "0":
-                    return _remote_from(resp, 0, True)
+                    return _remote_from(url, resp, 0, True)
             length = resp.headers.get("Content-Length", "")
             if resp.status_code == 200 and length.isdigit():
-                return _remote_from(resp, int(length), False)
+                return _remote_from(url, resp, int(length), False)
             raise BadResponse(f"{redact_url(url)}: cannot learn the size (GET answered {_status(resp)})")
 
     async def fetch(self, remote: RemoteFile, start: int, stop: int, sink: Sink) -> None:
@@ -248,7 +340,7 @@ class Origin:
             try:
                 await once(position, advance)
             except (_Retry, httpx.TransportError) as exc:
-                if position == before:
+                if position == before or (isinstance(exc, _Retry) and exc.counts):
                     raise
                 log.info("%s: %s at byte %d; %s", redact_url(remote.url), _describe(exc), position, how)
                 raise _Retry("progress made", delay=0) from None
@@ -258,21 +350,23 @@ class Origin:
 
     async def _stream_once(self, remote: RemoteFile, skip: int, sink: Sink) -> None:
         received = 0
-        async with self.client.stream("GET", remote.url) as resp:
-            _raise_for_status(remote.url, resp)
-            if resp.status_code != 200:
-                raise BadResponse(f"{redact_url(remote.url)}: answered {_status(resp)} to a GET")
-            length = resp.headers.get("Content-Length")
-            if not _same_version(remote, resp) or (length is not None and length != str(remote.size)):
-                raise RemoteChanged(f"{redact_url(remote.url)}: the file is not the version being read")
-            _refuse_encoding(remote.url, resp)
-            async for chunk in resp.aiter_raw():
-                end = received + len(chunk)
-                if end > skip:
-                    piece = chunk[max(0, skip - received) : remote.size - received]
-                    if piece:
-                        await sink(max(skip, received), piece)
-                received = end
+        with self._low_speed() as speed:
+            async with self.client.stream("GET", remote.url) as resp:
+                _raise_for_status(remote.url, resp)
+                if resp.status_code != 200:
+                    raise BadResponse(f"{redact_url(remote.url)}: answered {_status(resp)} to a GET")
+                length = resp.headers.get("Content-Length")
+                if not _same_version(remote, resp) or (length is not None and length != str(remote.size)):
+                    raise RemoteChanged(f"{redact_url(remote.url)}: the file is not the version being read")
+                _refuse_encoding(remote.url, resp)
+                async for chunk in resp.aiter_raw():
+                    speed.feed(len(chunk))
+                    end = received + len(chunk)
+                    if end > skip:
+                        piece = chunk[max(0, skip - received) : remote.size - received]
+                        if piece:
+                            await sink(max(skip, received), piece)
+                    received = end
         if received < remote.size:
             raise _Retry(f"body ended at byte {received}, expected {remote.size}")
 
@@ -283,17 +377,19 @@ class Origin:
         if remote.if_range:
             headers["If-Range"] = remote.if_range
         position = start
-        async with self._get(remote.url, headers) as resp:
-            _check_range_answer(remote, resp, start, stop)
-            async for chunk in resp.aiter_raw():
-                if position >= stop:
-                    return  # more than the range: keep what was asked, drop the connection
-                chunk = chunk[: stop - position]
-                await sink(position, chunk)
-                position += len(chunk)
-            # Reading on to the end of the body (not returning at its last byte) lets httpcore
-            # see the response complete and keep the connection: returning early cost a new
-            # connection per request (+1.2 ms per 256 KiB request on loopback, slow start on a WAN).
+        with self._low_speed() as speed:
+            async with self._get(remote.url, headers) as resp:
+                _check_range_answer(remote, resp, start, stop)
+                async for chunk in resp.aiter_raw():
+                    speed.feed(len(chunk))
+                    if position >= stop:
+                        return  # more than the range: keep what was asked, drop the connection
+                    chunk = chunk[: stop - position]
+                    await sink(position, chunk)
+                    position += len(chunk)
+                # Reading on to the end of the body (not returning at its last byte) lets httpcore
+                # see the response complete and keep the connection: returning early cost a new
+                # connection per request (+1.2 ms per 256 KiB request on loopback, slow start on a WAN).
         if position < stop:
             raise _Retry(f"body ended at byte {position}, expected {stop}")
 
@@ -319,7 +415,15 @@ class Origin:
                 return await attempt()
             except (httpx.UnsupportedProtocol, httpx.TooManyRedirects, httpx.InvalidURL, UnicodeError) as exc:
                 raise BadResponse(f"{redact_url(url)}: {_describe(exc)}") from None
+            except _InsecureRedirect as exc:
+                raise BadResponse(
+                    f"{redact_url(url)}: redirected from https to http ({redact_url(exc.target)}); "
+                    "refused unless --allow-insecure-redirect"
+                ) from None
             except httpx.TransportError as exc:
+                refused = _certificate_failure(exc)
+                if refused is not None:  # another attempt would meet the same certificate
+                    raise BadResponse(f"{redact_url(url)}: {refused}") from None
                 error: _Retry = _Retry(_describe(exc))
             except _Retry as exc:
                 error = exc
@@ -344,6 +448,18 @@ class Origin:
     def _backoff(self, failures: int) -> float:
         """Full-jitter exponential backoff: uniform in [0, min(cap, 0.1 s * 2^failures)]."""
         return random.uniform(0, min(self.config.retry_max_delay, 0.1 * 2**failures))
+
+
+def _certificate_failure(exc: BaseException) -> str | None:
+    """Why the server's certificate was refused, when that is what ``exc`` comes from (its causes)."""
+    seen: BaseException | None = exc
+    for _ in range(10):  # httpx, httpcore and anyio/trio wrap it a few levels deep
+        if seen is None:
+            return None
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return f"certificate verify failed: {seen.verify_message or seen.reason}"
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _describe(exc: BaseException) -> str:
@@ -441,9 +557,9 @@ def _total_from_content_range(url: str, resp: httpx.Response) -> int:
     return int(match.group(3))
 
 
-def _remote_from(resp: httpx.Response, size: int, accept_ranges: bool) -> RemoteFile:
+def _remote_from(listed: str, resp: httpx.Response, size: int, accept_ranges: bool) -> RemoteFile:
     return RemoteFile(
-        url=str(resp.url),
+        url=_with_credentials(listed, resp.url),
         size=size,
         etag=resp.headers.get("ETag"),
         last_modified=resp.headers.get("Last-Modified"),
@@ -451,4 +567,30 @@ def _remote_from(resp: httpx.Response, size: int, accept_ranges: bool) -> Remote
     )
 
 
-__all__ = ["Origin", "OriginConfig", "OriginError", "RemoteFile", "Sink"]
+def _with_credentials(listed: str, final: httpx.URL) -> str:
+    """The final URL, with the listed URL's user info when both are on the same origin.
+
+    httpx keeps the Authorization header over a same-origin redirect and drops it on another
+    origin; range GETs go to the final URL, so it carries the credentials on the same terms.
+    """
+    source = httpx.URL(listed)
+    if not source.userinfo or final.userinfo or _origin_key(source) != _origin_key(final):
+        return str(final)
+    return str(final.copy_with(userinfo=source.userinfo))
+
+
+def _origin_key(url: httpx.URL) -> tuple[str, str, int | None]:
+    return url.scheme, url.host, url.port or _DEFAULT_PORTS.get(url.scheme)
+
+
+def origin_of(url: str) -> str:
+    """``scheme://host:port`` of a URL: what connection limits are counted by. Never raises (a URL
+    httpx cannot parse is its own origin: its request fails with the reason anyway)."""
+    try:
+        scheme, host, port = _origin_key(httpx.URL(url))
+    except (httpx.InvalidURL, UnicodeError):
+        return url
+    return f"{scheme}://{host}:{port}"
+
+
+__all__ = ["Origin", "OriginConfig", "OriginError", "RemoteFile", "Sink", "origin_of"]

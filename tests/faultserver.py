@@ -66,6 +66,7 @@ class Faults:
     change_after: int | None = None  # switch to next_data after this many body bytes of a response
     next_data: bytes | None = None
     chunked: bool = False  # Transfer-Encoding: chunked instead of Content-Length
+    require_auth: str | None = None  # 401 to a request without exactly this Authorization header
 
 
 @dataclass
@@ -310,6 +311,8 @@ class FaultServer:
             status, retry_after = failure
             headers = {} if retry_after is None else {"Retry-After": f"{retry_after:g}"}
             return self._send_empty(conn, record, status, headers)
+        if faults.require_auth is not None and record.header("Authorization") != faults.require_auth:
+            return self._send_empty(conn, record, 401, {"WWW-Authenticate": 'Basic realm="faultserver"'})
         if faults.redirect is not None:
             return self._send_empty(conn, record, faults.redirect[0], {"Location": faults.redirect[1]})
         if record.method == "HEAD" and faults.refuse_head:

@@ -1,16 +1,24 @@
-"""The per-URL state file: a versioned header plus the block bitmap, saved atomically.
+"""The per-URL state file: a versioned header plus the runs of blocks present, saved atomically.
 
 Imports only the standard library and rangefs.bitmap. Layout (all integers little-endian):
 
     0   8 bytes   magic b"RANGEFS\\0"
     8   u32       format version (FORMAT_VERSION)
     12  u32       header length H
-    16  H bytes   header: UTF-8 JSON {key, url, size, etag, last_modified, block_size}
-    ..  N bytes   bitmap, N = ceil(size / block_size / 8)
+    16  u32       flags (SYNCED: every block claimed was flushed to disk before this save)
+    20  u32       run count R
+    24  H bytes   header: UTF-8 JSON {key, url, size, etag, last_modified, block_size}
+    ..  16 R      runs of present blocks: u64 first, u64 stop; in order, apart, within the file
+    ..  zeros     padding to a multiple of 512 bytes (room for a save in place on a full disk)
     ..  u32       CRC-32 of every byte before it
 
-A file that is short, long, of another version, or whose CRC does not match is reported as
-StateCorrupt and must not be trusted: the caller starts that file's cache afresh.
+The file's size follows the blocks cached, not the size the server claims. A file of format 1
+(a dense bitmap after the header) is still read: its saves always came after a flush.
+
+A file that is short, long, of an unknown version, or whose CRC does not match is reported as
+StateCorrupt and must not be trusted. Each save first renames the file it replaces to
+``<name>.prev``: a caller whose state file cannot be trusted may fall back to that generation
+(only when it describes the same version).
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import secrets
 import struct
 import zlib
 from dataclasses import dataclass
@@ -26,9 +35,16 @@ from pathlib import Path
 from rangefs.bitmap import Bitmap
 
 MAGIC = b"RANGEFS\0"
-FORMAT_VERSION = 1
-_PREFIX = struct.Struct("<8sII")
+FORMAT_VERSION = 2
+_DENSE_VERSION = 1
+_PREFIX = struct.Struct("<8sIIII")
+_DENSE_PREFIX = struct.Struct("<8sII")
+_RUN = struct.Struct("<QQ")
 _CRC = struct.Struct("<I")
+SYNCED = 1
+# State files are padded to a multiple of this: on a full disk a save can still overwrite the
+# file in place while the run list grows a little.
+_SIZE_STEP = 512
 
 
 class StateCorrupt(ValueError):
@@ -51,37 +67,73 @@ class Identity:
         return -(-self.size // self.block_size)
 
 
-def encode(identity: Identity, bitmap: Bitmap) -> bytes:
-    """Serialize a state file body, CRC included."""
+@dataclass(frozen=True)
+class Saved:
+    """What one state file says."""
+
+    identity: Identity
+    bitmap: Bitmap
+    synced: bool  # the blocks it claims were flushed (fdatasync) before it was written
+
+
+def previous(path: Path) -> Path:
+    """Where the generation before ``path`` is kept."""
+    return path.with_name(path.name + ".prev")
+
+
+def encode(identity: Identity, bitmap: Bitmap, *, synced: bool = True, size: int = 0) -> bytes:
+    """Serialize a state file body, CRC included, padded with zeros to at least ``size`` bytes."""
     if bitmap.nblocks != identity.nblocks:
         raise ValueError(f"bitmap of {bitmap.nblocks} blocks for {identity.nblocks}")
     header = json.dumps(identity.__dict__, sort_keys=True).encode()
-    body = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(header)) + header + bitmap.to_bytes()
+    runs = b"".join(_RUN.pack(first, stop) for first, stop in bitmap.runs())
+    prefix = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(header), SYNCED if synced else 0, len(runs) // _RUN.size)
+    body = prefix + header + runs
+    size = max(size, -(-(len(body) + _CRC.size) // _SIZE_STEP) * _SIZE_STEP)
+    body += bytes(size - len(body) - _CRC.size)
     return body + _CRC.pack(zlib.crc32(body))
 
 
-def decode(blob: bytes) -> tuple[Identity, Bitmap]:
+def decode(blob: bytes) -> Saved:
     """Parse a state file body.
 
     Raises:
         StateCorrupt: anything about the bytes is wrong.
     """
-    if len(blob) < _PREFIX.size + _CRC.size:
+    if len(blob) < _DENSE_PREFIX.size + _CRC.size:
         raise StateCorrupt(f"state file truncated ({len(blob)} bytes)")
     body, (crc,) = blob[: -_CRC.size], _CRC.unpack(blob[-_CRC.size :])
     if zlib.crc32(body) != crc:
         raise StateCorrupt("state file checksum mismatch (torn or corrupt)")
-    magic, version, header_len = _PREFIX.unpack_from(body)
+    magic, version, header_len = _DENSE_PREFIX.unpack_from(body)
     if magic != MAGIC:
         raise StateCorrupt("not a rangefs state file")
+    if version == _DENSE_VERSION:
+        return _decode_dense(body, header_len)
     if version != FORMAT_VERSION:
         raise StateCorrupt(f"state file format {version}, this rangefs reads {FORMAT_VERSION}")
+    if len(body) < _PREFIX.size:
+        raise StateCorrupt(f"state file truncated ({len(blob)} bytes)")
+    _, _, _, flags, count = _PREFIX.unpack_from(body)
     identity = _identity(body[_PREFIX.size : _PREFIX.size + header_len])
+    start = _PREFIX.size + header_len
+    end = start + count * _RUN.size
+    if end > len(body) or body[end:].count(0) != len(body) - end:
+        raise StateCorrupt("state file runs do not fit its length")
     try:
-        bitmap = Bitmap(identity.nblocks, body[_PREFIX.size + header_len :])
+        bitmap = Bitmap.from_runs(identity.nblocks, _RUN.iter_unpack(body[start:end]))
     except ValueError as exc:
         raise StateCorrupt(str(exc)) from None
-    return identity, bitmap
+    return Saved(identity, bitmap, bool(flags & SYNCED))
+
+
+def _decode_dense(body: bytes, header_len: int) -> Saved:
+    identity = _identity(body[_DENSE_PREFIX.size : _DENSE_PREFIX.size + header_len])
+    try:
+        bitmap = Bitmap.from_dense(identity.nblocks, body[_DENSE_PREFIX.size + header_len :])
+    except ValueError as exc:
+        raise StateCorrupt(str(exc)) from None
+    return Saved(identity, bitmap, synced=True)
 
 
 def _identity(header: bytes) -> Identity:
@@ -90,54 +142,89 @@ def _identity(header: bytes) -> Identity:
         identity = Identity(**fields)
     except (ValueError, TypeError) as exc:
         raise StateCorrupt(f"bad state header: {exc}") from None
+    if not isinstance(identity.size, int) or not isinstance(identity.block_size, int):
+        raise StateCorrupt("bad state header: size or block size not a number")
     if identity.size < 0 or identity.block_size <= 0:
         raise StateCorrupt("bad state header: size or block size out of range")
     return identity
 
 
-def load(path: Path) -> tuple[Identity, Bitmap]:
+def read(path: Path) -> Saved:
     """Read and check a state file.
 
     Raises:
         FileNotFoundError: there is none.
         StateCorrupt: it cannot be trusted.
     """
-    return decode(path.read_bytes())
+    return decode(_read_file(path))
 
 
-def save(path: Path, identity: Identity, bitmap: Bitmap) -> None:
-    """Replace the state file atomically: temp file, fsync, rename, fsync of the directory.
+def load(path: Path) -> tuple[Identity, Bitmap]:
+    """The identity and bitmap of a state file (see ``read``)."""
+    saved = read(path)
+    return saved.identity, saved.bitmap
 
-    On a full disk (no room for the temp file) the existing state file, when it has the same
-    size, is overwritten in place instead: it needs no new space, and a torn write fails the
-    CRC, so the worst case is a cache that is not trusted, never one that lies.
-    The caller must have made the data the bitmap claims durable (fdatasync) before this.
+
+def remove(path: Path) -> None:
+    """Delete a state file and its previous generation (the current one first)."""
+    path.unlink(missing_ok=True)
+    previous(path).unlink(missing_ok=True)
+
+
+def save(path: Path, identity: Identity, bitmap: Bitmap, *, synced: bool = True, durable: bool = True) -> None:
+    """Replace the state file atomically, keeping the one it replaces as ``previous(path)``.
+
+    ``synced``: the caller flushed (fdatasync) every block the bitmap claims; a later load may
+    count them as on disk. ``durable``: fsync the new file and the directory, so that the save
+    outlives a power cut; without it a save survives the process being killed, not the machine.
+    Either way a claimed block is checked against its sum before use, so a save that claims
+    a block whose bytes did not reach the disk costs a refetch, never a wrong byte.
+
+    On a full disk (no room for the temp file) the existing state file, when it is long enough,
+    is overwritten in place instead: it needs no new space, and a torn write fails the CRC (the
+    previous generation is then used), so the worst case is a cache that is not trusted, never
+    one that lies.
     """
-    payload = encode(identity, bitmap)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    payload = encode(identity, bitmap, synced=synced)
+    tmp = path.with_name(f"{path.name}.tmp{secrets.token_hex(8)}")
     try:
-        _write_file(tmp, payload, os.O_CREAT | os.O_TRUNC)
+        _write_file(tmp, payload, os.O_CREAT | os.O_EXCL, durable)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or _size(path) != len(payload):
+        size = _size(path)
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or size < len(payload):
             raise
-        _write_file(path, payload, 0)
+        _write_file(path, encode(identity, bitmap, synced=synced, size=size), 0, durable)
         return
+    try:
+        os.replace(path, previous(path))
+    except FileNotFoundError:
+        pass  # the first save, or the current one was dropped as untrustworthy: keep the older one
     os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    if durable:
+        _sync_dir(path.parent)
+
+
+def _read_file(path: Path) -> bytes:
+    return path.read_bytes()
+
+
+def _sync_dir(directory: Path) -> None:
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
 
 
-def _write_file(path: Path, payload: bytes, flags: int) -> None:
-    fd = os.open(path, os.O_WRONLY | flags, 0o600)
+def _write_file(path: Path, payload: bytes, flags: int, durable: bool) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | flags, 0o600)
     try:
         view = memoryview(payload)
         while view:
             view = view[os.write(fd, view) :]
-        os.fsync(fd)
+        if durable:
+            os.fsync(fd)
     finally:
         os.close(fd)
 

@@ -1,5 +1,9 @@
 """Unit tests of the state file: round trip, atomic replace, and refusing torn or foreign files."""
 
+import dataclasses
+import json
+import struct
+import zlib
 from pathlib import Path
 
 import pytest
@@ -41,7 +45,8 @@ def test_save_replaces_atomically_and_leaves_no_temp_file(tmp_path: Path) -> Non
     state.save(path, IDENTITY, Bitmap(IDENTITY.nblocks))
     state.save(path, IDENTITY, _bitmap())
     assert state.load(path)[1] == _bitmap()
-    assert [p.name for p in tmp_path.iterdir()] == ["x.state"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.state", "x.state.prev"]
+    assert state.load(state.previous(path))[1] == Bitmap(IDENTITY.nblocks)  # the generation before
 
 
 def test_every_truncation_is_detected() -> None:
@@ -99,7 +104,55 @@ def test_a_full_disk_overwrites_the_state_in_place(tmp_path: Path, monkeypatch: 
     monkeypatch.setattr(os, "open", no_room_for_new_files)
     state.save(path, IDENTITY, _bitmap())
     assert state.load(path) == (IDENTITY, _bitmap())
-    assert [p.name for p in tmp_path.iterdir()] == ["f.state"]  # no temp file left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.state"]  # no temp file left behind
     other = tmp_path / "g.state"  # nothing to overwrite: the error stands
     with pytest.raises(OSError):
         state.save(other, IDENTITY, _bitmap())
+
+
+def test_the_size_follows_the_runs_cached_not_the_size_claimed() -> None:
+    huge = dataclasses.replace(IDENTITY, size=8 * 2**40, block_size=64 * 1024)  # 2**27 blocks
+    bitmap = Bitmap(huge.nblocks)
+    bitmap.add_run(0, 2)
+    bitmap.add(huge.nblocks - 1)
+    blob = state.encode(huge, bitmap)
+    assert len(blob) <= 1024
+    assert state.decode(blob) == state.Saved(huge, bitmap, synced=True)
+
+
+def test_the_synced_mark_round_trips() -> None:
+    assert not state.decode(state.encode(IDENTITY, _bitmap(), synced=False)).synced
+    assert state.decode(state.encode(IDENTITY, _bitmap())).synced
+
+
+def test_runs_out_of_order_or_past_the_end_are_refused() -> None:
+    blob = bytearray(state.encode(IDENTITY, _bitmap()))
+    header_len = struct.unpack_from("<I", blob, 12)[0]
+    struct.pack_into("<QQ", blob, 24 + header_len, 10, 12)  # past the 11 blocks
+    blob[-4:] = struct.pack("<I", zlib.crc32(blob[:-4]))
+    with pytest.raises(state.StateCorrupt, match="past"):
+        state.decode(bytes(blob))
+
+
+def test_format_1_dense_state_files_are_still_read() -> None:
+    """The older layout: the dense bitmap after the header; its saves always followed a flush."""
+    header = json.dumps(IDENTITY.__dict__, sort_keys=True).encode()
+    dense = bytes([0b00001001, 0b00000100])  # blocks 0, 3, 10
+    body = struct.pack("<8sII", state.MAGIC, 1, len(header)) + header + dense
+    saved = state.decode(body + struct.pack("<I", zlib.crc32(body)))
+    assert saved == state.Saved(IDENTITY, _bitmap(), synced=True)
+
+
+def test_a_save_keeps_the_generation_it_replaces(tmp_path: Path) -> None:
+    path = tmp_path / "x.state"
+    first = Bitmap(IDENTITY.nblocks)
+    first.add(1)
+    state.save(path, IDENTITY, first)
+    state.save(path, IDENTITY, _bitmap(), synced=False, durable=False)
+    assert state.read(path) == state.Saved(IDENTITY, _bitmap(), synced=False)
+    assert state.read(state.previous(path)) == state.Saved(IDENTITY, first, synced=True)
+    path.unlink()  # a current one dropped as untrustworthy: the next save keeps the older one
+    state.save(path, IDENTITY, _bitmap())
+    assert state.read(state.previous(path)).bitmap == first
+    state.remove(path)
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,132 @@
+"""What the cache keeps on disk and in memory, through a real mount: storage that follows the
+blocks cached (not the size a server claims), saves that lose little to a kill -9, a previous
+state generation to fall back on, and a cached_bytes xattr that claims only checkable blocks."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import signal
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+from faultserver import FaultServer, Pattern, pattern_bytes
+
+from rangefs.cache import cache_key
+
+from proxy import ThrottleProxy
+from util import Mount, Mounts, Server, alive, children, seeded_bytes, wait_until
+
+MiB = 1024 * 1024
+TiB = 1024**4
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident memory of a process (VmRSS)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def allocated_bytes(path: Path) -> int:
+    """Disk space the files under ``path`` take (holes of sparse files do not count)."""
+    done = subprocess.run(["du", "-s", "--block-size=1", str(path)], capture_output=True, text=True, check=True)
+    return int(done.stdout.split()[0])
+
+
+def test_a_size_claimed_by_the_server_costs_memory_and_disk_only_for_blocks_read(
+    mounts: Mounts, server: FaultServer
+) -> None:
+    size = 8 * TiB
+    server.put("/huge.bin", Pattern(size))
+    url = server.url("/huge.bin")
+    m = mounts.mount([url])
+    path = m.path / "huge.bin"
+    assert path.stat().st_size == size
+    reads = [0, size // 2 + 12345, size - 1000]
+    with open(path, "rb") as f:
+        for offset in reads:
+            f.seek(offset)
+            assert f.read(64 * 1024) == pattern_bytes(offset, min(offset + 64 * 1024, size))
+        processes = [m.pid(), *children(m.pid())]
+        assert len(processes) == 2  # the daemon and its fetch process
+        for pid in processes:
+            assert rss_bytes(pid) < 200 * 1000 * 1000, f"pid {pid} holds {rss_bytes(pid)} bytes"
+    assert allocated_bytes(m.cache_dir) < 64 * MiB
+    assert m.unmount().returncode == 0
+    files = m.cache_dir / "files" / cache_key(url)
+    assert files.with_suffix(".state").stat().st_size <= 4096  # what each save writes
+    assert allocated_bytes(files.with_suffix(".xxh")) <= 64 * 1024
+    assert allocated_bytes(m.cache_dir) < 64 * MiB
+
+    mounts.remount(m)  # loading it back costs no more
+    mark = server.mark()
+    with open(path, "rb") as f:
+        for offset in reads:
+            f.seek(offset)
+            assert f.read(100) == pattern_bytes(offset, min(offset + 100, size))
+        for pid in [m.pid(), *children(m.pid())]:
+            assert rss_bytes(pid) < 200 * 1000 * 1000
+    assert [r for r in server.since(mark) if r.method == "GET"] == []  # all from the cache
+
+
+def kill_9(m: Mount, processes: list[int]) -> None:
+    """Kill the daemon and its fetch process at once, and drop the dead mount."""
+    for pid in processes:
+        os.kill(pid, signal.SIGKILL)
+    for pid in processes:
+        assert wait_until(lambda pid=pid: not alive(pid), timeout=10)
+    subprocess.run(["fusermount3", "-u", "-z", str(m.path)], check=True, timeout=30)
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(4 * MiB):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def test_a_kill_9_right_after_a_large_read_loses_at_most_32_mib(mounts: Mounts, nginx: Server) -> None:
+    data = seeded_bytes(200 * MiB, seed=160)
+    url = nginx.put("persist/k.bin", data)
+    m = mounts.mount([url])
+    processes = [m.pid(), *children(m.pid())]
+    f = open(m.path / "k.bin", "rb")  # noqa: SIM115 (closed after the kill)
+    try:
+        assert f.read() == data
+        kill_9(m, processes)  # as the read returns, the file still open: no close saves it
+    finally:
+        with contextlib.suppress(OSError):  # the mount is gone
+            f.close()
+    mounts.remount(m)
+    mark = nginx.mark()
+    assert sha256_of(m.path / "k.bin") == hashlib.sha256(data).hexdigest()
+    assert nginx.bytes_sent("persist/k.bin", since=mark) <= 32 * MiB
+
+
+def test_a_kill_9_during_a_slow_read_loses_at_most_32_mib(
+    mounts: Mounts, nginx: Server, throttled: Callable[[float], ThrottleProxy]
+) -> None:
+    data = seeded_bytes(96 * MiB, seed=161)
+    nginx.put("persist/t.bin", data)
+    proxy = throttled(8 * MiB)  # per connection: the read takes seconds
+    m = mounts.mount([f"http://127.0.0.1:{proxy.port}/persist/t.bin"])
+    processes = [m.pid(), *children(m.pid())]
+    reader = subprocess.Popen(["cat", str(m.path / "t.bin")], stdout=subprocess.DEVNULL)
+    try:
+        assert wait_until(lambda: proxy.forwarded >= 40 * MiB, timeout=60)
+        kill_9(m, processes)
+    finally:
+        reader.kill()
+        reader.wait(timeout=30)
+    received = proxy.forwarded  # what reached the daemon's fetch process before the kill
+    assert received < len(data), "the read finished before the kill"
+    mounts.remount(m)
+    mark = nginx.mark()
+    assert sha256_of(m.path / "t.bin") == hashlib.sha256(data).hexdigest()
+    # Every byte not received before the kill is sent now; anything more was received twice.
+    assert received + nginx.bytes_sent("persist/t.bin", since=mark) - len(data) <= 32 * MiB

@@ -12,15 +12,17 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from faultserver import FaultServer, Pattern, pattern_bytes
 
-from rangefs.cache import cache_key
+from rangefs.cache import DEFAULT_BLOCK_SIZE, cache_key
 
 from proxy import ThrottleProxy
 from util import Mount, Mounts, Server, alive, children, seeded_bytes, wait_until
 
 MiB = 1024 * 1024
 TiB = 1024**4
+BLOCK = DEFAULT_BLOCK_SIZE
 
 
 def rss_bytes(pid: int) -> int:
@@ -95,7 +97,7 @@ def test_a_kill_9_right_after_a_large_read_loses_at_most_32_mib(mounts: Mounts, 
     url = nginx.put("persist/k.bin", data)
     m = mounts.mount([url])
     processes = [m.pid(), *children(m.pid())]
-    f = open(m.path / "k.bin", "rb")  # noqa: SIM115 (closed after the kill)
+    f = open(m.path / "k.bin", "rb")
     try:
         assert f.read() == data
         kill_9(m, processes)  # as the read returns, the file still open: no close saves it
@@ -130,3 +132,62 @@ def test_a_kill_9_during_a_slow_read_loses_at_most_32_mib(
     assert sha256_of(m.path / "t.bin") == hashlib.sha256(data).hexdigest()
     # Every byte not received before the kill is sent now; anything more was received twice.
     assert received + nginx.bytes_sent("persist/t.bin", since=mark) - len(data) <= 32 * MiB
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped", "removed"])
+def test_a_damaged_state_file_falls_back_to_the_previous_generation(
+    mounts: Mounts, nginx: Server, damage: str
+) -> None:
+    data = seeded_bytes(24 * MiB + 777, seed=162)
+    url = nginx.put(f"persist/{damage}.bin", data)
+    m = mounts.mount([url])
+    assert (m.path / f"{damage}.bin").read_bytes() == data
+    assert m.unmount().returncode == 0
+    state_path = m.cache_dir / "files" / f"{cache_key(url)}.state"
+    blob = state_path.read_bytes()
+    if damage == "truncated":
+        state_path.write_bytes(blob[: len(blob) // 2])
+    elif damage == "flipped":
+        state_path.write_bytes(blob[:40] + bytes([blob[40] ^ 1]) + blob[41:])
+    else:
+        state_path.unlink()
+    mounts.remount(m)
+    mark = nginx.mark()
+    assert (m.path / f"{damage}.bin").read_bytes() == data
+    assert nginx.bytes_sent(f"persist/{damage}.bin", since=mark) <= MiB
+
+
+def test_a_previous_generation_of_another_version_is_not_used(mounts: Mounts, server: FaultServer) -> None:
+    old, new = seeded_bytes(3 * BLOCK, seed=163), seeded_bytes(3 * BLOCK, seed=164)
+    server.put("/v.bin", old)
+    m = mounts.mount([server.url("/v.bin")])
+    assert (m.path / "v.bin").read_bytes() == old
+    assert m.unmount().returncode == 0
+    server.change("/v.bin", new)  # same size, new ETag
+    state_path = m.cache_dir / "files" / f"{cache_key(server.url('/v.bin'))}.state"
+    state_path.write_bytes(b"torn")
+    mounts.remount(m)
+    assert (m.path / "v.bin").read_bytes() == new
+
+
+@pytest.mark.parametrize("sums", ["removed", "cut"])
+def test_cached_bytes_counts_no_block_whose_sum_is_lost(mounts: Mounts, nginx: Server, sums: str) -> None:
+    data = seeded_bytes(5 * BLOCK + 10, seed=165)
+    url = nginx.put(f"persist/sums-{sums}.bin", data)
+    m = mounts.mount([url])
+    path = m.path / f"sums-{sums}.bin"
+    assert path.read_bytes() == data
+    assert int(os.getxattr(path, "user.rangefs.cached_bytes")) == len(data)
+    assert m.unmount().returncode == 0
+    xxh = m.cache_dir / "files" / f"{cache_key(url)}.xxh"
+    if sums == "removed":
+        xxh.unlink()
+    else:
+        os.truncate(xxh, 4 * 2)  # the sums of blocks 0 and 1 only
+    kept = 0 if sums == "removed" else 2 * BLOCK
+    mounts.remount(m)
+    assert int(os.getxattr(path, "user.rangefs.cached_bytes")) == kept  # before any open
+    assert path.stat().st_blocks * 512 == kept
+    mark = nginx.mark()
+    assert path.read_bytes() == data
+    assert nginx.bytes_sent(f"persist/sums-{sums}.bin", since=mark) == len(data) - kept

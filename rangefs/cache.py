@@ -129,7 +129,7 @@ class _Flight:
         self.run = run
         self.generation = generation
         self.stream = stream
-        self.blocks: range | set[int] = range(run.first, run.stop) if blocks is None else set(blocks)
+        self.blocks: range | set[int] | _Absent = range(run.first, run.stop) if blocks is None else set(blocks)
         self.error: BaseException | None = None
         self.scope = trio.CancelScope()
         self._waiters: dict[int, trio.Event] = {}  # blocks someone waits for, until delivered
@@ -161,6 +161,17 @@ class _Flight:
         waiters, self._waiters = self._waiters, {}
         for event in waiters.values():
             event.set()
+
+
+class _Absent:
+    """The blocks a stream brings: those neither present nor fetched by another flight when it
+    started. Tested, never listed: a stream covers the file's size as claimed, whatever that is."""
+
+    def __init__(self, nblocks: int, present: Bitmap, others: frozenset[int]) -> None:
+        self._nblocks, self._present, self._others = nblocks, present, others
+
+    def __contains__(self, block: int) -> bool:
+        return 0 <= block < self._nblocks and block not in self._present and block not in self._others
 
 
 def cache_key(url: str) -> str:
@@ -204,7 +215,8 @@ class CachedFile:
         self._fd = -1
         self._users = 0
         self._lock = trio.Lock()
-        self._inflight: dict[int, _Flight] = {}
+        self._inflight: dict[int, _Flight] = {}  # block -> the ranged fetch bringing it
+        self._stream: _Flight | None = None  # the stream of the whole file, for a server that ignores Range
         self._dirty = False  # blocks written (or dropped) since the last flush and save
         self._unsaved = False  # the state file does not claim everything written yet
         self._unsaved_blocks = 0  # blocks written since the last save
@@ -664,23 +676,21 @@ class CachedFile:
     async def _stream_for(self, missing: list[int]) -> None:
         """Wait for ``missing`` from the file's stream, starting one if none runs (in the background:
         it serves every reader of the file, and outlives this one)."""
-        running = next((flight for flight in self._inflight.values() if flight.stream), None)
-        if running is not None and any(b not in self._inflight for b in missing):
+        running = self._stream
+        if running is not None and any(b not in running.blocks for b in missing):
             # Present when that stream started and dropped since (a failed check): it will not
             # bring them. Wait for it to end; the next pass starts a stream that will.
             await running.end()
             await trio.lowlevel.checkpoint()
             return
         if running is None:
-            bitmap = self._bitmap()
-            blocks = [b for b in range(self.identity.nblocks) if b not in bitmap and b not in self._inflight]
-            flight = _Flight(BlockRun(0, self.identity.nblocks), self.generation, blocks, stream=True)
-            self._fetches.add(flight.scope)
-            for block in blocks:
-                self._inflight[block] = flight
-            if not self.cache.spawn(self._fetch, flight):
-                await self._fetch(flight)
-        await self._wait_for({self._inflight[b] for b in missing if b in self._inflight}, missing)
+            nblocks = self.identity.nblocks
+            running = self._stream = _Flight(BlockRun(0, nblocks), self.generation, stream=True)
+            running.blocks = _Absent(nblocks, self._bitmap().copy(), frozenset(self._inflight))
+            self._fetches.add(running.scope)
+            if not self.cache.spawn(self._fetch, running):
+                await self._fetch(running)
+        await self._wait_for({running}, missing)
 
     def _last_block_after(self, block: int, bitmap: Bitmap) -> list[int]:
         """The file's last block, if it is the one right after ``block`` and missing: a reader that
@@ -694,7 +704,7 @@ class CachedFile:
         flights = [_Flight(run, self.generation) for run in plan_runs(blocks, self.cache.config.max_request_blocks)]
         for flight in flights:
             self._fetches.add(flight.scope)  # from the claim on, so closing waits for it
-            for block in flight.blocks:
+            for block in range(flight.run.first, flight.run.stop):
                 self._inflight[block] = flight
         return flights
 
@@ -773,6 +783,10 @@ class CachedFile:
             log.warning("%s: cannot learn the new version: %s", self.identity.url, exc)
 
     def _forget(self, flight: _Flight) -> None:
+        if isinstance(flight.blocks, _Absent):  # a stream: never in _inflight
+            if self._stream is flight:
+                self._stream = None
+            return
         for block in flight.blocks:
             if self._inflight.get(block) is flight:
                 del self._inflight[block]

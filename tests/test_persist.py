@@ -75,6 +75,21 @@ def test_a_size_claimed_by_the_server_costs_memory_and_disk_only_for_blocks_read
     assert [r for r in server.since(mark) if r.method == "GET"] == []  # all from the cache
 
 
+def test_a_server_that_ignores_range_and_claims_a_huge_size_costs_no_memory_for_it(
+    mounts: Mounts, server: FaultServer
+) -> None:
+    """Such a file is streamed from its start; what tracks the stream must not list the blocks
+    it will bring (the size claimed is 2**27 blocks)."""
+    size = 8 * TiB
+    server.put("/stream.bin", Pattern(size), ignore_range=True, rate=4 * MiB)
+    m = mounts.mount([server.url("/stream.bin")])
+    with open(m.path / "stream.bin", "rb") as f:
+        assert f.read(100 * 1000) == pattern_bytes(0, 100 * 1000)
+        for pid in [m.pid(), *children(m.pid())]:
+            assert rss_bytes(pid) < 200 * 1000 * 1000, f"pid {pid} holds {rss_bytes(pid)} bytes"
+    assert m.unmount().returncode == 0
+
+
 def kill_9(m: Mount, processes: list[int]) -> None:
     """Kill the daemon and its fetch process at once, and drop the dead mount."""
     for pid in processes:

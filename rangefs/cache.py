@@ -729,6 +729,7 @@ class CachedFile:
                         self.remote, self._fd, bitmap.__contains__, self._mark_written(flight)
                     )
                 else:
+                    await self._reserve_sums(flight.run)
                     await self.cache.fetcher.fetch_into(
                         self.remote, flight.run, self.data_path, self._fd, self._mark_written(flight)
                     )
@@ -756,6 +757,15 @@ class CachedFile:
             if not self._fetches:
                 self._fetches_done.set()
                 self._fetches_done = trio.Event()
+
+    async def _reserve_sums(self, run: BlockRun) -> None:
+        """Make room for the run's sums first (once per page of sums): on a disk that fills up,
+        a block written must not be left unclaimable for want of room for its sum."""
+        pages = self._sums.unreserved(run.first, run.stop)
+        if pages:
+            sums = self._sums
+            await trio.to_thread.run_sync(checksums.reserve, self.sums_path, pages)
+            sums.reserved(pages)
 
     def _ranges_ignored(self) -> None:
         """The server sent the whole file to a ranged GET: from now on stream it instead."""
@@ -906,24 +916,22 @@ class CachedFile:
     # -- blocking helpers, run in worker threads --------------------------------------------
 
     def _read_saved(self, *, quiet: bool = False) -> state.Saved | None:
-        """The state file, or when it is missing or cannot be trusted, the generation before it
-        if that one is for this version (a torn save costs one save's progress, not the cache)."""
-        for path in (self.state_path, state.previous(self.state_path)):
-            try:
-                saved = state.read(path)
-            except FileNotFoundError:
-                continue
-            except (OSError, state.StateCorrupt) as exc:
-                if not quiet:
-                    log.warning("%s: cache state %s not trusted (%s)", self.identity.url, path.name, exc)
-                    if path == self.state_path:  # else the next save would keep it as the previous one
-                        path.unlink(missing_ok=True)
-                continue
-            if path == self.state_path or saved.identity == self.identity:
-                if path != self.state_path and not quiet:
-                    log.info("%s: using the previous cache state", self.identity.url)
-                return saved
-        return None
+        """The newest save that can be trusted; when a torn one was passed over, only if the one
+        used is for this version (a torn save costs one save's progress, not the cache)."""
+        try:
+            saved = state.read(self.state_path)
+        except FileNotFoundError:
+            return None
+        except (OSError, state.StateCorrupt) as exc:
+            if not quiet:
+                log.warning("%s: cache state not trusted (%s); starting afresh", self.identity.url, exc)
+            return None
+        if saved.distrusted is None:
+            return saved
+        if not quiet:
+            log.warning("%s: cache state not trusted (%s); using the save before it", self.identity.url,
+                        saved.distrusted)
+        return saved if saved.identity == self.identity else None
 
     def _with_sums(self, claimed: Bitmap) -> tuple[Bitmap, checksums.BlockSums]:
         """The blocks of ``claimed`` whose sum is on disk, and those sums; a block without one

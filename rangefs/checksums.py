@@ -25,6 +25,7 @@ class BlockSums:
     def __init__(self) -> None:
         self._pages: dict[int, array.array[int]] = {}
         self._unwritten: dict[int, tuple[int, int]] = {}  # page -> (lo, hi) offsets within it
+        self._reserved: set[int] = set()  # pages whose room in the sums file is allocated
 
     def __getitem__(self, block: int) -> int:
         page = self._pages.get(block // _PAGE)
@@ -77,6 +78,13 @@ class BlockSums:
                 block += count
         return found
 
+    def unreserved(self, first: int, stop: int) -> list[int]:
+        """The pages of blocks ``first .. stop`` whose room in the sums file is not allocated yet."""
+        return [n for n in range(first // _PAGE, (stop - 1) // _PAGE + 1) if n not in self._reserved]
+
+    def reserved(self, pages: list[int]) -> None:
+        self._reserved.update(pages)
+
     def pages(self) -> int:
         """Pages held in memory (for tests of what memory follows)."""
         return len(self._pages)
@@ -107,6 +115,21 @@ def read(path: Path, runs: Iterable[tuple[int, int]]) -> BlockSums:
         return BlockSums()
     try:
         return load(fd, runs)
+    finally:
+        os.close(fd)
+
+
+def reserve(path: Path, pages: list[int]) -> None:
+    """Allocate the room of ``pages`` in the sums file before their blocks are fetched: their sums
+    can then be saved even once the disk is full (the data of a fetch fills it first).
+
+    Raises:
+        OSError: no room (or the file cannot be written).
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        for number in pages:
+            os.posix_fallocate(fd, 4 * _PAGE * number, 4 * _PAGE)
     finally:
         os.close(fd)
 

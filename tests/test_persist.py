@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from faultserver import FaultServer, Pattern, pattern_bytes
 
+from rangefs import state
 from rangefs.cache import DEFAULT_BLOCK_SIZE, cache_key
 
 from proxy import ThrottleProxy
@@ -149,6 +150,11 @@ def test_a_kill_9_during_a_slow_read_loses_at_most_32_mib(
     assert received + nginx.bytes_sent("persist/t.bin", since=mark) - len(data) <= 32 * MiB
 
 
+def newest_slot(state_path: Path) -> Path:
+    """The slot of a state file that holds its newest save."""
+    return max((state_path, state.previous(state_path)), key=lambda slot: state.read_slot(slot).sequence)
+
+
 @pytest.mark.parametrize("damage", ["truncated", "flipped", "removed"])
 def test_a_damaged_state_file_falls_back_to_the_previous_generation(
     mounts: Mounts, nginx: Server, damage: str
@@ -158,7 +164,7 @@ def test_a_damaged_state_file_falls_back_to_the_previous_generation(
     m = mounts.mount([url])
     assert (m.path / f"{damage}.bin").read_bytes() == data
     assert m.unmount().returncode == 0
-    state_path = m.cache_dir / "files" / f"{cache_key(url)}.state"
+    state_path = newest_slot(m.cache_dir / "files" / f"{cache_key(url)}.state")
     blob = state_path.read_bytes()
     if damage == "truncated":
         state_path.write_bytes(blob[: len(blob) // 2])
@@ -179,8 +185,7 @@ def test_a_previous_generation_of_another_version_is_not_used(mounts: Mounts, se
     assert (m.path / "v.bin").read_bytes() == old
     assert m.unmount().returncode == 0
     server.change("/v.bin", new)  # same size, new ETag
-    state_path = m.cache_dir / "files" / f"{cache_key(server.url('/v.bin'))}.state"
-    state_path.write_bytes(b"torn")
+    newest_slot(m.cache_dir / "files" / f"{cache_key(server.url('/v.bin'))}.state").write_bytes(b"torn")
     mounts.remount(m)
     assert (m.path / "v.bin").read_bytes() == new
 

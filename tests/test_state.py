@@ -40,13 +40,14 @@ def test_round_trip(tmp_path: Path) -> None:
     assert bitmap == _bitmap()
 
 
-def test_save_replaces_atomically_and_leaves_no_temp_file(tmp_path: Path) -> None:
+def test_saves_alternate_between_two_slots(tmp_path: Path) -> None:
     path = tmp_path / "x.state"
     state.save(path, IDENTITY, Bitmap(IDENTITY.nblocks))
     state.save(path, IDENTITY, _bitmap())
     assert state.load(path)[1] == _bitmap()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.state", "x.state.prev"]
-    assert state.load(state.previous(path))[1] == Bitmap(IDENTITY.nblocks)  # the generation before
+    assert state.read_slot(state.previous(path)).bitmap == _bitmap()  # the newer one
+    assert state.read_slot(path).bitmap == Bitmap(IDENTITY.nblocks)  # the one before
 
 
 def test_every_truncation_is_detected() -> None:
@@ -128,7 +129,7 @@ def test_the_synced_mark_round_trips() -> None:
 def test_runs_out_of_order_or_past_the_end_are_refused() -> None:
     blob = bytearray(state.encode(IDENTITY, _bitmap()))
     header_len = struct.unpack_from("<I", blob, 12)[0]
-    struct.pack_into("<QQ", blob, 24 + header_len, 10, 12)  # past the 11 blocks
+    struct.pack_into("<QQ", blob, 32 + header_len, 10, 12)  # past the 11 blocks
     blob[-4:] = struct.pack("<I", zlib.crc32(blob[:-4]))
     with pytest.raises(state.StateCorrupt, match="past"):
         state.decode(bytes(blob))
@@ -143,16 +144,28 @@ def test_format_1_dense_state_files_are_still_read() -> None:
     assert saved == state.Saved(IDENTITY, _bitmap(), synced=True)
 
 
-def test_a_save_keeps_the_generation_it_replaces(tmp_path: Path) -> None:
+def test_a_torn_save_falls_back_to_the_one_before(tmp_path: Path) -> None:
     path = tmp_path / "x.state"
     first = Bitmap(IDENTITY.nblocks)
     first.add(1)
     state.save(path, IDENTITY, first)
     state.save(path, IDENTITY, _bitmap(), synced=False, durable=False)
-    assert state.read(path) == state.Saved(IDENTITY, _bitmap(), synced=False)
-    assert state.read(state.previous(path)) == state.Saved(IDENTITY, first, synced=True)
-    path.unlink()  # a current one dropped as untrustworthy: the next save keeps the older one
-    state.save(path, IDENTITY, _bitmap())
-    assert state.read(state.previous(path)).bitmap == first
+    assert state.read(path) == state.Saved(IDENTITY, _bitmap(), synced=False, sequence=1)
+    newest = state.previous(path)
+    newest.write_bytes(newest.read_bytes()[:-3])  # torn
+    saved = state.read(path)
+    assert saved == state.Saved(IDENTITY, first, synced=True, sequence=0)
+    assert saved.distrusted is not None and "x.state.prev" in saved.distrusted
+    state.save(path, IDENTITY, _bitmap())  # into the torn slot: the good one stays
+    assert state.read_slot(newest).sequence == 1 and state.read_slot(path).bitmap == first
+    path.write_bytes(b"garbage")
+    with pytest.raises(state.StateCorrupt):
+        state.read_slot(path)
+    assert state.read(path).bitmap == _bitmap()
+    newest.write_bytes(b"garbage")
+    with pytest.raises(state.StateCorrupt):
+        state.read(path)
     state.remove(path)
     assert list(tmp_path.iterdir()) == []
+    with pytest.raises(FileNotFoundError):
+        state.read(path)

@@ -94,21 +94,23 @@ class Bitmap:
             self._count -= 1
 
     def add_run(self, start: int, stop: int) -> None:
-        """Mark blocks ``start <= b < stop`` present."""
+        """Mark blocks ``start <= b < stop`` present (whole bytes at a time)."""
+        if start < stop and not (0 <= start and stop <= self.nblocks):
+            raise IndexError(f"run {start}..{stop} out of range 0..{self.nblocks}")
         block = start
-        while block < stop and block & 7:  # up to a byte boundary
-            self.add(block)
-            block += 1
-        while block + 8 <= stop:  # whole bytes
-            self.add(block + 7)  # range check and page allocation
-            page = self._pages[block >> _PAGE_SHIFT]
-            index = (block >> 3) & _BYTE_MASK
-            self._count += 8 - page[index].bit_count()
-            page[index] = 0xFF
-            block += 8
         while block < stop:
-            self.add(block)
-            block += 1
+            end = min(stop, ((block >> _PAGE_SHIFT) + 1) << _PAGE_SHIFT) & ~7  # whole bytes within the page
+            if block & 7 or end <= block:
+                self.add(block)
+                block += 1
+                continue
+            page = self._pages.get(block >> _PAGE_SHIFT)
+            if page is None:
+                page = self._pages[block >> _PAGE_SHIFT] = bytearray(PAGE_BYTES)
+            low, high = (block >> 3) & _BYTE_MASK, ((end - 1) >> 3 & _BYTE_MASK) + 1
+            self._count += 8 * (high - low) - int.from_bytes(page[low:high], "little").bit_count()
+            page[low:high] = b"\xff" * (high - low)
+            block = end
 
     def complete(self) -> bool:
         """True when every block is present."""

@@ -232,11 +232,18 @@ def save(path: Path, identity: Identity, bitmap: Bitmap, *, synced: bool = True,
 
 
 def _sequence(slot: Path) -> int:
-    """The sequence number of a good slot; -1 for a missing or untrustworthy one."""
+    """The sequence number of a good slot; -1 for a missing or untrustworthy one. Checks the
+    CRC and prefix only: a save must not cost a parse of what it replaces."""
     try:
-        return read_slot(slot).sequence
-    except (OSError, StateCorrupt):
+        blob = slot.read_bytes()
+    except OSError:
         return -1
+    if len(blob) < _PREFIX.size + _CRC.size or zlib.crc32(blob[: -_CRC.size]) != _CRC.unpack(blob[-_CRC.size :])[0]:
+        return -1
+    magic, version, _, _, _, sequence = _PREFIX.unpack_from(blob)
+    if magic != MAGIC:
+        return -1
+    return sequence if version == FORMAT_VERSION else 0 if version == _DENSE_VERSION else -1
 
 
 def _write_slot(path: Path, payload: bytes, durable: bool, create: bool = True) -> None:

@@ -120,3 +120,19 @@ def test_copy_is_independent() -> None:
     snapshot = bitmap.copy()
     bitmap.add(1)
     assert 1 not in snapshot and 1 in bitmap
+
+
+def test_add_run_equals_adding_each_block() -> None:
+    rng = random.Random(7)
+    nblocks = 2 * PAGE_BLOCKS + 100
+    for _ in range(200):
+        one, many = Bitmap(nblocks), Bitmap(nblocks)
+        for _ in range(3):
+            start = rng.randrange(nblocks)
+            stop = min(nblocks, start + rng.choice([1, 7, 8, 9, 70, PAGE_BLOCKS + 3]))
+            many.add_run(start, stop)
+            for block in range(start, stop):
+                one.add(block)
+        assert many == one and len(many) == len(one)
+    with pytest.raises(IndexError):
+        Bitmap(10).add_run(5, 11)

@@ -62,9 +62,10 @@ class CacheConfig:
 
     cache_dir: Path
     block_size: int = DEFAULT_BLOCK_SIZE
-    # Seconds from the first unsaved write to the checkpoint that saves it (or to the end of one
-    # running then, whichever is later): about the most progress a kill -9 can lose. By time
-    # only, not also by volume: a checkpoint flushes the data file, and flushing every 64 MiB
+    # Seconds from the first unflushed write to the checkpoint that flushes it (or to the end of
+    # one running then, whichever is later): what a power cut can cost (a kill -9 costs at most
+    # what the last save missed: see SAVE_BYTES). By time only, not also by volume: a checkpoint
+    # flushes the data file, and flushing every 64 MiB
     # made a cold 1 GiB read pay for writing it to disk while it ran (in `make bench`, 218-303
     # MB/s against 379-415 MB/s without, 4 runs each taking turns). The kernel writes back dirty
     # pages on its own; a read that lasts longer pays one flush per interval.

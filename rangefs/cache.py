@@ -221,7 +221,7 @@ class CachedFile:
         self._dirty = False  # blocks written (or dropped) since the last flush and save
         self._unsaved = False  # the state file does not claim everything written yet
         self._unsaved_blocks = 0  # blocks written since the last save
-        self._save_spawned = False  # a save is started by the amount written, not run yet
+        self._save_spawned = False  # a save is started in the background and waits for _save_lock
         self._added = 0  # blocks written this session: a checkpoint tells whether any came during its flush
         self._checkpoint_lock = trio.Lock()
         self._save_lock = trio.Lock()  # held while the state and sums files are written
@@ -657,8 +657,9 @@ class CachedFile:
             if not self.remote.accept_ranges:
                 await self._stream_for(missing)
                 continue
-            waits = {self._inflight[b] for b in missing if b in self._inflight}
-            todo = [b for b in missing if b not in self._inflight]
+            flights = {b: self._flight_of(b) for b in missing}
+            waits = {flight for flight in flights.values() if flight is not None}
+            todo = [b for b in missing if flights[b] is None]
             mine = self._claim(todo + self._last_block_after(todo[-1], bitmap) if todo else [])
             async with trio.open_nursery() as nursery:
                 for flight in mine:
@@ -678,7 +679,7 @@ class CachedFile:
         """Wait for ``missing`` from the file's stream, starting one if none runs (in the background:
         it serves every reader of the file, and outlives this one)."""
         running = self._stream
-        if running is not None and any(b not in running.blocks for b in missing):
+        if running is not None and any(self._flight_of(b) is None for b in missing):
             # Present when that stream started and dropped since (a failed check): it will not
             # bring them. Wait for it to end; the next pass starts a stream that will.
             await running.end()
@@ -691,7 +692,14 @@ class CachedFile:
             self._fetches.add(running.scope)
             if not self.cache.spawn(self._fetch, running):
                 await self._fetch(running)
-        await self._wait_for({running}, missing)
+        await self._wait_for({flight for b in missing if (flight := self._flight_of(b)) is not None}, missing)
+
+    def _flight_of(self, block: int) -> _Flight | None:
+        """The fetch that brings ``block``: a ranged one, or the stream."""
+        flight = self._inflight.get(block)
+        if flight is None and self._stream is not None and block in self._stream.blocks:
+            return self._stream
+        return flight
 
     def _last_block_after(self, block: int, bitmap: Bitmap) -> list[int]:
         """The file's last block, if it is the one right after ``block`` and missing: a reader that
@@ -823,7 +831,13 @@ class CachedFile:
         self._added += blocks
         self._unsaved_blocks += blocks
         self.cache.dirtied(self)
-        if self._unsaved_blocks * self.block_size >= SAVE_BYTES and not self._save_spawned:
+        if self._unsaved_blocks * self.block_size >= SAVE_BYTES:
+            self.save_soon()
+
+    def save_soon(self) -> None:
+        """Start a save in the background unless one waits to start (a save of one file must not
+        hold up another's: a version switch holds the file's locks while it asks the server)."""
+        if not self._save_spawned:
             self._save_spawned = self.cache.spawn(self.save)
 
     async def save(self) -> None:
@@ -833,8 +847,8 @@ class CachedFile:
         its sum before first use in a session: a claim that outlives the block's bytes (a power
         cut) costs a refetch, never a wrong byte. Survives a kill -9, not a power cut (no fsync).
         """
-        self._save_spawned = False
         async with self._save_lock:
+            self._save_spawned = False
             with trio.CancelScope(shield=True):  # a cancelled save would leave its progress unmarked
                 if self._unsaved and self._fd >= 0:
                     await self._write_state(synced=False)
@@ -957,6 +971,7 @@ class CachedFile:
                 raise BlockingIOError
             kept = self._verified if self._closed_as == _stamp(self._fd) else None
             self.bitmap = self._load_bitmap(existed)  # may replace self._fd
+            self._reserve_first_sums()
             # None is verified yet, unless the data file is as this session left it at its last
             # close (same inode, size, mtime and ctime): the blocks checked then need no new
             # check. Without it, every `cat` after the last close re-hashed the whole file.
@@ -997,6 +1012,15 @@ class CachedFile:
         if stored is not None:
             log.info("%s: remote version or cache layout changed; dropping the cached blocks", self.identity.url)
         return self._reset()
+
+    def _reserve_first_sums(self) -> None:
+        """Room for the first page of sums now, so that the first fetches (and most of a small
+        file's) need no extra step; on a full disk the fetch that needs it tries again."""
+        try:
+            checksums.reserve(self.sums_path, [0])
+        except OSError:
+            return
+        self._sums.reserved([0])
 
     def _reset(self) -> Bitmap:
         """An empty cache: the old state goes first, so it can never pair with new data.
@@ -1149,7 +1173,7 @@ class Cache:
             self._save_due = trio.Event()
             files, self._unsaved = self._unsaved, set()
             for cached in files:
-                await cached.save()
+                cached.save_soon()
 
     async def _run_checkpoints(self) -> None:
         """Checkpoint dirty files ``checkpoint_interval`` seconds after the first unsaved write

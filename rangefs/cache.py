@@ -969,12 +969,12 @@ class CachedFile:
             # open, we hold the lock of a file that has no name any more. Treat it as in use.
             if os.fstat(fd).st_ino != os.stat(self.data_path).st_ino:
                 raise BlockingIOError
-            kept = self._verified if self._closed_as == _stamp(self._fd) else None
             self.bitmap = self._load_bitmap(existed)  # may replace self._fd
             self._reserve_first_sums()
             # None is verified yet, unless the data file is as this session left it at its last
             # close (same inode, size, mtime and ctime): the blocks checked then need no new
             # check. Without it, every `cat` after the last close re-hashed the whole file.
+            kept = self._verified if self._closed_as == _stamp(self._fd) else None
             nblocks = self.identity.nblocks
             self._verified = kept if kept is not None and kept.nblocks == nblocks else Bitmap(nblocks)
         except BaseException as exc:

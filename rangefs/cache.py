@@ -4,28 +4,35 @@ Imports rangefs.fetcher, origin, state and bitmap; never pyfuse3. Concurrency ru
 thread; blocking disk I/O goes to worker threads):
 
 - A block's bit is set only after its data is written to the data file.
-- A persisted bitmap never claims data that is not durable: a checkpoint snapshots the bitmap,
-  then fdatasyncs the data file, then replaces the state file atomically.
+- A saved bitmap never claims a block whose sum is not written before it: a save (``save``,
+  every few MiB or a fraction of a second of progress) writes the new sums, then replaces the
+  state file atomically, without waiting for the data to reach the disk. A block claimed but
+  lost to a power cut fails its check before first use (``_verify``) and is fetched again.
+- A checkpoint (``checkpoint``, every ``checkpoint_interval``) also flushes: it snapshots the
+  bitmap, fdatasyncs the data file, then saves a state marked synced when nothing was added
+  meanwhile; only flushed blocks count as ``_persisted`` (what passthrough may rely on).
+- Locks: ``_checkpoint_lock`` before ``_save_lock``; whoever replaces or closes the files
+  holds both (``_files_locked``).
 - Between testing a block and claiming it (``_claim``) there is no ``await``, so two readers
   that need the same block start one fetch; the second waits on the first one's event.
 """
 
 from __future__ import annotations
 
-import array
 import dataclasses
 import fcntl
 import hashlib
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import trio
 
-from rangefs import kernel, safefs, state
+from rangefs import checksums, kernel, safefs, state
 from rangefs.bitmap import Bitmap
 from rangefs.errors import (
     CacheError,
@@ -55,9 +62,10 @@ class CacheConfig:
 
     cache_dir: Path
     block_size: int = DEFAULT_BLOCK_SIZE
-    # Seconds from the first unsaved write to the checkpoint that saves it (or to the end of one
-    # running then, whichever is later): about the most progress a kill -9 can lose. By time
-    # only, not also by volume: a checkpoint flushes the data file, and flushing every 64 MiB
+    # Seconds from the first unflushed write to the checkpoint that flushes it (or to the end of
+    # one running then, whichever is later): what a power cut can cost (a kill -9 costs at most
+    # what the last save missed: see SAVE_BYTES). By time only, not also by volume: a checkpoint
+    # flushes the data file, and flushing every 64 MiB
     # made a cold 1 GiB read pay for writing it to disk while it ran (in `make bench`, 218-303
     # MB/s against 379-415 MB/s without, 4 runs each taking turns). The kernel writes back dirty
     # pages on its own; a read that lasts longer pays one flush per interval.
@@ -99,6 +107,11 @@ _UNWRITABLE_RETRY = 30.0  # seconds between attempts to write into a cache that 
 # A temp file unchanged this long is a crash's leftover, not another mount's write in progress.
 _STALE_TEMP_AGE = 3600.0
 _MAX_CLOSE_ROUNDS = 3  # flushes a last close makes outside the file's lock before it closes (see release)
+# A save claims the blocks written so far at most this long after the first unclaimed one, or
+# once this much is unclaimed: what a kill -9 can lose. A save writes a few sums and a state
+# file the size of the run list, and waits for no flush, so it can come this often.
+SAVE_DELAY = 0.2
+SAVE_BYTES = 8 * 1024 * 1024
 
 
 class _Abandoned(FetchInterrupted):
@@ -119,7 +132,7 @@ class _Flight:
         self.run = run
         self.generation = generation
         self.stream = stream
-        self.blocks: range | set[int] = range(run.first, run.stop) if blocks is None else set(blocks)
+        self.blocks: range | set[int] | _Absent = range(run.first, run.stop) if blocks is None else set(blocks)
         self.error: BaseException | None = None
         self.scope = trio.CancelScope()
         self._waiters: dict[int, trio.Event] = {}  # blocks someone waits for, until delivered
@@ -153,6 +166,17 @@ class _Flight:
             event.set()
 
 
+class _Absent:
+    """The blocks a stream brings: those neither present nor fetched by another flight when it
+    started. Tested, never listed: a stream covers the file's size as claimed, whatever that is."""
+
+    def __init__(self, nblocks: int, present: Bitmap, others: frozenset[int]) -> None:
+        self._nblocks, self._present, self._others = nblocks, present, others
+
+    def __contains__(self, block: int) -> bool:
+        return 0 <= block < self._nblocks and block not in self._present and block not in self._others
+
+
 def cache_key(url: str) -> str:
     """The name of a URL's cache files: a hash, so no credential or odd character reaches a path."""
     return hashlib.sha256(url.encode()).hexdigest()[:32]
@@ -181,13 +205,12 @@ class CachedFile:
         base = cache.files_dir / self.key
         self.data_path = base.with_suffix(".data")
         self.state_path = base.with_suffix(".state")
-        # block_sum() of each block as received (native byte order: a cache never leaves its
-        # machine). Written at checkpoints before the state file, so a block the state claims has
-        # its sum. (".sums" held CRC-32s before; such a file is deleted and its blocks refetched.)
+        # block_sum() of each block as received (see rangefs.checksums). Written at saves before
+        # the state file, so a block the state claims has its sum. (".sums" held CRC-32s before;
+        # such a file is deleted and its blocks refetched.)
         self.sums_path = base.with_suffix(".xxh")
         self._legacy_sums_path = base.with_suffix(".sums")
-        self._sums = array.array("I")
-        self._sums_dirty: tuple[int, int] | None = None  # blocks whose sum is not on disk yet
+        self._sums = checksums.BlockSums()
         self._verified: Bitmap | None = None  # blocks checked against their sum in this session
         self._closed_as: tuple[int, ...] | None = None  # the data file's _stamp when this session last closed it
         self.bitmap: Bitmap | None = None
@@ -195,9 +218,15 @@ class CachedFile:
         self._fd = -1
         self._users = 0
         self._lock = trio.Lock()
-        self._inflight: dict[int, _Flight] = {}
-        self._dirty = False
+        self._inflight: dict[int, _Flight] = {}  # block -> the ranged fetch bringing it
+        self._stream: _Flight | None = None  # the stream of the whole file, for a server that ignores Range
+        self._dirty = False  # blocks written (or dropped) since the last flush and save
+        self._unsaved = False  # the state file does not claim everything written yet
+        self._unsaved_blocks = 0  # blocks written since the last save
+        self._save_spawned = False  # a save is started in the background and waits for _save_lock
+        self._added = 0  # blocks written this session: a checkpoint tells whether any came during its flush
         self._checkpoint_lock = trio.Lock()
+        self._save_lock = trio.Lock()  # held while the state and sums files are written
         self._fetches: set[trio.CancelScope] = set()  # every fetch writing to the data file
         self._fetches_done = trio.Event()
         self._persisted: Bitmap | None = None  # blocks the state file claims, flushed (less any found damaged)
@@ -261,8 +290,10 @@ class CachedFile:
         """Open the cache files for one more user (the one that finds them closed loads or creates them)."""
         async with self._lock:
             if self._fd < 0:  # else open for other users, or still open while the last one's release flushes
-                async with self._checkpoint_lock:  # a checkpoint must not see a half-opened file
+                async with self._files_locked():  # a checkpoint must not see a half-opened file
                     await trio.to_thread.run_sync(self._open_files)
+                if self._dirty:  # a state written without a flush: the next checkpoint flushes
+                    self.cache.dirtied(self)
                 if self._grown_from is not None:
                     old, self._grown_from = self._grown_from, None
                     try:
@@ -308,8 +339,14 @@ class CachedFile:
         # No fetch may outlive the descriptor it writes to.
         await self._stop_fetches()
         await self.checkpoint()
-        async with self._checkpoint_lock:
+        async with self._files_locked():
             await trio.to_thread.run_sync(self._close_files)
+
+    @asynccontextmanager
+    async def _files_locked(self) -> AsyncIterator[None]:
+        """Hold off checkpoints and saves (to open, close or replace the files)."""
+        async with self._checkpoint_lock, self._save_lock:
+            yield
 
     async def revalidate(self, *, force: bool = False) -> bool:
         """Ask the server whether the file changed, if due; switch to a new version. True if it did.
@@ -345,12 +382,12 @@ class CachedFile:
             self._switching = trio.Event()  # readers wait for it instead of claiming fetches
             try:
                 await self._stop_fetches()
-                async with self._checkpoint_lock:
+                async with self._files_locked():
                     old_identity, old_bitmap = self.identity, self.bitmap
                     self._set_version(remote)
                     self.generation += 1
                     self.stale = False
-                    self._dirty = False
+                    self._dirty = self._unsaved = False
                     if self._fd >= 0 and old_bitmap is not None:
                         # Never the old bitmap under the new version, even if what follows fails.
                         self.bitmap = Bitmap(self.identity.nblocks)
@@ -373,7 +410,7 @@ class CachedFile:
         """The bitmap for the new version (open files): the old one's whole blocks if the file only
         grew (checked by fetching the last cached whole block again), else an empty cache."""
         keep = old.size // self.block_size  # whole blocks of the old version; its partial tail goes
-        check = next((b for b in range(keep - 1, -1, -1) if b in old_bitmap), None)
+        check = old_bitmap.last_before(keep)
         if (self.growing and check is not None and self.cache.direct is not None
                 and old.block_size == self.block_size and old.size < self.size):
             start = check * self.block_size
@@ -384,10 +421,8 @@ class CachedFile:
                 log.info("%s: cannot check the cached prefix (%s)", self.identity.url, exc)
             else:
                 if fresh == cached:
-                    bitmap = Bitmap(self.identity.nblocks)
-                    for block in range(keep):
-                        if block in old_bitmap:
-                            bitmap.add(block)
+                    runs = ((first, min(stop, keep)) for first, stop in old_bitmap.runs() if first < keep)
+                    bitmap = Bitmap.from_runs(self.identity.nblocks, runs)
                     try:
                         await trio.to_thread.run_sync(self._grow, bitmap)
                     except OSError as exc:  # e.g. no room for the larger state file: start afresh
@@ -411,15 +446,15 @@ class CachedFile:
 
     def _grow(self, bitmap: Bitmap) -> None:
         os.ftruncate(self._fd, self.size)
-        _reserve(self.sums_path, 4 * bitmap.nblocks)
         old_verified = self._verified
-        del self._sums[bitmap.nblocks :]
-        self._sums.extend([0] * (bitmap.nblocks - len(self._sums)))
         self._verified = Bitmap(bitmap.nblocks)
-        for block in range(bitmap.nblocks):
-            if block in bitmap and old_verified is not None and block < old_verified.nblocks and block in old_verified:
-                self._verified.add(block)
+        if old_verified is not None:
+            for first, stop in bitmap.runs():
+                for block in range(first, min(stop, old_verified.nblocks)):
+                    if block in old_verified:
+                        self._verified.add(block)
         os.fdatasync(self._fd)  # the old version's last blocks may not be flushed yet
+        checksums.write(self.sums_path, self._sums.take_unwritten(), sync=True)
         state.save(self.state_path, self.identity, bitmap)
         self._persisted = bitmap.copy()
 
@@ -530,7 +565,7 @@ class CachedFile:
         if bad:
             log.warning("%s: %d cached block(s) from %d failed their checksum; fetching them again",
                         self.identity.url, len(bad), min(bad))
-            self._dirty = True
+            self._dirty = self._unsaved = True
         whole = not bad and todo[0] == first and todo[-1] == stop - 1
         return bool(bad), data if whole else None
 
@@ -624,8 +659,9 @@ class CachedFile:
             if not self.remote.accept_ranges:
                 await self._stream_for(missing)
                 continue
-            waits = {self._inflight[b] for b in missing if b in self._inflight}
-            todo = [b for b in missing if b not in self._inflight]
+            flights = {b: self._flight_of(b) for b in missing}
+            waits = {flight for flight in flights.values() if flight is not None}
+            todo = [b for b in missing if flights[b] is None]
             mine = self._claim(todo + self._last_block_after(todo[-1], bitmap) if todo else [])
             async with trio.open_nursery() as nursery:
                 for flight in mine:
@@ -644,23 +680,28 @@ class CachedFile:
     async def _stream_for(self, missing: list[int]) -> None:
         """Wait for ``missing`` from the file's stream, starting one if none runs (in the background:
         it serves every reader of the file, and outlives this one)."""
-        running = next((flight for flight in self._inflight.values() if flight.stream), None)
-        if running is not None and any(b not in self._inflight for b in missing):
+        running = self._stream
+        if running is not None and any(self._flight_of(b) is None for b in missing):
             # Present when that stream started and dropped since (a failed check): it will not
             # bring them. Wait for it to end; the next pass starts a stream that will.
             await running.end()
             await trio.lowlevel.checkpoint()
             return
         if running is None:
-            bitmap = self._bitmap()
-            blocks = [b for b in range(self.identity.nblocks) if b not in bitmap and b not in self._inflight]
-            flight = _Flight(BlockRun(0, self.identity.nblocks), self.generation, blocks, stream=True)
-            self._fetches.add(flight.scope)
-            for block in blocks:
-                self._inflight[block] = flight
-            if not self.cache.spawn(self._fetch, flight):
-                await self._fetch(flight)
-        await self._wait_for({self._inflight[b] for b in missing if b in self._inflight}, missing)
+            nblocks = self.identity.nblocks
+            running = self._stream = _Flight(BlockRun(0, nblocks), self.generation, stream=True)
+            running.blocks = _Absent(nblocks, self._bitmap().copy(), frozenset(self._inflight))
+            self._fetches.add(running.scope)
+            if not self.cache.spawn(self._fetch, running):
+                await self._fetch(running)
+        await self._wait_for({flight for b in missing if (flight := self._flight_of(b)) is not None}, missing)
+
+    def _flight_of(self, block: int) -> _Flight | None:
+        """The fetch that brings ``block``: a ranged one, or the stream."""
+        flight = self._inflight.get(block)
+        if flight is None and self._stream is not None and block in self._stream.blocks:
+            return self._stream
+        return flight
 
     def _last_block_after(self, block: int, bitmap: Bitmap) -> list[int]:
         """The file's last block, if it is the one right after ``block`` and missing: a reader that
@@ -674,7 +715,7 @@ class CachedFile:
         flights = [_Flight(run, self.generation) for run in plan_runs(blocks, self.cache.config.max_request_blocks)]
         for flight in flights:
             self._fetches.add(flight.scope)  # from the claim on, so closing waits for it
-            for block in flight.blocks:
+            for block in range(flight.run.first, flight.run.stop):
                 self._inflight[block] = flight
         return flights
 
@@ -699,6 +740,7 @@ class CachedFile:
                         self.remote, self._fd, bitmap.__contains__, self._mark_written(flight)
                     )
                 else:
+                    await self._reserve_sums(flight.run)
                     await self.cache.fetcher.fetch_into(
                         self.remote, flight.run, self.data_path, self._fd, self._mark_written(flight)
                     )
@@ -727,6 +769,15 @@ class CachedFile:
                 self._fetches_done.set()
                 self._fetches_done = trio.Event()
 
+    async def _reserve_sums(self, run: BlockRun) -> None:
+        """Make room for the run's sums first (once per page of sums): on a disk that fills up,
+        a block written must not be left unclaimable for want of room for its sum."""
+        pages = self._sums.unreserved(run.first, run.stop)
+        if pages:
+            sums = self._sums
+            await trio.to_thread.run_sync(checksums.reserve, self.sums_path, pages)
+            sums.reserved(pages)
+
     def _ranges_ignored(self) -> None:
         """The server sent the whole file to a ranged GET: from now on stream it instead."""
         if self.remote.accept_ranges:
@@ -753,6 +804,10 @@ class CachedFile:
             log.warning("%s: cannot learn the new version: %s", self.identity.url, exc)
 
     def _forget(self, flight: _Flight) -> None:
+        if isinstance(flight.blocks, _Absent):  # a stream: never in _inflight
+            if self._stream is flight:
+                self._stream = None
+            return
         for block in flight.blocks:
             if self._inflight.get(block) is flight:
                 del self._inflight[block]
@@ -762,20 +817,67 @@ class CachedFile:
             if flight.generation != self.generation:
                 return  # a fetch of a version that is gone (it is being cancelled): claim nothing
             bitmap = self._bitmap()
-            self._sums[first:stop] = array.array("I", sums)
-            self._sums_unsaved(first, stop)
+            self._sums.set_run(first, sums)
             for block in range(first, stop):
                 bitmap.add(block)
                 if self._verified is not None:
                     self._verified.add(block)
                 flight.delivered(block)  # a stream also passes blocks it did not rewrite: no-op
-            self._dirty = True
-            self.cache.dirtied()
+            self._written(stop - first)
 
         return mark
 
+    def _written(self, blocks: int) -> None:
+        """Progress to save: soon, and at once when much is unsaved."""
+        self._dirty = self._unsaved = True
+        self._added += blocks
+        self._unsaved_blocks += blocks
+        self.cache.dirtied(self)
+        if self._unsaved_blocks * self.block_size >= SAVE_BYTES:
+            self.save_soon()
+
+    def save_soon(self) -> None:
+        """Start a save in the background unless one waits to start (a save of one file must not
+        hold up another's: a version switch holds the file's locks while it asks the server)."""
+        if not self._save_spawned:
+            self._save_spawned = self.cache.spawn(self.save)
+
+    async def save(self) -> None:
+        """Claim every block written so far in the state file, without flushing the data first.
+
+        Each claimed block's sum is written before the state file, and a block is checked against
+        its sum before first use in a session: a claim that outlives the block's bytes (a power
+        cut) costs a refetch, never a wrong byte. Survives a kill -9, not a power cut (no fsync).
+        """
+        async with self._save_lock:
+            self._save_spawned = False
+            with trio.CancelScope(shield=True):  # a cancelled save would leave its progress unmarked
+                if self._unsaved and self._fd >= 0:
+                    await self._write_state(synced=False)
+
+    async def _write_state(self, *, synced: bool) -> bool:
+        """Write the unwritten sums, then the state file claiming the bitmap (``_save_lock`` held).
+        ``synced``: every claimed block was flushed; the save is then made durable too."""
+        snapshot, identity = self._bitmap().copy(), self.identity
+        pieces = self._sums.take_unwritten()
+        self._unsaved, self._unsaved_blocks = False, 0
+
+        def write() -> None:
+            checksums.write(self.sums_path, pieces, sync=synced)
+            state.save(self.state_path, identity, snapshot, synced=synced, durable=synced)
+
+        try:
+            await trio.to_thread.run_sync(write)
+        except OSError as exc:  # the data is safe; only the record of it waits for the next try
+            log.warning("%s: cannot save cache state: %s", self.identity.url, exc.strerror)
+            self._sums.unwritten_again(pieces)
+            self._unsaved = True
+            return False
+        return True
+
     async def checkpoint(self) -> None:
-        """Make the present blocks durable and save the bitmap that claims them."""
+        """Claim the present blocks at once, then flush them and save the state as flushed."""
+        await self.save()  # a flush after a large read takes seconds: claim first
         async with self._checkpoint_lock:
             # Shielded: cancelled half way (the mount stopping during a flush), it would have
             # taken the dirty marks without saving the state, and the unmount's own checkpoint
@@ -783,46 +885,35 @@ class CachedFile:
             with trio.CancelScope(shield=True):
                 if not self._dirty or self._fd < 0:
                     return
-                snapshot = self._bitmap().copy()
+                snapshot, added = self._bitmap().copy(), self._added
                 self._dropped.clear()
                 self._dirty = False
-                sums_dirty, self._sums_dirty = self._sums_dirty, None
-                sums = self._sums[sums_dirty[0] : sums_dirty[1]].tobytes() if sums_dirty else b""
                 try:
                     await trio.to_thread.run_sync(os.fdatasync, self._fd)
                 except OSError as exc:
-                    # After a failed fdatasync the kernel forgets the error: a later one succeeds
-                    # without the lost pages. Forget every block written since the last good save.
-                    log.warning("%s: cannot flush the cache file: %s; refetching recent blocks", self.identity.url,
-                                exc.strerror)
-                    self.bitmap = (self._persisted or Bitmap(self.identity.nblocks)).copy()
-                    # A block the old state claims may have been rewritten since, and that write lost
-                    # (its pages stay cached, clean, until evicted): drop the cached pages, then check
-                    # every block again, from the disk, against the sums of what was last written.
-                    await trio.to_thread.run_sync(_drop_page_cache, self._fd)
-                    self._verified = Bitmap(self.identity.nblocks)
-                    if sums_dirty:
-                        self._sums_unsaved(*sums_dirty)
-                    self._dirty = True
+                    await self._flush_failed(exc)
                     return
-                try:
-                    if sums_dirty:
-                        await trio.to_thread.run_sync(_write_sums, self.sums_path, sums_dirty[0], sums)
-                    await trio.to_thread.run_sync(state.save, self.state_path, self.identity, snapshot)
-                except OSError as exc:  # the data is safe; only the record of it waits for the next try
-                    log.warning("%s: cannot save cache state: %s", self.identity.url, exc.strerror)
-                    self._dirty = True
-                    if sums_dirty:
-                        self._sums_unsaved(*sums_dirty)
-                else:
-                    for block in self._dropped:  # found damaged during the flush: its rewrite may not be on disk
-                        snapshot.discard(block)
-                    self._persisted = snapshot
+                async with self._save_lock:
+                    self._unsaved = True  # the state is rewritten, marked synced or not
+                    if not await self._write_state(synced=self._added == added):
+                        self._dirty = True
+                        return
+                for block in self._dropped:  # found damaged during the flush: its rewrite may not be on disk
+                    snapshot.discard(block)
+                self._persisted = snapshot
 
-    def _sums_unsaved(self, first: int, stop: int) -> None:
-        """The sums of blocks ``first .. stop`` are not on disk yet: the next checkpoint writes them."""
-        low, high = self._sums_dirty or (first, stop)
-        self._sums_dirty = (min(low, first), max(high, stop))
+    async def _flush_failed(self, exc: OSError) -> None:
+        """After a failed fdatasync the kernel forgets the error: a later one succeeds without the
+        lost pages. Forget every block written since the last good flush."""
+        log.warning("%s: cannot flush the cache file: %s; refetching recent blocks", self.identity.url, exc.strerror)
+        self.bitmap = (self._persisted or Bitmap(self.identity.nblocks)).copy()
+        # A block flushed before may have been rewritten since, and that write lost (its pages
+        # stay cached, clean, until evicted): drop the cached pages, then check every block
+        # again, from the disk, against the sums of what was last written.
+        await trio.to_thread.run_sync(_drop_page_cache, self._fd)
+        self._verified = Bitmap(self.identity.nblocks)
+        self._dirty = self._unsaved = True
+        self.cache.dirtied(self)
 
     def _bitmap(self) -> Bitmap:
         if self.bitmap is None or self._fd < 0:
@@ -830,16 +921,42 @@ class CachedFile:
         return self.bitmap
 
     def _peek_bitmap(self) -> Bitmap | None:
-        """The saved bitmap, if it is for this version (read once, without taking the lock)."""
+        """The saved bitmap, if it is for this version, less blocks whose sum is lost (read once,
+        without taking the lock)."""
         if not self.remote.if_range:
             return None
-        try:
-            stored, bitmap = state.load(self.state_path)
-        except (OSError, state.StateCorrupt):
+        saved = self._read_saved(quiet=True)
+        if saved is None or saved.identity != self.identity:
             return None
-        return bitmap if stored == self.identity else None
+        return self._with_sums(saved.bitmap)[0]
 
     # -- blocking helpers, run in worker threads --------------------------------------------
+
+    def _read_saved(self, *, quiet: bool = False) -> state.Saved | None:
+        """The newest save that can be trusted; when a torn one was passed over, only if the one
+        used is for this version (a torn save costs one save's progress, not the cache)."""
+        try:
+            saved = state.read(self.state_path)
+        except FileNotFoundError:
+            return None
+        except (OSError, state.StateCorrupt) as exc:
+            if not quiet:
+                log.warning("%s: cache state not trusted (%s); starting afresh", self.identity.url, exc)
+            return None
+        if saved.distrusted is None:
+            return saved
+        if not quiet:
+            log.warning("%s: cache state not trusted (%s); using the save before it", self.identity.url,
+                        saved.distrusted)
+        return saved if saved.identity == self.identity else None
+
+    def _with_sums(self, claimed: Bitmap) -> tuple[Bitmap, checksums.BlockSums]:
+        """The blocks of ``claimed`` whose sum is on disk, and those sums; a block without one
+        would fail its check anyway, and must not count as cached."""
+        sums = checksums.read(self.sums_path, claimed.runs())
+        for block in sums.missing(claimed.runs()):
+            claimed.discard(block)
+        return claimed, sums
 
     def _open_files(self) -> None:
         existed = safefs.exists(self.data_path)
@@ -855,7 +972,13 @@ class CachedFile:
             if os.fstat(fd).st_ino != safefs.lstat(self.data_path).st_ino:
                 raise BlockingIOError
             self.bitmap = self._load_bitmap(existed)  # may replace self._fd
-            self._load_sums(keep_verified=self._closed_as == _stamp(self._fd))
+            self._reserve_first_sums()
+            # None is verified yet, unless the data file is as this session left it at its last
+            # close (same inode, size, mtime and ctime): the blocks checked then need no new
+            # check. Without it, every `cat` after the last close re-hashed the whole file.
+            kept = self._verified if self._closed_as == _stamp(self._fd) else None
+            nblocks = self.identity.nblocks
+            self._verified = kept if kept is not None and kept.nblocks == nblocks else Bitmap(nblocks)
         except BaseException as exc:
             os.close(self._fd)
             self._fd = -1
@@ -867,49 +990,39 @@ class CachedFile:
 
     def _load_bitmap(self, existed: bool) -> Bitmap:
         """The saved bitmap if it is for this version and the data file is whole; else a fresh cache."""
-        try:
-            stored, bitmap = state.load(self.state_path)
-        except FileNotFoundError:
-            stored, bitmap = None, None
-        except (OSError, state.StateCorrupt) as exc:
-            log.warning("%s: cache state not trusted (%s); starting afresh", self.identity.url, exc)
-            stored, bitmap = None, None
+        safefs.unlink(self._legacy_sums_path)
+        saved = self._read_saved()
         if not self.remote.if_range:
             log.warning("%s: the server names no validator (ETag, Last-Modified); the cache is not reused "
                         "across mounts", self.identity.url)
             return self._reset()
         size = os.fstat(self._fd).st_size
-        if stored == self.identity and existed and size == self.size and bitmap is not None:
+        stored = saved.identity if saved is not None else None
+        if saved is not None and stored == self.identity and existed and size == self.size:
+            bitmap, self._sums = self._with_sums(saved.bitmap)
             log.debug("%s: cache has %d of %d blocks", self.identity.url, len(bitmap), bitmap.nblocks)
-            self._persisted = bitmap.copy()
+            # Only a synced save's blocks are known to be on disk (what passthrough relies on);
+            # the others are flushed and saved as synced by the next checkpoint.
+            self._persisted = bitmap.copy() if saved.synced else Bitmap(bitmap.nblocks)
+            self._dirty = self._unsaved = not saved.synced or len(bitmap) < len(saved.bitmap)
             return bitmap
-        if (stored is not None and bitmap is not None and self.growing and existed and stored.url == self.identity.url
-                and stored.size < self.size and size == stored.size):
+        if (saved is not None and stored is not None and self.growing and existed
+                and stored.url == self.identity.url and stored.size < self.size and size == stored.size):
+            bitmap, self._sums = self._with_sums(saved.bitmap)
             self._grown_from = (stored, bitmap)  # acquire checks it over the network, then keeps or drops it
             return bitmap
         if stored is not None:
             log.info("%s: remote version or cache layout changed; dropping the cached blocks", self.identity.url)
         return self._reset()
 
-    def _load_sums(self, keep_verified: bool = False) -> None:
-        """The saved sums (missing ones read as 0, which no block is trusted with).
-
-        None is verified yet, unless ``keep_verified``: the data file is as this session left it
-        at its last close (same inode, size, mtime and ctime), so the blocks checked then need
-        no new check. Without it, every `cat` after the last close re-hashed the whole file.
-        """
-        nblocks = self.identity.nblocks
-        safefs.unlink(self._legacy_sums_path)
+    def _reserve_first_sums(self) -> None:
+        """Room for the first page of sums now, so that the first fetches (and most of a small
+        file's) need no extra step; on a full disk the fetch that needs it tries again."""
         try:
-            raw = safefs.read_bytes(self.sums_path)
-        except FileNotFoundError:
-            raw = b""
-        self._sums = array.array("I")
-        self._sums.frombytes(raw[: 4 * nblocks - (len(raw[: 4 * nblocks]) % 4)])
-        self._sums.extend([0] * (nblocks - len(self._sums)))
-        self._sums_dirty = None
-        kept = self._verified if keep_verified else None
-        self._verified = kept if kept is not None and kept.nblocks == nblocks else Bitmap(nblocks)
+            checksums.reserve(self.sums_path, [0])
+        except OSError:
+            return
+        self._sums.reserved([0])
 
     def _reset(self) -> Bitmap:
         """An empty cache: the old state goes first, so it can never pair with new data.
@@ -918,11 +1031,9 @@ class CachedFile:
         never changed. The kernel may still read it for passthrough opens and mappings (an mmap
         outlives its handle), and must go on seeing the old version there, whole.
         """
-        safefs.unlink(self.state_path)
+        state.remove(self.state_path)
         safefs.unlink(self.sums_path)
-        _reserve(self.sums_path, 4 * self.identity.nblocks)
-        self._sums = array.array("I", bytes(4 * self.identity.nblocks))
-        self._sums_dirty = None
+        self._sums = checksums.BlockSums()
         self._verified = Bitmap(self.identity.nblocks)
         fresh_path = safefs.temp_path(self.data_path)
         fd = safefs.open(fresh_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -950,7 +1061,8 @@ class CachedFile:
                 self._closed_as = None
             os.close(self._fd)  # also drops the flock
             self._fd = -1
-            self._dirty, self._sums_dirty = False, None
+            self._dirty = self._unsaved = False
+            self._sums.take_unwritten()
 
 
 def _drop_page_cache(fd: int) -> None:
@@ -964,29 +1076,6 @@ def _stamp(fd: int) -> tuple[int, ...]:
     """What changes when anyone writes to or replaces the file."""
     st = os.fstat(fd)
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
-
-
-def _reserve(path: Path, size: int) -> None:
-    """Give the sums file its full size now, while there is room: a full disk later must not
-    stop checkpoints (the state file is rewritten in place, and so are these sums)."""
-    fd = safefs.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        if size:
-            try:
-                os.posix_fallocate(fd, 0, size)
-            except OSError:
-                os.ftruncate(fd, size)  # no fallocate here: at least the size
-    finally:
-        os.close(fd)
-
-
-def _write_sums(path: Path, first_block: int, sums: bytes) -> None:
-    fd = safefs.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        os.pwrite(fd, sums, 4 * first_block)
-        os.fdatasync(fd)
-    finally:
-        os.close(fd)
 
 
 class Cache:
@@ -1010,6 +1099,8 @@ class Cache:
         self._files: dict[str, CachedFile] = {}
         self._dirtied = trio.Event()  # set by the first unsaved write since the last checkpoint round
         self._first_unsaved: float | None = None  # trio time of that write
+        self._save_due = trio.Event()  # set by the first write since the last save round
+        self._unsaved: set[CachedFile] = set()  # files with writes their state file does not claim yet
         self._nursery: trio.Nursery | None = None
         self.closing = False
 
@@ -1045,8 +1136,11 @@ class Cache:
         for cached in self._files.values():
             cached.abort_fetches()
 
-    def dirtied(self) -> None:
-        """A file has progress to save: a checkpoint comes ``checkpoint_interval`` seconds later."""
+    def dirtied(self, cached: CachedFile) -> None:
+        """A file has progress to save: a save comes ``SAVE_DELAY`` seconds later, a checkpoint
+        ``checkpoint_interval`` seconds later."""
+        self._unsaved.add(cached)
+        self._save_due.set()
         if self._first_unsaved is None:
             self._first_unsaved = trio.current_time()
             self._dirtied.set()
@@ -1066,11 +1160,22 @@ class Cache:
         """Host the background fetches and checkpoint dirty files until cancelled."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            nursery.start_soon(self._run_saves)
             task_status.started()
             try:
                 await self._run_checkpoints()
             finally:
                 self._nursery = None
+
+    async def _run_saves(self) -> None:
+        """Save (claim without flushing) what files wrote, ``SAVE_DELAY`` after the first write."""
+        while True:
+            await self._save_due.wait()
+            await trio.sleep(SAVE_DELAY)
+            self._save_due = trio.Event()
+            files, self._unsaved = self._unsaved, set()
+            for cached in files:
+                cached.save_soon()
 
     async def _run_checkpoints(self) -> None:
         """Checkpoint dirty files ``checkpoint_interval`` seconds after the first unsaved write

@@ -109,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--block-size", type=_block_size, default=DEFAULT_BLOCK_SIZE,
                    help="cache block size, a power of two (default: 64K)")
     m.add_argument("--checkpoint-interval", type=_positive, default=5.0, metavar="SECONDS",
-                   help="save cache state at least this often while reading (default: 5)")
+                   help="flush cached data to disk at least this often while reading; progress is "
+                        "saved every few MiB without waiting for it (default: 5)")
     m.add_argument("--revalidate-interval", type=_seconds, default=60.0, metavar="SECONDS",
                    help="on open, ask the server whether a file changed if this long has passed since it "
                         "last said (0: at every open; default: 60)")

@@ -8,6 +8,7 @@ Stdlib only; every sleep wakes up when the connection is dropped, so ``stop`` is
 
 from __future__ import annotations
 
+import array
 import email.utils
 import enum
 import gzip
@@ -39,6 +40,33 @@ class _Auto(enum.Enum):
 
 AUTO = _Auto.AUTO  # put/change: derive the validator instead of taking one
 Validator = str | _Auto | None  # an ETag or Last-Modified value; None sends no header
+
+
+class Pattern:
+    """Bytes of a file too large to hold: a file's data for a server that claims a huge size.
+
+    Each 8-byte word holds its own number (little-endian), so every range has its own bytes.
+    Supports ``len`` and slicing, which is all the server does with a file's data.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, key: slice) -> bytes:
+        start, stop, _ = key.indices(self.size)
+        return pattern_bytes(start, stop)
+
+
+def pattern_bytes(start: int, stop: int) -> bytes:
+    """Bytes ``start .. stop`` of any ``Pattern``."""
+    if stop <= start:
+        return b""
+    first = start // 8
+    words = array.array("Q", range(first, (stop + 7) // 8))
+    return words.tobytes()[start - 8 * first : stop - 8 * first]
 
 
 @dataclass
@@ -215,7 +243,7 @@ class FaultServer:
             self._clock += 1
             spec.version += 1
             spec.data = data
-            digest = hashlib.sha256(data).hexdigest()[:16]
+            digest = f"pattern{len(data)}" if isinstance(data, Pattern) else hashlib.sha256(data).hexdigest()[:16]
             spec.etag = f'"{digest}-{spec.version}"' if etag is AUTO else etag
             auto_date = email.utils.formatdate(self._clock, usegmt=True)
             spec.last_modified = auto_date if last_modified is AUTO else last_modified

@@ -29,6 +29,7 @@ class ThrottleProxy:
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
         self._stopping = threading.Event()
+        self.forwarded = 0  # bytes passed on from the server to clients (written to their sockets)
 
     def __enter__(self) -> ThrottleProxy:
         self._spawn(self._accept_loop)
@@ -71,6 +72,9 @@ class ThrottleProxy:
                 if rate:
                     time.sleep(len(data) / rate)
                 sink.sendall(data)
+                if rate:
+                    with self._lock:
+                        self.forwarded += len(data)
         except OSError:
             pass
         finally:

@@ -165,8 +165,14 @@ def test_checkpoint_saves_only_durable_blocks_and_a_failed_sync_forgets_them(
         with monkeypatch.context() as patch:
             patch.setattr(os, "fdatasync", failing_sync)
             await cached.checkpoint()
-        assert len(state.load(cached.state_path)[1]) == 1  # the failed save changed nothing
+        # Block 5 was claimed before the flush (a save waits for none), never as flushed; the
+        # failed flush forgets it, and the next save stops claiming it.
+        saved = state.read(cached.state_path)
+        assert 5 in saved.bitmap and not saved.synced
         assert cached.bitmap is not None and 5 not in cached.bitmap  # and block 5 is fetched again
+        assert cached.saved_bytes() == BLOCK
+        await cached.save()
+        assert len(state.load(cached.state_path)[1]) == 1
         fake.requests.clear()
         assert bytes(await cached.read(5 * BLOCK, 10)) == DATA[5 * BLOCK : 5 * BLOCK + 10]
         assert gets(fake) == [f"bytes={5 * BLOCK}-{6 * BLOCK - 1}"]
@@ -379,7 +385,7 @@ def test_a_new_version_goes_to_a_new_data_file_and_the_old_one_stays_whole(tmp_p
                 nursery.cancel_scope.cancel()
 
     trio.run(run)
-    assert sorted(p.suffix for p in (tmp_path / "files").iterdir()) == [".data", ".state", ".xxh"]
+    assert sorted(p.suffix for p in (tmp_path / "files").iterdir()) == [".data", ".prev", ".state", ".xxh"]
 
 
 def slow_flushes(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:

@@ -1,5 +1,9 @@
 """Unit tests of the state file: round trip, atomic replace, and refusing torn or foreign files."""
 
+import dataclasses
+import json
+import struct
+import zlib
 from pathlib import Path
 
 import pytest
@@ -36,12 +40,14 @@ def test_round_trip(tmp_path: Path) -> None:
     assert bitmap == _bitmap()
 
 
-def test_save_replaces_atomically_and_leaves_no_temp_file(tmp_path: Path) -> None:
+def test_saves_alternate_between_two_slots(tmp_path: Path) -> None:
     path = tmp_path / "x.state"
     state.save(path, IDENTITY, Bitmap(IDENTITY.nblocks))
     state.save(path, IDENTITY, _bitmap())
     assert state.load(path)[1] == _bitmap()
-    assert [p.name for p in tmp_path.iterdir()] == ["x.state"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.state", "x.state.prev"]
+    assert state.read_slot(state.previous(path)).bitmap == _bitmap()  # the newer one
+    assert state.read_slot(path).bitmap == Bitmap(IDENTITY.nblocks)  # the one before
 
 
 def test_every_truncation_is_detected() -> None:
@@ -99,7 +105,67 @@ def test_a_full_disk_overwrites_the_state_in_place(tmp_path: Path, monkeypatch: 
     monkeypatch.setattr(os, "open", no_room_for_new_files)
     state.save(path, IDENTITY, _bitmap())
     assert state.load(path) == (IDENTITY, _bitmap())
-    assert [p.name for p in tmp_path.iterdir()] == ["f.state"]  # no temp file left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.state"]  # no temp file left behind
     other = tmp_path / "g.state"  # nothing to overwrite: the error stands
     with pytest.raises(OSError):
         state.save(other, IDENTITY, _bitmap())
+
+
+def test_the_size_follows_the_runs_cached_not_the_size_claimed() -> None:
+    huge = dataclasses.replace(IDENTITY, size=8 * 2**40, block_size=64 * 1024)  # 2**27 blocks
+    bitmap = Bitmap(huge.nblocks)
+    bitmap.add_run(0, 2)
+    bitmap.add(huge.nblocks - 1)
+    blob = state.encode(huge, bitmap)
+    assert len(blob) <= 1024
+    assert state.decode(blob) == state.Saved(huge, bitmap, synced=True)
+
+
+def test_the_synced_mark_round_trips() -> None:
+    assert not state.decode(state.encode(IDENTITY, _bitmap(), synced=False)).synced
+    assert state.decode(state.encode(IDENTITY, _bitmap())).synced
+
+
+def test_runs_out_of_order_or_past_the_end_are_refused() -> None:
+    blob = bytearray(state.encode(IDENTITY, _bitmap()))
+    header_len = struct.unpack_from("<I", blob, 12)[0]
+    struct.pack_into("<QQ", blob, 32 + header_len, 10, 12)  # past the 11 blocks
+    blob[-4:] = struct.pack("<I", zlib.crc32(blob[:-4]))
+    with pytest.raises(state.StateCorrupt, match="past"):
+        state.decode(bytes(blob))
+
+
+def test_format_1_dense_state_files_are_still_read() -> None:
+    """The older layout: the dense bitmap after the header; its saves always followed a flush."""
+    header = json.dumps(IDENTITY.__dict__, sort_keys=True).encode()
+    dense = bytes([0b00001001, 0b00000100])  # blocks 0, 3, 10
+    body = struct.pack("<8sII", state.MAGIC, 1, len(header)) + header + dense
+    saved = state.decode(body + struct.pack("<I", zlib.crc32(body)))
+    assert saved == state.Saved(IDENTITY, _bitmap(), synced=True)
+
+
+def test_a_torn_save_falls_back_to_the_one_before(tmp_path: Path) -> None:
+    path = tmp_path / "x.state"
+    first = Bitmap(IDENTITY.nblocks)
+    first.add(1)
+    state.save(path, IDENTITY, first)
+    state.save(path, IDENTITY, _bitmap(), synced=False, durable=False)
+    assert state.read(path) == state.Saved(IDENTITY, _bitmap(), synced=False, sequence=1)
+    newest = state.previous(path)
+    newest.write_bytes(newest.read_bytes()[:-3])  # torn
+    saved = state.read(path)
+    assert saved == state.Saved(IDENTITY, first, synced=True, sequence=0)
+    assert saved.distrusted is not None and "x.state.prev" in saved.distrusted
+    state.save(path, IDENTITY, _bitmap())  # into the torn slot: the good one stays
+    assert state.read_slot(newest).sequence == 1 and state.read_slot(path).bitmap == first
+    path.write_bytes(b"garbage")
+    with pytest.raises(state.StateCorrupt):
+        state.read_slot(path)
+    assert state.read(path).bitmap == _bitmap()
+    newest.write_bytes(b"garbage")
+    with pytest.raises(state.StateCorrupt):
+        state.read(path)
+    state.remove(path)
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(FileNotFoundError):
+        state.read(path)

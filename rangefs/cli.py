@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--retries", type=_count, default=5, help="retries without progress per request (default: 5)")
     m.add_argument("--retry-time", type=_positive, default=120.0, metavar="SECONDS",
                    help="longest time a request retries without progress (default: 120)")
+    m.add_argument("--probe-timeout", type=_positive, default=120.0, metavar="SECONDS",
+                   help="longest time for asking the server about every URL before mounting; URLs not "
+                        "answered by then fail (default: 120)")
 
     u = commands.add_parser("unmount", help="unmount and wait for the daemon to save its state",
                             description="Unmount a rangefs mount; waits until its state is saved.")
@@ -126,6 +129,7 @@ def _mount_options(args: argparse.Namespace) -> MountOptions:
         growing=args.growing,
         passthrough=args.passthrough,
         direct_io=args.direct_io,
+        probe_timeout=args.probe_timeout,
         cache=CacheConfig(cache_dir, block_size=args.block_size, checkpoint_interval=args.checkpoint_interval,
                           revalidate_interval=args.revalidate_interval),
         origin=OriginConfig(connect_timeout=args.connect_timeout, read_timeout=args.read_timeout,

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,12 +25,12 @@ import trio
 
 from rangefs import kernel
 from rangefs.cache import DEFAULT_BLOCK_SIZE, Cache, CacheConfig
-from rangefs.errors import CacheError, OriginError, RangefsError, UsageError
+from rangefs.errors import CacheError, HostUnreachable, OriginError, RangefsError, UsageError
 from rangefs.fetcher import Fetcher, SplitFetcher
 from rangefs.fetchproc import FetchProcess, HelperConfig
 from rangefs.fs import Filesystem, Tree
 from rangefs.origin import Origin, OriginConfig, RemoteFile
-from rangefs.urllist import Entry, load_url_list
+from rangefs.urllist import Entry, load_url_list, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ class MountOptions:
     passthrough: bool = True  # the kernel may read complete, checked files from the cache itself
     direct_io: bool = False  # files not complete in the cache are opened with direct I/O
     startup_timeout: float = 300.0
+    probe_timeout: float = 120.0  # the whole probe phase, so that a mount's start-up stays bounded
     cache: CacheConfig = field(default_factory=lambda: CacheConfig(Path(".")))
     origin: OriginConfig = field(default_factory=OriginConfig)
 
@@ -270,29 +272,72 @@ def _setup_logging(opts: MountOptions) -> None:
 async def _probe_all(
     origin: Origin, entries: list[Entry], opts: MountOptions, warn: Callable[[str], None]
 ) -> list[tuple[Entry, RemoteFile]]:
-    """Probe every URL, at most _PROBE_CONCURRENCY at once; unusable ones fail the mount or are skipped."""
+    """Probe every URL, at most _PROBE_CONCURRENCY at once; unusable ones fail the mount or are skipped.
+
+    A host that takes no connection fails all its URLs with the one reason, found out once: each
+    host's first URL is probed before the others, and a host found down fails its URLs not yet
+    probed at once. The whole phase ends after ``opts.probe_timeout``; URLs not probed by then fail.
+    """
     results: dict[int, RemoteFile | OriginError] = {}
     limiter = trio.CapacityLimiter(_PROBE_CONCURRENCY)
+    hosts: dict[str, _HostProbes] = {}
 
-    async def probe(index: int, entry: Entry) -> None:
+    async def probe(index: int, entry: Entry, host: _HostProbes) -> None:
+        first = host.first < 0
+        if first:
+            host.first = entry.line
+        else:
+            await host.scouted.wait()
         async with limiter:
+            if host.down is not None:
+                results[index] = HostUnreachable(f"{redact_url(entry.url)}: not probed: {host.down}")
+                return
             try:
                 results[index] = await origin.probe(entry.url)
+            except HostUnreachable as exc:
+                results[index] = exc
+                host.down = host.down or f"its host takes no connection (line {entry.line})"
             except OriginError as exc:
                 results[index] = exc
+            finally:
+                if first:
+                    host.scouted.set()
 
-    async with trio.open_nursery() as nursery:
-        for index, entry in enumerate(entries):
-            nursery.start_soon(probe, index, entry)
+    with trio.move_on_after(opts.probe_timeout):
+        async with trio.open_nursery() as nursery:
+            for index, entry in enumerate(entries):
+                host = hosts.setdefault(_host_of(entry.url), _HostProbes())
+                nursery.start_soon(probe, index, entry, host)
     found: list[tuple[Entry, RemoteFile]] = []
     failures: list[str] = []
     for index, entry in enumerate(entries):
-        result = results[index]
+        result = results.get(index)
         if isinstance(result, RemoteFile):
             found.append((entry, result))
+        elif result is None:
+            failures.append(f"{opts.url_list} line {entry.line}: {redact_url(entry.url)}: not probed within "
+                            f"{opts.probe_timeout:g}s (--probe-timeout)")
         else:
             failures.append(f"{opts.url_list} line {entry.line}: {result}")
     return _settle_failures(found, failures, opts, warn)
+
+
+@dataclass
+class _HostProbes:
+    """The probe phase's knowledge of one host (scheme, name and port)."""
+
+    first: int = -1  # the list line of its first URL, probed before the others (-1: none yet)
+    scouted: trio.Event = field(default_factory=trio.Event)  # that first probe has ended
+    down: str | None = None  # why it takes no connection, once found out
+
+
+def _host_of(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    return f"{parts.scheme}://{parts.hostname}:{port}"
 
 
 def _settle_failures(

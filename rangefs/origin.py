@@ -28,6 +28,7 @@ import trio
 
 from rangefs.errors import (
     BadResponse,
+    HostUnreachable,
     OriginError,
     RangesIgnored,
     RemoteChanged,
@@ -118,6 +119,7 @@ class _Retry(Exception):
     def __init__(self, reason: str, delay: float | None = None) -> None:
         super().__init__(reason)
         self.delay = delay
+        self.no_connection = False  # no connection could be made: the host, not this URL, fails
 
 
 class Origin:
@@ -321,6 +323,7 @@ class Origin:
                 raise BadResponse(f"{redact_url(url)}: {_describe(exc)}") from None
             except httpx.TransportError as exc:
                 error: _Retry = _Retry(_describe(exc))
+                error.no_connection = isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout))
             except _Retry as exc:
                 error = exc
             except httpx.HTTPError as exc:
@@ -331,11 +334,12 @@ class Origin:
             failures += 1
             if failures == 1:
                 since = time.monotonic()  # the retry time counts from the first failure without progress
+            unreachable = HostUnreachable if error.no_connection else RemoteUnreachable
             if failures > self.config.retries:
-                raise RemoteUnreachable(f"{redact_url(url)}: {error} (gave up after {failures} attempts)")
+                raise unreachable(f"{redact_url(url)}: {error} (gave up after {failures} attempts)")
             delay = error.delay if error.delay is not None else self._backoff(failures)
             if time.monotonic() + delay - since > self.config.retry_time:
-                raise RemoteUnreachable(
+                raise unreachable(
                     f"{redact_url(url)}: {error} (gave up: retrying would pass {self.config.retry_time:g}s)"
                 )
             log.info("%s: %s; retry %d in %.2fs", redact_url(url), error, failures, delay)

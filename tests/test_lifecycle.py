@@ -1,0 +1,45 @@
+"""Start-up and shutdown stay bounded whatever the servers do: dead hosts, stuck fetches, a
+mount command that dies, readers that go away while their reads wait on the network."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+from util import Mounts, Server, seeded_bytes
+
+MiB = 1 << 20
+
+
+def free_port() -> int:
+    """A loopback port with nothing listening on it (connections are refused)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_a_dead_host_fails_a_long_list_at_once_naming_file_line_and_host(mounts: Mounts) -> None:
+    port = free_port()
+    lines = [f"http://127.0.0.1:{port}/f{i}.bin" for i in range(2000)]
+    started = time.monotonic()
+    m = mounts.mount(lines, check=False)
+    took = time.monotonic() - started
+    assert m.result is not None and m.result.returncode == 1
+    error = m.result.stderr.strip()
+    assert "\n" not in error and "Traceback" not in error
+    assert f"{m.url_list} line 1: " in error and f"127.0.0.1:{port}" in error
+    assert "and 1999 more" in error
+    assert took < 20, f"mount took {took:.1f}s to fail"
+    assert not m.mounted()
+
+
+def test_a_dead_host_is_skipped_and_the_good_url_mounts_quickly(mounts: Mounts, nginx: Server) -> None:
+    url = nginx.put("lifecycle/good.bin", seeded_bytes(100_000, seed=61))
+    port = free_port()
+    lines = [f"http://127.0.0.1:{port}/f{i}.bin dead/f{i}.bin" for i in range(2000)] + [url]
+    started = time.monotonic()
+    m = mounts.mount(lines, "--skip-unavailable")
+    took = time.monotonic() - started
+    assert (m.path / "good.bin").read_bytes() == seeded_bytes(100_000, seed=61)
+    assert took < 20, f"mount took {took:.1f}s"
+    assert m.unmount().returncode == 0

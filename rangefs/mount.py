@@ -7,6 +7,7 @@ Sits on top of every other module. ``mount()`` returns once the filesystem is mo
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import os
@@ -41,6 +42,7 @@ _ABORT_GRACE = 2.0  # seconds reads in flight get to finish after a stop signal 
 _MAX_REQUESTS = 8  # Range requests in flight over the whole mount
 _MAX_NEAR_BYTES = 1024 * 1024  # fetches up to this size run in the daemon (see SplitFetcher)
 _HELPER_START_TIMEOUT = 60.0  # seconds for the fetch process to import and start
+_PR_SET_PDEATHSIG = 1  # prctl(2)
 _LOG_FORMAT = "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"
 
 
@@ -169,9 +171,15 @@ class _PipeReporter:
         self._send(f"W {message}")
 
     def ready(self) -> None:
-        self._send("R")
-        os.close(self.fd)
-        self.fd = -1
+        # The daemon outlives the mount command from here on; told afterwards, it would die with it.
+        _die_with_parent(False)
+        try:
+            self._send("R")
+        except OSError:
+            raise RangefsError("the mount command went away before the mount was ready") from None
+        finally:
+            os.close(self.fd)
+            self.fd = -1
 
     def fail(self, message: str) -> None:
         self._send(f"E {message}")
@@ -183,16 +191,22 @@ class _PipeReporter:
 
 def _daemonize(opts: MountOptions, entries: list[Entry]) -> None:
     read_fd, write_fd = os.pipe()
+    parent = os.getpid()
     pid = os.fork()
     if pid == 0:
         os.close(read_fd)
-        _run_daemon(opts, entries, write_fd)
+        _run_daemon(opts, entries, write_fd, parent)
     os.close(write_fd)
     _await_daemon(pid, read_fd, opts)
 
 
-def _run_daemon(opts: MountOptions, entries: list[Entry], write_fd: int) -> None:
+def _run_daemon(opts: MountOptions, entries: list[Entry], write_fd: int, parent: int) -> None:
     """The daemon: detach, serve until unmounted, exit. Never returns."""
+    # Until it is ready, the daemon works for the mount command: if that dies (killed, or gave
+    # up waiting), the daemon must not go on probing with nobody to mount for.
+    _die_with_parent(True)
+    if os.getppid() != parent:  # it died before we asked
+        os._exit(1)
     os.setsid()
     os.chdir("/")  # do not keep the caller's directory busy
     kernel.tune_malloc()
@@ -212,6 +226,15 @@ def _run_daemon(opts: MountOptions, entries: list[Entry], write_fd: int) -> None
         code = 1
     logging.shutdown()
     os._exit(code)
+
+
+def _die_with_parent(die: bool) -> None:
+    """Have the kernel send SIGTERM when the parent process dies (or no longer)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM if die else 0)
+    except (OSError, AttributeError):
+        pass  # then a dead mount command is noticed at the ready message only
 
 
 def _await_daemon(pid: int, read_fd: int, opts: MountOptions) -> None:

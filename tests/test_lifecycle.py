@@ -4,9 +4,12 @@ mount command that dies, readers that go away while their reads wait on the netw
 from __future__ import annotations
 
 import socket
+import subprocess
 import time
 
-from util import Mounts, Server, seeded_bytes
+from faultserver import FaultServer
+
+from util import RANGEFS, Mounts, Server, alive, children, fstype, seeded_bytes, wait_until
 
 MiB = 1 << 20
 
@@ -43,3 +46,29 @@ def test_a_dead_host_is_skipped_and_the_good_url_mounts_quickly(mounts: Mounts, 
     assert (m.path / "good.bin").read_bytes() == seeded_bytes(100_000, seed=61)
     assert took < 20, f"mount took {took:.1f}s"
     assert m.unmount().returncode == 0
+
+
+def test_a_killed_mount_command_leaves_no_daemon_probing(mounts: Mounts, server: FaultServer) -> None:
+    for i in range(4):
+        server.put(f"/slow{i}.bin", b"x" * 1000, delay=30.0)  # every probe waits 30 s for its answer
+    url_list = mounts.write_list([server.url(f"/slow{i}.bin") for i in range(4)])
+    mountpoint = mounts.tmp / "mnt"
+    mountpoint.mkdir()
+    command = subprocess.Popen([*RANGEFS, "mount", str(url_list), str(mountpoint), "--cache-dir",
+                                str(mounts.tmp / "cache")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert wait_until(lambda: len(server.requests) >= 1, timeout=20), "the daemon never probed"
+        daemon = children(command.pid)
+        assert len(daemon) == 1
+        helpers = children(daemon[0])
+        mounts.pids.update(daemon + helpers)  # ended by pid whatever happens
+        assert helpers, "no fetch process"
+        command.kill()
+        command.wait(timeout=10)
+        assert wait_until(lambda: not any(alive(pid) for pid in daemon + helpers), timeout=5), \
+            "the daemon or its fetch process lives on after the mount command was killed"
+    finally:
+        if command.poll() is None:
+            command.kill()
+            command.wait(timeout=10)
+    assert not mounts.made and fstype(mountpoint) is None

@@ -39,6 +39,7 @@ _PROBE_CONCURRENCY = 16
 _FSTYPE = "fuse.rangefs"
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _ABORT_GRACE = 2.0  # seconds reads in flight get to finish after a stop signal before fetches are cancelled
+_DISCONNECT_POLL = 0.5  # seconds between checks whether the kernel ended the mount
 _MAX_REQUESTS = 8  # Range requests in flight over the whole mount
 _MAX_NEAR_BYTES = 1024 * 1024  # fetches up to this size run in the daemon (see SplitFetcher)
 _HELPER_START_TIMEOUT = 60.0  # seconds for the fetch process to import and start
@@ -478,9 +479,34 @@ async def _run_until_unmounted(fs: Filesystem, mountpoint: Path, signals: AsyncI
         await nursery.start(fs.cache.run)
         nursery.start_soon(watch_signals, nursery)
         nursery.start_soon(_tune_kernel, fs, mountpoint)
+        nursery.start_soon(_abort_when_disconnected, fs, mountpoint)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
     return stopped_by_signal
+
+
+async def _abort_when_disconnected(fs: Filesystem, mountpoint: Path) -> None:
+    """Cancel every fetch once the kernel has ended the mount (an unmount, or an abort through fusectl).
+
+    The kernel then fails every request in flight itself, so nobody waits for their answers; but
+    pyfuse3.main returns only once each handler has returned, and a read waiting on a stuck
+    server would hold the daemon for minutes of retries.
+    """
+    while not _disconnected(mountpoint):
+        await trio.sleep(_DISCONNECT_POLL)
+    log.info("the kernel ended the mount; cancelling the fetches in flight")
+    fs.cache.abort()
+
+
+def _disconnected(mountpoint: Path) -> bool:
+    """Whether the kernel has ended our FUSE connection (the mount table is the fallback: a lazy
+    unmount leaves open files served, and only our /dev/fuse descriptor tells when they are done)."""
+    fd = pyfuse3.fuse_fd() if hasattr(pyfuse3, "fuse_fd") else -1
+    if fd < 0:
+        return kernel.find_mount(mountpoint) is None
+    poller = select.poll()
+    poller.register(fd, 0)  # POLLERR is always reported: /dev/fuse says so once the connection is gone
+    return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
 
 
 async def _tune_kernel(fs: Filesystem, mountpoint: Path) -> None:

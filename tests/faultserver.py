@@ -14,6 +14,7 @@ import gzip
 import hashlib
 import http.client
 import re
+import select
 import socket
 import threading
 import time
@@ -63,6 +64,7 @@ class Faults:
     change_after: int | None = None  # switch to next_data after this many body bytes of a response
     next_data: bytes | None = None
     chunked: bool = False  # Transfer-Encoding: chunked instead of Content-Length
+    hang: bool = False  # GET never answered; the request's closed_at tells when the client gave up
 
 
 @dataclass
@@ -87,6 +89,7 @@ class RequestRecord:
     connection: int  # serial number of the TCP connection, to see keep-alive reuse
     status: int = 0
     body_bytes_sent: int = 0  # payload bytes written (not chunk framing), extra garbage included
+    closed_at: float | None = None  # hang: time.monotonic() when the client closed the connection
 
     def header(self, name: str) -> str | None:
         """The value of a request header, looked up case-insensitively."""
@@ -309,6 +312,10 @@ class FaultServer:
             return self._send_empty(conn, record, status, headers)
         if faults.redirect is not None:
             return self._send_empty(conn, record, faults.redirect[0], {"Location": faults.redirect[1]})
+        if record.method == "GET" and faults.hang:
+            _wait_for_close(conn)
+            record.closed_at = time.monotonic()
+            return False
         if record.method == "HEAD" and faults.refuse_head:
             return self._send_empty(conn, record, faults.head_status, {})
         if record.method not in ("GET", "HEAD"):
@@ -423,6 +430,20 @@ def _if_range_holds(record: RequestRecord, etag: str | None, last_modified: str 
         return email.utils.parsedate_to_datetime(value) == email.utils.parsedate_to_datetime(last_modified)
     except (TypeError, ValueError):
         return False
+
+
+def _wait_for_close(conn: _Conn) -> None:
+    """Answer nothing until the client closes the connection (or it is dropped)."""
+    while True:
+        readable, _, _ = select.select([conn.sock], [], [], 0.1)
+        if conn.dropped.is_set():
+            raise _Dropped
+        if readable:
+            try:
+                if not conn.sock.recv(65536):
+                    return
+            except OSError:  # reset: closed too
+                return
 
 
 def _send_head(conn: _Conn, status: int, headers: dict[str, str]) -> None:

@@ -3,13 +3,18 @@ mount command that dies, readers that go away while their reads wait on the netw
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
+import sys
 import time
+from pathlib import Path
 
-from faultserver import FaultServer
+import pytest
+from faultserver import FaultServer, RequestRecord
 
-from util import RANGEFS, Mounts, Server, alive, children, fstype, seeded_bytes, wait_until
+from util import RANGEFS, Mounts, Server, alive, children, fstype, run_rangefs, seeded_bytes, wait_until
 
 MiB = 1 << 20
 
@@ -72,3 +77,47 @@ def test_a_killed_mount_command_leaves_no_daemon_probing(mounts: Mounts, server:
             command.kill()
             command.wait(timeout=10)
     assert not mounts.made and fstype(mountpoint) is None
+
+
+def start_reader(path: Path, offset: int = 0, size: int = 65536) -> subprocess.Popen[bytes]:
+    """A process that reads ``size`` bytes at ``offset`` of ``path`` (and then sleeps, file open)."""
+    code = ("import os, sys, time\n"
+            "fd = os.open(sys.argv[1], os.O_RDONLY)\n"
+            "os.pread(fd, int(sys.argv[3]), int(sys.argv[2]))\n"
+            "time.sleep(600)\n")
+    return subprocess.Popen([sys.executable, "-c", code, str(path), str(offset), str(size)])
+
+
+def kill_reader(reader: subprocess.Popen[bytes]) -> None:
+    reader.kill()
+    reader.wait(timeout=10)
+
+
+def gets(server: FaultServer, path: str) -> list[RequestRecord]:
+    return [r for r in server.requests if r.method == "GET" and r.path == path]
+
+
+@pytest.mark.parametrize("how", ["unmount", "lazy-unmount", "sigterm"])
+def test_unmount_is_quick_whatever_fetch_is_stuck(mounts: Mounts, server: FaultServer, how: str) -> None:
+    server.put("/stuck.bin", seeded_bytes(4 * MiB, seed=62), hang=True)
+    m = mounts.mount([server.url("/stuck.bin")])
+    daemon = m.pid()
+    helpers = children(daemon)
+    reader = start_reader(m.path / "stuck.bin")
+    try:
+        assert wait_until(lambda: len(gets(server, "/stuck.bin")) >= 1, timeout=10), "no fetch reached the server"
+    finally:
+        kill_reader(reader)  # an open file would make the unmount fail with EBUSY
+    started = time.monotonic()
+    if how == "sigterm":
+        os.kill(daemon, signal.SIGTERM)
+        assert wait_until(lambda: not alive(daemon), timeout=30)
+        assert not m.mounted()
+    else:
+        done = run_rangefs("unmount", *(["-z"] if how == "lazy-unmount" else []), m.path, "--timeout", "30",
+                           timeout=40)
+        assert done.returncode == 0, done.stderr
+    took = time.monotonic() - started
+    assert took < 15, f"unmount took {took:.1f}s"
+    assert not alive(daemon) and not any(alive(pid) for pid in helpers)
+    assert all(r.closed_at is not None for r in gets(server, "/stuck.bin")), "a stuck fetch was left open"

@@ -480,6 +480,7 @@ async def _run_until_unmounted(fs: Filesystem, mountpoint: Path, signals: AsyncI
         nursery.start_soon(watch_signals, nursery)
         nursery.start_soon(_tune_kernel, fs, mountpoint)
         nursery.start_soon(_abort_when_disconnected, fs, mountpoint)
+        nursery.start_soon(fs.watch_readers)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
     return stopped_by_signal

@@ -64,7 +64,8 @@ class Faults:
     change_after: int | None = None  # switch to next_data after this many body bytes of a response
     next_data: bytes | None = None
     chunked: bool = False  # Transfer-Encoding: chunked instead of Content-Length
-    hang: bool = False  # GET never answered; the request's closed_at tells when the client gave up
+    hang_from: int | None = None  # GETs from this offset on (of a range that starts there or
+    # later; 0: every GET) are never answered; the request's closed_at tells when the client gave up
 
 
 @dataclass
@@ -312,7 +313,7 @@ class FaultServer:
             return self._send_empty(conn, record, status, headers)
         if faults.redirect is not None:
             return self._send_empty(conn, record, faults.redirect[0], {"Location": faults.redirect[1]})
-        if record.method == "GET" and faults.hang:
+        if record.method == "GET" and faults.hang_from is not None and _start(record, data) >= faults.hang_from:
             _wait_for_close(conn)
             record.closed_at = time.monotonic()
             return False
@@ -430,6 +431,12 @@ def _if_range_holds(record: RequestRecord, etag: str | None, last_modified: str 
         return email.utils.parsedate_to_datetime(value) == email.utils.parsedate_to_datetime(last_modified)
     except (TypeError, ValueError):
         return False
+
+
+def _start(record: RequestRecord, data: bytes) -> int:
+    """The first byte a GET asks for."""
+    wanted = _parse_range(record.range, len(data))
+    return 0 if wanted is None else wanted[0]
 
 
 def _wait_for_close(conn: _Conn) -> None:

@@ -99,7 +99,7 @@ def gets(server: FaultServer, path: str) -> list[RequestRecord]:
 
 @pytest.mark.parametrize("how", ["unmount", "lazy-unmount", "sigterm"])
 def test_unmount_is_quick_whatever_fetch_is_stuck(mounts: Mounts, server: FaultServer, how: str) -> None:
-    server.put("/stuck.bin", seeded_bytes(4 * MiB, seed=62), hang=True)
+    server.put("/stuck.bin", seeded_bytes(4 * MiB, seed=62), hang_from=0)
     m = mounts.mount([server.url("/stuck.bin")])
     daemon = m.pid()
     helpers = children(daemon)
@@ -120,4 +120,107 @@ def test_unmount_is_quick_whatever_fetch_is_stuck(mounts: Mounts, server: FaultS
     took = time.monotonic() - started
     assert took < 15, f"unmount took {took:.1f}s"
     assert not alive(daemon) and not any(alive(pid) for pid in helpers)
-    assert all(r.closed_at is not None for r in gets(server, "/stuck.bin")), "a stuck fetch was left open"
+    assert all_closed_within(server, "/stuck.bin", 2), "a stuck fetch was left open"
+
+
+def start_sequential_reader(path: Path, chunk: int = 65536) -> subprocess.Popen[bytes]:
+    """A process that reads ``path`` from its start in ``chunk``-sized reads (until one waits forever)."""
+    code = ("import os, sys\n"
+            "fd = os.open(sys.argv[1], os.O_RDONLY)\n"
+            "while os.read(fd, int(sys.argv[2])):\n"
+            "    pass\n")
+    return subprocess.Popen([sys.executable, "-c", code, str(path), str(chunk)])
+
+
+def all_closed_within(server: FaultServer, path: str, seconds: float) -> bool:
+    """Whether every GET of ``path`` that the server left hanging was given up by rangefs in time."""
+    def closed() -> bool:
+        return all(r.closed_at is not None for r in gets(server, path) if not r.status)  # unanswered
+
+    return wait_until(closed, timeout=seconds)
+
+
+@pytest.mark.parametrize("io", ["page-cache", "direct-io"])
+def test_a_killed_readers_stuck_fetches_are_cancelled_and_other_reads_go_on(
+    mounts: Mounts, server: FaultServer, io: str
+) -> None:
+    server.put("/stuck.bin", seeded_bytes(16 * MiB, seed=63), hang_from=MiB)  # its first MiB only
+    other = seeded_bytes(2 * MiB, seed=64)
+    server.put("/other.bin", other)
+    # Direct I/O: the killed reader waits in the kernel for the answer to its read, not yet exited.
+    args = ["--direct-io"] if io == "direct-io" else []
+    m = mounts.mount([server.url("/stuck.bin"), server.url("/other.bin")], *args)
+    reader = start_sequential_reader(m.path / "stuck.bin")
+    try:
+        assert wait_until(lambda: len(hung(server, "/stuck.bin")) >= 1, timeout=10), "no fetch reached the hang"
+        time.sleep(1)  # let the reader's read and the prefetches settle on the stuck server
+        assert all(r.closed_at is None for r in hung(server, "/stuck.bin"))
+    finally:
+        kill_reader(reader)
+    killed = time.monotonic()
+    assert all_closed_within(server, "/stuck.bin", 5), "a fetch only the killed reader wanted goes on"
+    gave_up = max(r.closed_at or 0 for r in gets(server, "/stuck.bin")) - killed
+    assert (m.path / "other.bin").read_bytes() == other
+    assert (m.path / "stuck.bin").open("rb").read(MiB) == seeded_bytes(16 * MiB, seed=63)[:MiB]
+    print(f"the last stuck fetch was given up {gave_up:.2f}s after the kill")
+
+
+def hung(server: FaultServer, path: str) -> list[RequestRecord]:
+    """The GETs of ``path`` the server never answered."""
+    return [r for r in gets(server, path) if not r.status]
+
+
+def test_a_closed_handles_prefetches_are_cancelled_while_another_handle_stays_open(
+    mounts: Mounts, server: FaultServer
+) -> None:
+    server.put("/stuck.bin", seeded_bytes(16 * MiB, seed=65), hang_from=MiB)
+    # Direct I/O: no readahead of the kernel's own waits on the prefetches (that would hold the
+    # handle's RELEASE back until they are answered).
+    m = mounts.mount([server.url("/stuck.bin")], "--direct-io")
+    idle = start_reader(m.path / "stuck.bin", size=4096)  # another handle of the file stays open
+    try:
+        code = ("import os, sys\n"
+                "with open(sys.argv[1], 'rb', buffering=0) as f:\n"
+                "    for _ in range(16):\n"
+                "        f.read(65536)\n"
+                "print('closed', flush=True)\n"
+                "sys.stdin.read()\n")  # alive, file closed, until the test ends
+        reader = subprocess.Popen([sys.executable, "-c", code, str(m.path / "stuck.bin")], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE)
+        try:
+            assert reader.stdout is not None and reader.stdout.readline() == b"closed\n"
+            closed = time.monotonic()
+            assert hung(server, "/stuck.bin"), "the reader's prefetches did not reach the hanging part"
+            assert all_closed_within(server, "/stuck.bin", 5), "a closed handle's prefetch goes on"
+            print(f"prefetches given up {max(r.closed_at or 0 for r in hung(server, '/stuck.bin')) - closed:.2f}s "
+                  "after the close")
+        finally:
+            kill_reader(reader)
+    finally:
+        kill_reader(idle)
+
+
+def test_a_fetch_another_reader_waits_for_goes_on_when_the_first_is_killed(
+    mounts: Mounts, server: FaultServer
+) -> None:
+    server.put("/stuck.bin", seeded_bytes(16 * MiB, seed=66), hang_from=4 * MiB)
+    # Direct I/O: each reader's read reaches rangefs. Through the page cache the second reader
+    # would wait for the kernel's read of the first (the kernel's own sharing), and ask again,
+    # with a fetch of its own, once that read is cancelled.
+    m = mounts.mount([server.url("/stuck.bin")], "--direct-io")
+    first = start_reader(m.path / "stuck.bin", offset=8 * MiB)
+    second = None
+    try:
+        assert wait_until(lambda: len(hung(server, "/stuck.bin")) >= 1, timeout=10)
+        second = start_reader(m.path / "stuck.bin", offset=8 * MiB)  # the same blocks: waits for that fetch
+        time.sleep(1)
+        kill_reader(first)
+        time.sleep(3)  # well past the check of the killed reader
+        assert all(r.closed_at is None for r in hung(server, "/stuck.bin")), "a fetch still wanted was cancelled"
+        assert len(hung(server, "/stuck.bin")) == 1, "the waiting reader fetched again"
+        kill_reader(second)
+        assert all_closed_within(server, "/stuck.bin", 5), "a fetch nobody wants any more goes on"
+    finally:
+        for reader in (first, second):
+            if reader is not None and reader.poll() is None:
+                kill_reader(reader)

@@ -196,13 +196,17 @@ class Filesystem(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, tree: Tree, cache: Cache, passthrough: bool = True, direct_io: bool = False) -> None:
+    def __init__(
+        self, tree: Tree, cache: Cache, passthrough: bool = True, direct_io: bool = False, mountpoint: str = ""
+    ) -> None:
         """``passthrough``: let the kernel read complete, checked files from the cache itself
         (needs Linux >= 6.9, root, and the pyfuse3 that scripts/build-pyfuse3 builds).
-        ``direct_io``: open files that are not complete in the cache with direct I/O (see open)."""
+        ``direct_io``: open files that are not complete in the cache with direct I/O (see open).
+        ``mountpoint``: where the tree is mounted, to find processes that have a file open."""
         super().__init__()
         self.tree = tree
         self.cache = cache
+        self.mountpoint = mountpoint
         # Read by pyfuse3 as built by scripts/build-pyfuse3 (ignored by others) during INIT. Only
         # root may name backing files; asking costs a stacking level (no overlayfs on top of us).
         self.enable_passthrough = passthrough and hasattr(pyfuse3, "fuse_fd") and os.geteuid() == 0
@@ -503,12 +507,38 @@ class Filesystem(pyfuse3.Operations):
             await trio.sleep(_READER_CHECK)
             before = trio.current_time() - _READER_CHECK
             for handle in list(self._handles.values()):
-                waiting = [scope for scope, began in handle.reads.items() if began <= before]
-                if waiting and handle.opener > 0 and not _running(handle.opener):
-                    log.info("%s: process %d is gone; cancelling %d read(s) it waited for",
-                             handle.cached.identity.url, handle.opener, len(waiting))
-                    for scope in waiting:
-                        scope.cancel()
+                if handle.opener > 0 and any(began <= before for began in handle.reads.values()):
+                    if not _running(handle.opener):
+                        await self._reader_gone(handle, before)
+
+    async def _reader_gone(self, handle: _Handle, before: float) -> None:
+        """The opener of ``handle`` is gone: cancel its waiting reads, unless another process has
+        the file open or mapped (a child may have inherited it): that one is watched instead.
+        The openers of the file's other handles do not count: they read through their own."""
+        path = self._path_of(handle.inode)
+        others = {h.opener for h in self._handles.values() if h.inode == handle.inode and h is not handle}
+        holder = await trio.to_thread.run_sync(_holder, path, others | {handle.opener}) if path else None
+        if holder is not None:
+            log.debug("%s: process %d is gone, process %d has it open", path, handle.opener, holder)
+            handle.opener = holder
+            return
+        waiting = [scope for scope, began in handle.reads.items() if began <= before]
+        log.info("%s: process %d is gone; cancelling %d read(s) it waited for", handle.cached.identity.url,
+                 handle.opener, len(waiting))
+        handle.opener = -1
+        for scope in waiting:
+            scope.cancel()
+
+    def _path_of(self, inode: int) -> str:
+        """The path of a file under the mount point ('' when the mount point is not known)."""
+        if not self.mountpoint:
+            return ""
+        names = []
+        node = self.tree.nodes[inode]
+        while node.inode != pyfuse3.ROOT_INODE:
+            names.append(os.fsdecode(node.name))
+            node = self.tree.nodes[node.parent]
+        return os.path.join(self.mountpoint, *reversed(names))
 
     def _handle(self, fh: int) -> _Handle:
         try:
@@ -584,6 +614,33 @@ def _process_of(tid: int) -> int:
     except (OSError, ValueError):
         pass
     return -1
+
+
+def _holder(path: str, skip: set[int]) -> int | None:
+    """A running process, not one of ``skip``, that has ``path`` open or mapped, if any.
+
+    Reads only /proc (the links name the file without asking us: no request to our own mount).
+    """
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit() and int(entry.name) not in skip and _holds(int(entry.name), path):
+            return int(entry.name)
+    return None
+
+
+def _holds(pid: int, path: str) -> bool:
+    try:
+        for fd in os.scandir(f"/proc/{pid}/fd"):
+            try:
+                if os.readlink(fd.path) == path:
+                    return _running(pid)
+            except OSError:
+                continue  # closed meanwhile
+        with open(f"/proc/{pid}/maps", encoding="utf-8", errors="replace") as maps:
+            if any(line.rstrip("\n").endswith(" " + path) for line in maps):
+                return _running(pid)
+    except OSError:
+        pass  # gone meanwhile, or not ours to read
+    return False
 
 
 def _running(pid: int) -> bool:

@@ -424,7 +424,8 @@ async def _serve_files(
         return entry.option("grow") == "yes" or (opts.growing and entry.option("grow") != "no")
 
     tree = Tree.build([(entry, cache.file(entry.url, remote, growing(entry))) for entry, remote in files])
-    fs = Filesystem(tree, cache, passthrough=opts.passthrough, direct_io=opts.direct_io)
+    fs = Filesystem(tree, cache, passthrough=opts.passthrough, direct_io=opts.direct_io,
+                    mountpoint=str(opts.mountpoint))
     _mount_fuse(fs, opts)
     # From here on the mount exists: every path out goes through the finally clauses.
     # Stop signals stay caught until the very end, so a second Ctrl-C cannot cut the shutdown short.

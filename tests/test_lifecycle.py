@@ -224,3 +224,29 @@ def test_a_fetch_another_reader_waits_for_goes_on_when_the_first_is_killed(
         for reader in (first, second):
             if reader is not None and reader.poll() is None:
                 kill_reader(reader)
+
+
+def test_a_read_through_an_inherited_descriptor_goes_on_when_the_opener_exits(
+    mounts: Mounts, server: FaultServer
+) -> None:
+    server.put("/stuck.bin", seeded_bytes(16 * MiB, seed=67), hang_from=4 * MiB)
+    m = mounts.mount([server.url("/stuck.bin")])
+    # The opener starts a child that reads through the descriptor it inherits, then exits.
+    code = ("import os, subprocess, sys\n"
+            "fd = os.open(sys.argv[1], os.O_RDONLY)\n"
+            "child = subprocess.Popen([sys.executable, '-c', 'import os, sys; os.pread(int(sys.argv[1]), 65536, "
+            "8 << 20)', str(fd)], pass_fds=[fd])\n"
+            "print(child.pid, flush=True)\n")
+    opener = subprocess.Popen([sys.executable, "-c", code, str(m.path / "stuck.bin")], stdout=subprocess.PIPE)
+    assert opener.stdout is not None
+    child = int(opener.stdout.readline())
+    mounts.pids.add(child)  # ended by pid whatever happens
+    try:
+        opener.wait(timeout=10)
+        assert wait_until(lambda: len(hung(server, "/stuck.bin")) >= 1, timeout=10)
+        time.sleep(3)  # well past the check of the opener, gone
+        assert alive(child) and all(r.closed_at is None for r in hung(server, "/stuck.bin")), \
+            "the read of a process that inherited the file was cancelled"
+    finally:
+        os.kill(child, signal.SIGKILL)
+    assert all_closed_within(server, "/stuck.bin", 5), "the fetch goes on after the inheriting reader was killed"

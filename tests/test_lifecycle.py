@@ -12,11 +12,18 @@ import time
 from pathlib import Path
 
 import pytest
+import trio
+from fakeorigin import FakeOrigin
 from faultserver import FaultServer, RequestRecord
+
+from rangefs.cache import Cache, CacheConfig
+from rangefs.fetcher import Fetcher
+from rangefs.origin import Origin
 
 from util import RANGEFS, Mounts, Server, alive, children, fstype, run_rangefs, seeded_bytes, wait_until
 
 MiB = 1 << 20
+BLOCK = 64 * 1024
 
 
 def free_port() -> int:
@@ -260,3 +267,37 @@ def test_a_read_through_an_inherited_descriptor_goes_on_when_the_opener_exits(
     finally:
         os.kill(child, signal.SIGKILL)
     assert all_closed_within(server, "/stuck.bin", 5), "the fetch goes on after the inheriting reader was killed"
+
+
+def test_a_fetch_is_cancelled_when_the_last_read_waiting_for_it_is(tmp_path: Path) -> None:
+    """The rule itself, against an in-memory origin that sends nothing for a minute."""
+    fake = FakeOrigin(seeded_bytes(4 * BLOCK, seed=68), chunk_delay=60.0)
+
+    async def run() -> None:
+        Cache.prepare(tmp_path)
+        async with Origin(transport=fake.transport()) as origin:
+            cache = Cache(CacheConfig(tmp_path, block_size=BLOCK), Fetcher(origin, BLOCK))
+            cached = cache.file("http://origin.test/f.bin", await origin.probe("http://origin.test/f.bin"))
+            async with trio.open_nursery() as nursery:
+                await nursery.start(cache.run)
+                await cached.acquire()
+                scopes = [trio.CancelScope(), trio.CancelScope()]
+
+                async def reader(scope: trio.CancelScope) -> None:
+                    with scope:
+                        await cached.read(0, 100)
+
+                for scope in scopes:
+                    nursery.start_soon(reader, scope)
+                await trio.sleep(0.5)
+                (flight,) = set(cached._inflight.values())
+                scopes[0].cancel()
+                await trio.sleep(0.5)
+                assert not flight.scope.cancel_called, "a fetch another read waits for was cancelled"
+                scopes[1].cancel()
+                await trio.sleep(0.5)
+                assert flight.scope.cancel_called and not cached._inflight
+                await cached.release()
+                nursery.cancel_scope.cancel()
+
+    trio.run(run)

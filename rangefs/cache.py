@@ -8,6 +8,8 @@ thread; blocking disk I/O goes to worker threads):
   then fdatasyncs the data file, then replaces the state file atomically.
 - Between testing a block and claiming it (``_claim``) there is no ``await``, so two readers
   that need the same block start one fetch; the second waits on the first one's event.
+- A fetch runs while someone wants it: a read waiting for it, or an open handle prefetching
+  it. The last one to go (a read cancelled, a handle closed) cancels it (``_unwanted``).
 """
 
 from __future__ import annotations

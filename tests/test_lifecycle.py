@@ -301,3 +301,25 @@ def test_a_fetch_is_cancelled_when_the_last_read_waiting_for_it_is(tmp_path: Pat
                 nursery.cancel_scope.cancel()
 
     trio.run(run)
+
+
+def test_killed_readers_of_a_stuck_server_give_the_mount_back_to_a_healthy_one(
+    mounts: Mounts, server: FaultServer, nginx: Server
+) -> None:
+    server.put("/stuck.bin", seeded_bytes(16 * MiB, seed=69), hang_from=0)
+    healthy = seeded_bytes(3 * MiB, seed=70)
+    url = nginx.put("lifecycle/healthy.bin", healthy)
+    m = mounts.mount([server.url("/stuck.bin"), url])
+    readers = [start_reader(m.path / "stuck.bin", offset=i * MiB) for i in range(10)]
+    try:
+        # The mount's connections (eight) all wait on the stuck server.
+        assert wait_until(lambda: len(hung(server, "/stuck.bin")) >= 8, timeout=10)
+    finally:
+        for reader in readers:
+            kill_reader(reader)
+    started = time.monotonic()
+    done = subprocess.run(["cat", str(m.path / "healthy.bin")], capture_output=True, timeout=20)
+    took = time.monotonic() - started
+    assert done.returncode == 0 and done.stdout == healthy
+    assert took < 5, f"a read of the healthy server took {took:.1f}s after the stuck readers were killed"
+    assert all_closed_within(server, "/stuck.bin", 5)

@@ -426,10 +426,11 @@ async def _serve_files(
     tree = Tree.build([(entry, cache.file(entry.url, remote, growing(entry))) for entry, remote in files])
     fs = Filesystem(tree, cache, passthrough=opts.passthrough, direct_io=opts.direct_io,
                     mountpoint=str(opts.mountpoint))
-    _mount_fuse(fs, opts)
-    # From here on the mount exists: every path out goes through the finally clauses.
-    # Stop signals stay caught until the very end, so a second Ctrl-C cannot cut the shutdown short.
+    # Stop signals stay caught until the very end, so a second Ctrl-C cannot cut the shutdown short;
+    # caught from before the mount, so that one sent as it is made (the mount command dying) unmounts.
     with trio.open_signal_receiver(*_STOP_SIGNALS) as signals:
+        _mount_fuse(fs, opts)
+        # From here on the mount exists: every path out goes through the finally clauses.
         unmount_ourselves = True
         try:
             reporter.ready()

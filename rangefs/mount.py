@@ -306,11 +306,8 @@ async def _probe_all(
     limiter = trio.CapacityLimiter(_PROBE_CONCURRENCY)
     hosts: dict[str, _HostProbes] = {}
 
-    async def probe(index: int, entry: Entry, host: _HostProbes) -> None:
-        first = host.first < 0
-        if first:
-            host.first = entry.line
-        else:
+    async def probe(index: int, entry: Entry, host: _HostProbes, first: bool) -> None:
+        if not first:
             await host.scouted.wait()
         async with limiter:
             if host.down is not None:
@@ -330,8 +327,10 @@ async def _probe_all(
     with trio.move_on_after(opts.probe_timeout):
         async with trio.open_nursery() as nursery:
             for index, entry in enumerate(entries):
-                host = hosts.setdefault(_host_of(entry.url), _HostProbes())
-                nursery.start_soon(probe, index, entry, host)
+                key = _host_of(entry.url)
+                first = key not in hosts  # the host's first URL in the list goes first
+                host = hosts.setdefault(key, _HostProbes())
+                nursery.start_soon(probe, index, entry, host, first)
     found: list[tuple[Entry, RemoteFile]] = []
     failures: list[str] = []
     for index, entry in enumerate(entries):
@@ -350,8 +349,7 @@ async def _probe_all(
 class _HostProbes:
     """The probe phase's knowledge of one host (scheme, name and port)."""
 
-    first: int = -1  # the list line of its first URL, probed before the others (-1: none yet)
-    scouted: trio.Event = field(default_factory=trio.Event)  # that first probe has ended
+    scouted: trio.Event = field(default_factory=trio.Event)  # the probe of its first URL has ended
     down: str | None = None  # why it takes no connection, once found out
 
 

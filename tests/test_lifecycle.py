@@ -42,7 +42,7 @@ def test_a_dead_host_fails_a_long_list_at_once_naming_file_line_and_host(mounts:
     assert m.result is not None and m.result.returncode == 1
     error = m.result.stderr.strip()
     assert "\n" not in error and "Traceback" not in error
-    assert f"{m.url_list} line 1: " in error and f"127.0.0.1:{port}" in error
+    assert f"{m.url_list} line 1: http://127.0.0.1:{port}/f0.bin: cannot connect" in error  # the first URL says why
     assert "and 1999 more" in error
     assert took < 20, f"mount took {took:.1f}s to fail"
     assert not m.mounted()
@@ -58,6 +58,17 @@ def test_a_dead_host_is_skipped_and_the_good_url_mounts_quickly(mounts: Mounts, 
     assert (m.path / "good.bin").read_bytes() == seeded_bytes(100_000, seed=61)
     assert took < 20, f"mount took {took:.1f}s"
     assert m.unmount().returncode == 0
+
+
+def test_the_probe_phase_ends_at_its_deadline(mounts: Mounts, server: FaultServer) -> None:
+    server.put("/slow.bin", b"x" * 1000, delay=60.0)  # a server that takes a minute to answer
+    started = time.monotonic()
+    m = mounts.mount([server.url("/slow.bin")], "--probe-timeout", "2", check=False)
+    took = time.monotonic() - started
+    assert m.result is not None and m.result.returncode == 1
+    assert m.result.stderr.strip() == (f"rangefs: {m.url_list} line 1: {server.url('/slow.bin')}: not probed "
+                                       "within 2s (--probe-timeout)")
+    assert took < 10, f"mount took {took:.1f}s to give up"
 
 
 def test_a_killed_mount_command_leaves_no_daemon_probing(mounts: Mounts, server: FaultServer) -> None:

@@ -721,6 +721,8 @@ class CachedFile:
 
     def _forget_prefetcher(self, readahead: Readahead) -> None:
         """A handle closed: the fetches only it prefetched are cancelled."""
+        if not self.remote.accept_ranges:
+            return  # streamed: no prefetches, and a stream claims every block (a long walk)
         for flight in {flight for flight in self._inflight.values() if id(readahead) in flight.prefetchers}:
             flight.prefetchers.discard(id(readahead))
             self._unwanted(flight)

@@ -137,6 +137,7 @@ def test_unmount_is_quick_whatever_fetch_is_stuck(mounts: Mounts, server: FaultS
         assert done.returncode == 0, done.stderr
     took = time.monotonic() - started
     assert took < 15, f"unmount took {took:.1f}s"
+    print(f"{how}: daemon gone {took:.2f}s after the request")
     assert not alive(daemon) and not any(alive(pid) for pid in helpers)
     assert all_closed_within(server, "/stuck.bin", 2), "a stuck fetch was left open"
 

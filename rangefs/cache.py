@@ -15,6 +15,8 @@ thread; blocking disk I/O goes to worker threads):
   holds both (``_files_locked``).
 - Between testing a block and claiming it (``_claim``) there is no ``await``, so two readers
   that need the same block start one fetch; the second waits on the first one's event.
+- A fetch runs while someone wants it: a read waiting for it, or an open handle prefetching
+  it. The last one to go (a read cancelled, a handle closed) cancels it (``_unwanted``).
 """
 
 from __future__ import annotations
@@ -135,6 +137,10 @@ class _Flight:
         self.blocks: range | set[int] | _Absent = range(run.first, run.stop) if blocks is None else set(blocks)
         self.error: BaseException | None = None
         self.scope = trio.CancelScope()
+        # Who wants it: the reads waiting for it, and the open handles that prefetch it (the id of
+        # their Readahead, dropped when they close). A fetch nobody wants is cancelled (_unwanted).
+        self.readers = 0
+        self.prefetchers: set[int] = set()
         self._waiters: dict[int, trio.Event] = {}  # blocks someone waits for, until delivered
         self._ended = trio.Event()
 
@@ -303,13 +309,18 @@ class CachedFile:
                         raise
             self._users += 1
 
-    async def release(self) -> None:
+    async def release(self, readahead: Readahead | None = None) -> None:
         """Drop one user; the last one stops prefetching, checkpoints and closes the files.
+
+        ``readahead``: the user's prefetch state; its prefetches that no other user prefetches
+        and no read waits for are cancelled.
 
         The checkpoint runs without the lock: after a large read it flushes for seconds (1 GiB
         took 1.7 s here), and the next open would wait for it. An open meanwhile joins the
         files as they are, and they stay open.
         """
+        if readahead is not None:
+            self._forget_prefetcher(readahead)
         async with self._lock:
             self._users -= 1
             if self._users:
@@ -630,7 +641,11 @@ class CachedFile:
         bitmap = self._bitmap()
         first, stop = start // self.block_size, -(-target // self.block_size)
         blocks = [b for b in range(first, stop) if b not in bitmap and b not in self._inflight]
+        for block in range(first, stop):  # fetches already under way for these blocks: this reader wants them too
+            if block in self._inflight:
+                self._inflight[block].prefetchers.add(id(readahead))
         for flight in self._claim(blocks):
+            flight.prefetchers.add(id(readahead))
             if not self.cache.spawn(self._fetch, flight):
                 self._fetches.discard(flight.scope)
                 self._forget(flight)
@@ -663,9 +678,7 @@ class CachedFile:
             waits = {flight for flight in flights.values() if flight is not None}
             todo = [b for b in missing if flights[b] is None]
             mine = self._claim(todo + self._last_block_after(todo[-1], bitmap) if todo else [])
-            async with trio.open_nursery() as nursery:
-                for flight in mine:
-                    nursery.start_soon(self._fetch, flight)
+            await self._fetch_all(mine)
             for flight in mine:
                 if isinstance(flight.error, FetchInterrupted) and interruptions < _MAX_INTERRUPTIONS:
                     interruptions += 1
@@ -719,12 +732,55 @@ class CachedFile:
                 self._inflight[block] = flight
         return flights
 
+    async def _fetch_all(self, flights: list[_Flight]) -> None:
+        """Run ``flights`` for a read and wait until they end.
+
+        In the background task group when there is one, so that a read that is cancelled (its
+        reader went away) leaves running the fetches that others still want, and only those.
+        """
+        if not self.cache.hosting:
+            async with trio.open_nursery() as nursery:
+                for flight in flights:
+                    nursery.start_soon(self._fetch, flight)
+            return
+        for flight in flights:
+            flight.readers += 1
+            self.cache.spawn(self._fetch, flight)
+        try:
+            for flight in flights:
+                await flight.end()
+        finally:
+            for flight in flights:
+                flight.readers -= 1
+                self._unwanted(flight)
+
+    def _unwanted(self, flight: _Flight) -> None:
+        """Cancel ``flight`` if no read waits for it and no open handle prefetches it.
+
+        Not a stream: it serves every reader of the file, and ends with the file's last user.
+        """
+        if not flight.readers and not flight.prefetchers and not flight.stream:
+            flight.scope.cancel()
+
+    def _forget_prefetcher(self, readahead: Readahead) -> None:
+        """A handle closed: the fetches only it prefetched are cancelled."""
+        if not self.remote.accept_ranges:
+            return  # streamed: no prefetches, and a stream claims every block (a long walk)
+        for flight in {flight for flight in self._inflight.values() if id(readahead) in flight.prefetchers}:
+            flight.prefetchers.discard(id(readahead))
+            self._unwanted(flight)
+
     async def _wait_for(self, flights: set[_Flight], blocks: list[int]) -> None:
         """Wait for other readers' fetches of ``blocks``; re-raise their errors, not abandonment."""
         for flight in flights:
             for block in blocks:
                 if block in flight.blocks and block not in self._bitmap():
-                    await flight.arrival(block)
+                    flight.readers += 1
+                    try:
+                        await flight.arrival(block)
+                    finally:
+                        flight.readers -= 1
+                        self._unwanted(flight)
                     if block not in self._bitmap() and not isinstance(flight.error, (FetchInterrupted, RangesIgnored,
                                                                                        type(None))):
                         raise flight.error
@@ -1148,6 +1204,11 @@ class Cache:
     async def checkpoint_all(self) -> None:
         for cached in list(self._files.values()):
             await cached.checkpoint()
+
+    @property
+    def hosting(self) -> bool:
+        """Whether background tasks can be started (``run`` is running)."""
+        return self._nursery is not None
 
     def spawn(self, fn: Callable[..., Awaitable[None]], *args: object) -> bool:
         """Run ``fn(*args)`` in the background task group; False when there is none (not running)."""

@@ -129,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the time over which --low-speed-limit is measured (0: never; default: 15)")
     m.add_argument("--allow-insecure-redirect", action="store_true",
                    help="follow redirects from https to http (default: refuse them)")
+    m.add_argument("--probe-timeout", type=_positive, default=120.0, metavar="SECONDS",
+                   help="longest time for asking the server about every URL before mounting; URLs not "
+                        "answered by then fail (default: 120)")
 
     u = commands.add_parser("unmount", help="unmount and wait for the daemon to save its state",
                             description="Unmount a rangefs mount; waits until its state is saved.")
@@ -153,6 +156,7 @@ def _mount_options(args: argparse.Namespace) -> MountOptions:
         passthrough=args.passthrough,
         direct_io=args.direct_io,
         tune_system=args.tune_system,
+        probe_timeout=args.probe_timeout,
         cache=CacheConfig(cache_dir, block_size=args.block_size, checkpoint_interval=args.checkpoint_interval,
                           revalidate_interval=args.revalidate_interval),
         origin=OriginConfig(connect_timeout=args.connect_timeout, read_timeout=args.read_timeout,

@@ -42,6 +42,11 @@ class RemoteUnreachable(OriginError):
     """The server could not be reached or stopped answering, after the retries."""
 
 
+class HostUnreachable(RemoteUnreachable):
+    """No connection to the server could be made (refused, timed out, no such host): every URL
+    of that host would fail the same way."""
+
+
 class RemoteChanged(OriginError):
     """The remote file is not the version we know (validator or size changed)."""
 

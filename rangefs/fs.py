@@ -71,6 +71,13 @@ _DROP_STEP = 32 * 1024 * 1024
 _FUSE_NOTIFY_INVAL_INODE = 2
 _NOTIFY_INVAL_INODE = struct.Struct("=IiQQqq")
 
+# Reads waiting this long are checked every as long: has the process that opened the file gone
+# (or been killed)? Then nobody takes their answers, and they are cancelled along with the
+# fetches only they wanted. pyfuse3 passes no FUSE_INTERRUPT on, and the kernel sends no RELEASE
+# while its own reads of the file are unanswered, so this is how a killed reader is noticed.
+_READER_CHECK = 0.5
+_SIGKILL_BIT = 1 << (9 - 1)  # SIGKILL in the pending-signal masks of /proc/PID/status
+
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
@@ -166,6 +173,8 @@ class _Handle:
     run: int = -1  # the reader's sequential run (Readahead.run) that ``dropped`` belongs to
     dropped: int = 0  # the kernel's pages from the run's start to this offset were dropped
     dropping: bool = False  # a drop is under way
+    opener: int = -1  # the process that opened it (-1: not known)
+    reads: dict[trio.CancelScope, float] = field(default_factory=dict)  # reads in progress: when each began
 
 
 @dataclass
@@ -189,15 +198,18 @@ class Filesystem(pyfuse3.Operations):
     enable_acl = False
 
     def __init__(
-        self, tree: Tree, cache: Cache, passthrough: bool = True, direct_io: bool = False, tune_system: bool = False
+        self, tree: Tree, cache: Cache, passthrough: bool = True, direct_io: bool = False,
+        tune_system: bool = False, mountpoint: str = ""
     ) -> None:
         """``passthrough``: let the kernel read complete, checked files from the cache itself
         (needs Linux >= 6.9, root, and the pyfuse3 that scripts/build-pyfuse3 builds).
         ``direct_io``: open files that are not complete in the cache with direct I/O (see open).
-        ``tune_system``: raise fs.pipe-max-size if spliced replies need it (see rangefs.kernel)."""
+        ``tune_system``: raise fs.pipe-max-size if spliced replies need it (see rangefs.kernel).
+        ``mountpoint``: where the tree is mounted, to find processes that have a file open."""
         super().__init__()
         self.tree = tree
         self.cache = cache
+        self.mountpoint = mountpoint
         # Read by pyfuse3 as built by scripts/build-pyfuse3 (ignored by others) during INIT. Only
         # root may name backing files; asking costs a stacking level (no overlayfs on top of us).
         self.enable_passthrough = passthrough and hasattr(pyfuse3, "fuse_fd") and os.geteuid() == 0
@@ -347,7 +359,8 @@ class Filesystem(pyfuse3.Operations):
         # Counted only now, with nothing left to fail: each count is undone by one RELEASE.
         fh = self._next_fh
         self._next_fh += 1
-        self._handles[fh] = _Handle(inode, cached, self.cache.config.readahead(), cached.generation, backing)
+        self._handles[fh] = _Handle(inode, cached, self.cache.config.readahead(), cached.generation, backing,
+                                    opener=_process_of(ctx.pid))
         if backing is not None:
             backing.handles += 1
             cached.passthrough_handles += 1
@@ -411,7 +424,15 @@ class Filesystem(pyfuse3.Operations):
         handle = self._handle(fh)
         # pyfuse3 takes any buffer, and a FileSlice from the one scripts/build-pyfuse3 builds; its
         # stub says bytes. A bytearray spares a copy per read.
-        data = await handle.cached.read(off, size, handle.readahead, handle.generation, slices=self.splice_replies)
+        with trio.CancelScope() as scope:  # cancelled by watch_readers once its reader is gone
+            handle.reads[scope] = trio.current_time()
+            try:
+                data = await handle.cached.read(off, size, handle.readahead, handle.generation,
+                                                slices=self.splice_replies)
+            finally:
+                del handle.reads[scope]
+        if scope.cancelled_caught:
+            raise pyfuse3.FUSEError(errno.EINTR)
         if handle.drop_behind:
             self._drop_behind_reader(handle)
         return cast(bytes, data)
@@ -482,7 +503,46 @@ class Filesystem(pyfuse3.Operations):
             self._cached_handles[inode] -= 1
             if not self._cached_handles[inode]:
                 del self._cached_handles[inode]
-        await handle.cached.release()
+        await handle.cached.release(handle.readahead)
+
+    async def watch_readers(self) -> None:
+        """Cancel the reads of handles whose opening process is gone or killed (see _READER_CHECK)."""
+        while True:
+            await trio.sleep(_READER_CHECK)
+            before = trio.current_time() - _READER_CHECK
+            for handle in list(self._handles.values()):
+                if handle.opener > 0 and any(began <= before for began in handle.reads.values()):
+                    if not _running(handle.opener):
+                        await self._reader_gone(handle, before)
+
+    async def _reader_gone(self, handle: _Handle, before: float) -> None:
+        """The opener of ``handle`` is gone: cancel its waiting reads, unless another process has
+        the file open or mapped (a child may have inherited it): that one is watched instead.
+        The openers of the file's other handles do not count: they read through their own."""
+        path = self._path_of(handle.inode)
+        others = {h.opener for h in self._handles.values() if h.inode == handle.inode and h is not handle}
+        holder = await trio.to_thread.run_sync(_holder, path, others | {handle.opener}) if path else None
+        if holder is not None:
+            log.debug("%s: process %d is gone, process %d has it open", path, handle.opener, holder)
+            handle.opener = holder
+            return
+        waiting = [scope for scope, began in handle.reads.items() if began <= before]
+        log.info("%s: process %d is gone; cancelling %d read(s) it waited for", handle.cached.identity.url,
+                 handle.opener, len(waiting))
+        handle.opener = -1
+        for scope in waiting:
+            scope.cancel()
+
+    def _path_of(self, inode: int) -> str:
+        """The path of a file under the mount point ('' when the mount point is not known)."""
+        if not self.mountpoint:
+            return ""
+        names = []
+        node = self.tree.nodes[inode]
+        while node.inode != pyfuse3.ROOT_INODE:
+            names.append(os.fsdecode(node.name))
+            node = self.tree.nodes[node.parent]
+        return os.path.join(self.mountpoint, *reversed(names))
 
     def _handle(self, fh: int) -> _Handle:
         try:
@@ -543,6 +603,64 @@ def _xattrs(cached: CachedFile) -> dict[bytes, bytes]:
         b"user.rangefs.block_size": str(cached.block_size).encode(),
         b"user.rangefs.passthrough_handles": str(cached.passthrough_handles).encode(),
     }
+
+
+def _process_of(tid: int) -> int:
+    """The process (thread group) a thread belongs to; -1 if it cannot be told.
+
+    The kernel names the thread that made a request; the process outlives that thread.
+    """
+    try:
+        with open(f"/proc/{tid}/status", "rb") as status:
+            for line in status:
+                if line.startswith(b"Tgid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return -1
+
+
+def _holder(path: str, skip: set[int]) -> int | None:
+    """A running process, not one of ``skip``, that has ``path`` open or mapped, if any.
+
+    Reads only /proc (the links name the file without asking us: no request to our own mount).
+    """
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit() and int(entry.name) not in skip and _holds(int(entry.name), path):
+            return int(entry.name)
+    return None
+
+
+def _holds(pid: int, path: str) -> bool:
+    try:
+        for fd in os.scandir(f"/proc/{pid}/fd"):
+            try:
+                if os.readlink(fd.path) == path:
+                    return _running(pid)
+            except OSError:
+                continue  # closed meanwhile
+        with open(f"/proc/{pid}/maps", encoding="utf-8", errors="replace") as maps:
+            if any(line.rstrip("\n").endswith(" " + path) for line in maps):
+                return _running(pid)
+    except OSError:
+        pass  # gone meanwhile, or not ours to read
+    return False
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not exiting (a zombie, or SIGKILL pending: a killed
+    reader can wait in the kernel for our answer before it exits)."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as status:
+            fields = dict(line.split(b":", 1) for line in status if b":" in line)
+    except OSError:
+        return False
+    try:
+        pending = int(fields[b"SigPnd"], 16) | int(fields[b"ShdPnd"], 16)
+        state = fields[b"State"].split()[0]
+    except (KeyError, ValueError, IndexError):
+        return True
+    return state not in (b"Z", b"X") and not pending & _SIGKILL_BIT
 
 
 def _backing_open(path: os.PathLike[str]) -> int:

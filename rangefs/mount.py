@@ -7,6 +7,7 @@ Sits on top of every other module. ``mount()`` returns once the filesystem is mo
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import os
@@ -15,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,12 +26,12 @@ import trio
 
 from rangefs import kernel, safefs
 from rangefs.cache import DEFAULT_BLOCK_SIZE, Cache, CacheConfig
-from rangefs.errors import CacheError, OriginError, RangefsError, UsageError
+from rangefs.errors import CacheError, HostUnreachable, OriginError, RangefsError, UsageError
 from rangefs.fetcher import Fetcher, SplitFetcher
 from rangefs.fetchproc import FetchProcess, HelperConfig
 from rangefs.fs import Filesystem, Tree
 from rangefs.origin import Origin, OriginConfig, RemoteFile
-from rangefs.urllist import Entry, load_url_list
+from rangefs.urllist import Entry, load_url_list, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +39,11 @@ _PROBE_CONCURRENCY = 16
 _FSTYPE = "fuse.rangefs"
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _ABORT_GRACE = 2.0  # seconds reads in flight get to finish after a stop signal before fetches are cancelled
+_DISCONNECT_POLL = 0.5  # seconds between checks whether the kernel ended the mount
 _MAX_REQUESTS = 8  # Range requests in flight per origin, in the daemon and in its helper each
 _MAX_NEAR_BYTES = 1024 * 1024  # fetches up to this size run in the daemon (see SplitFetcher)
 _HELPER_START_TIMEOUT = 60.0  # seconds for the fetch process to import and start
+_PR_SET_PDEATHSIG = 1  # prctl(2)
 _LOG_FORMAT = "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"
 
 
@@ -60,6 +64,7 @@ class MountOptions:
     direct_io: bool = False  # files not complete in the cache are opened with direct I/O
     startup_timeout: float = 300.0
     tune_system: bool = False  # may change system-wide settings for speed (see rangefs.kernel)
+    probe_timeout: float = 120.0  # the whole probe phase, so that a mount's start-up stays bounded
     cache: CacheConfig = field(default_factory=lambda: CacheConfig(Path(".")))
     origin: OriginConfig = field(default_factory=OriginConfig)
 
@@ -168,9 +173,15 @@ class _PipeReporter:
         self._send(f"W {message}")
 
     def ready(self) -> None:
-        self._send("R")
-        os.close(self.fd)
-        self.fd = -1
+        # The daemon outlives the mount command from here on; told afterwards, it would die with it.
+        _die_with_parent(False)
+        try:
+            self._send("R")
+        except OSError:
+            raise RangefsError("the mount command went away before the mount was ready") from None
+        finally:
+            os.close(self.fd)
+            self.fd = -1
 
     def fail(self, message: str) -> None:
         self._send(f"E {message}")
@@ -182,16 +193,22 @@ class _PipeReporter:
 
 def _daemonize(opts: MountOptions, entries: list[Entry]) -> None:
     read_fd, write_fd = os.pipe()
+    parent = os.getpid()
     pid = os.fork()
     if pid == 0:
         os.close(read_fd)
-        _run_daemon(opts, entries, write_fd)
+        _run_daemon(opts, entries, write_fd, parent)
     os.close(write_fd)
     _await_daemon(pid, read_fd, opts)
 
 
-def _run_daemon(opts: MountOptions, entries: list[Entry], write_fd: int) -> None:
+def _run_daemon(opts: MountOptions, entries: list[Entry], write_fd: int, parent: int) -> None:
     """The daemon: detach, serve until unmounted, exit. Never returns."""
+    # Until it is ready, the daemon works for the mount command: if that dies (killed, or gave
+    # up waiting), the daemon must not go on probing with nobody to mount for.
+    _die_with_parent(True)
+    if os.getppid() != parent:  # it died before we asked
+        os._exit(1)
     os.setsid()
     os.chdir("/")  # do not keep the caller's directory busy
     kernel.tune_malloc()
@@ -211,6 +228,15 @@ def _run_daemon(opts: MountOptions, entries: list[Entry], write_fd: int) -> None
         code = 1
     logging.shutdown()
     os._exit(code)
+
+
+def _die_with_parent(die: bool) -> None:
+    """Have the kernel send SIGTERM when the parent process dies (or no longer)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM if die else 0)
+    except (OSError, AttributeError):
+        pass  # then a dead mount command is noticed at the ready message only
 
 
 def _await_daemon(pid: int, read_fd: int, opts: MountOptions) -> None:
@@ -271,29 +297,70 @@ def _setup_logging(opts: MountOptions) -> None:
 async def _probe_all(
     origin: Origin, entries: list[Entry], opts: MountOptions, warn: Callable[[str], None]
 ) -> list[tuple[Entry, RemoteFile]]:
-    """Probe every URL, at most _PROBE_CONCURRENCY at once; unusable ones fail the mount or are skipped."""
+    """Probe every URL, at most _PROBE_CONCURRENCY at once; unusable ones fail the mount or are skipped.
+
+    A host that takes no connection fails all its URLs with the one reason, found out once: each
+    host's first URL is probed before the others, and a host found down fails its URLs not yet
+    probed at once. The whole phase ends after ``opts.probe_timeout``; URLs not probed by then fail.
+    """
     results: dict[int, RemoteFile | OriginError] = {}
     limiter = trio.CapacityLimiter(_PROBE_CONCURRENCY)
+    hosts: dict[str, _HostProbes] = {}
 
-    async def probe(index: int, entry: Entry) -> None:
+    async def probe(index: int, entry: Entry, host: _HostProbes, first: bool) -> None:
+        if not first:
+            await host.scouted.wait()
         async with limiter:
+            if host.down is not None:
+                results[index] = HostUnreachable(f"{redact_url(entry.url)}: not probed: {host.down}")
+                return
             try:
                 results[index] = await origin.probe(entry.url)
+            except HostUnreachable as exc:
+                results[index] = exc
+                host.down = host.down or f"its host takes no connection (line {entry.line})"
             except OriginError as exc:
                 results[index] = exc
+            finally:
+                if first:
+                    host.scouted.set()
 
-    async with trio.open_nursery() as nursery:
-        for index, entry in enumerate(entries):
-            nursery.start_soon(probe, index, entry)
+    with trio.move_on_after(opts.probe_timeout):
+        async with trio.open_nursery() as nursery:
+            for index, entry in enumerate(entries):
+                key = _host_of(entry.url)
+                first = key not in hosts  # the host's first URL in the list goes first
+                host = hosts.setdefault(key, _HostProbes())
+                nursery.start_soon(probe, index, entry, host, first)
     found: list[tuple[Entry, RemoteFile]] = []
     failures: list[str] = []
     for index, entry in enumerate(entries):
-        result = results[index]
+        result = results.get(index)
         if isinstance(result, RemoteFile):
             found.append((entry, result))
+        elif result is None:
+            failures.append(f"{opts.url_list} line {entry.line}: {redact_url(entry.url)}: not probed within "
+                            f"{opts.probe_timeout:g}s (--probe-timeout)")
         else:
             failures.append(f"{opts.url_list} line {entry.line}: {result}")
     return _settle_failures(found, failures, opts, warn)
+
+
+@dataclass
+class _HostProbes:
+    """The probe phase's knowledge of one host (scheme, name and port)."""
+
+    scouted: trio.Event = field(default_factory=trio.Event)  # the probe of its first URL has ended
+    down: str | None = None  # why it takes no connection, once found out
+
+
+def _host_of(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    return f"{parts.scheme}://{parts.hostname}:{port}"
 
 
 def _settle_failures(
@@ -356,11 +423,13 @@ async def _serve_files(
         return entry.option("grow") == "yes" or (opts.growing and entry.option("grow") != "no")
 
     tree = Tree.build([(entry, cache.file(entry.url, remote, growing(entry))) for entry, remote in files])
-    fs = Filesystem(tree, cache, passthrough=opts.passthrough, direct_io=opts.direct_io, tune_system=opts.tune_system)
-    _mount_fuse(fs, opts)
-    # From here on the mount exists: every path out goes through the finally clauses.
-    # Stop signals stay caught until the very end, so a second Ctrl-C cannot cut the shutdown short.
+    fs = Filesystem(tree, cache, passthrough=opts.passthrough, direct_io=opts.direct_io,
+                    tune_system=opts.tune_system, mountpoint=str(opts.mountpoint))
+    # Stop signals stay caught until the very end, so a second Ctrl-C cannot cut the shutdown short;
+    # caught from before the mount, so that one sent as it is made (the mount command dying) unmounts.
     with trio.open_signal_receiver(*_STOP_SIGNALS) as signals:
+        _mount_fuse(fs, opts)
+        # From here on the mount exists: every path out goes through the finally clauses.
         unmount_ourselves = True
         try:
             reporter.ready()
@@ -411,9 +480,35 @@ async def _run_until_unmounted(fs: Filesystem, mountpoint: Path, signals: AsyncI
         await nursery.start(fs.cache.run)
         nursery.start_soon(watch_signals, nursery)
         nursery.start_soon(_tune_kernel, fs, mountpoint)
+        nursery.start_soon(_abort_when_disconnected, fs, mountpoint)
+        nursery.start_soon(fs.watch_readers)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
     return stopped_by_signal
+
+
+async def _abort_when_disconnected(fs: Filesystem, mountpoint: Path) -> None:
+    """Cancel every fetch once the kernel has ended the mount (an unmount, or an abort through fusectl).
+
+    The kernel then fails every request in flight itself, so nobody waits for their answers; but
+    pyfuse3.main returns only once each handler has returned, and a read waiting on a stuck
+    server would hold the daemon for minutes of retries.
+    """
+    while not _disconnected(mountpoint):
+        await trio.sleep(_DISCONNECT_POLL)
+    log.info("the kernel ended the mount; cancelling the fetches in flight")
+    fs.cache.abort()
+
+
+def _disconnected(mountpoint: Path) -> bool:
+    """Whether the kernel has ended our FUSE connection (the mount table is the fallback: a lazy
+    unmount leaves open files served, and only our /dev/fuse descriptor tells when they are done)."""
+    fd = pyfuse3.fuse_fd() if hasattr(pyfuse3, "fuse_fd") else -1
+    if fd < 0:
+        return kernel.find_mount(mountpoint) is None
+    poller = select.poll()
+    poller.register(fd, 0)  # POLLERR is always reported: /dev/fuse says so once the connection is gone
+    return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
 
 
 async def _tune_kernel(fs: Filesystem, mountpoint: Path) -> None:

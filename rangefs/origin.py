@@ -36,6 +36,7 @@ import trio
 
 from rangefs.errors import (
     BadResponse,
+    HostUnreachable,
     OriginError,
     RangesIgnored,
     RemoteChanged,
@@ -139,6 +140,7 @@ class _Retry(Exception):
         super().__init__(reason)
         self.delay = delay
         self.counts = counts
+        self.no_connection = False  # no connection could be made: the host, not this URL, fails
 
 
 class _InsecureRedirect(Exception):
@@ -425,6 +427,7 @@ class Origin:
                 if refused is not None:  # another attempt would meet the same certificate
                     raise BadResponse(f"{redact_url(url)}: {refused}") from None
                 error: _Retry = _Retry(_describe(exc))
+                error.no_connection = isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout))
             except _Retry as exc:
                 error = exc
             except httpx.HTTPError as exc:
@@ -435,11 +438,12 @@ class Origin:
             failures += 1
             if failures == 1:
                 since = time.monotonic()  # the retry time counts from the first failure without progress
+            unreachable = HostUnreachable if error.no_connection else RemoteUnreachable
             if failures > self.config.retries:
-                raise RemoteUnreachable(f"{redact_url(url)}: {error} (gave up after {failures} attempts)")
+                raise unreachable(f"{redact_url(url)}: {error} (gave up after {failures} attempts)")
             delay = error.delay if error.delay is not None else self._backoff(failures)
             if time.monotonic() + delay - since > self.config.retry_time:
-                raise RemoteUnreachable(
+                raise unreachable(
                     f"{redact_url(url)}: {error} (gave up: retrying would pass {self.config.retry_time:g}s)"
                 )
             log.info("%s: %s; retry %d in %.2fs", redact_url(url), error, failures, delay)

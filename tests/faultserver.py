@@ -15,6 +15,7 @@ import gzip
 import hashlib
 import http.client
 import re
+import select
 import socket
 import threading
 import time
@@ -95,6 +96,8 @@ class Faults:
     next_data: bytes | None = None
     chunked: bool = False  # Transfer-Encoding: chunked instead of Content-Length
     require_auth: str | None = None  # 401 to a request without exactly this Authorization header
+    hang_from: int | None = None  # GETs from this offset on (of a range that starts there or
+    # later; 0: every GET) are never answered; the request's closed_at tells when the client gave up
 
 
 @dataclass
@@ -119,6 +122,7 @@ class RequestRecord:
     connection: int  # serial number of the TCP connection, to see keep-alive reuse
     status: int = 0
     body_bytes_sent: int = 0  # payload bytes written (not chunk framing), extra garbage included
+    closed_at: float | None = None  # hang: time.monotonic() when the client closed the connection
 
     def header(self, name: str) -> str | None:
         """The value of a request header, looked up case-insensitively."""
@@ -343,6 +347,10 @@ class FaultServer:
             return self._send_empty(conn, record, 401, {"WWW-Authenticate": 'Basic realm="faultserver"'})
         if faults.redirect is not None:
             return self._send_empty(conn, record, faults.redirect[0], {"Location": faults.redirect[1]})
+        if record.method == "GET" and faults.hang_from is not None and _start(record, data) >= faults.hang_from:
+            _wait_for_close(conn)
+            record.closed_at = time.monotonic()
+            return False
         if record.method == "HEAD" and faults.refuse_head:
             return self._send_empty(conn, record, faults.head_status, {})
         if record.method not in ("GET", "HEAD"):
@@ -465,6 +473,26 @@ def _if_range_holds(record: RequestRecord, etag: str | None, last_modified: str 
         return email.utils.parsedate_to_datetime(value) == email.utils.parsedate_to_datetime(last_modified)
     except (TypeError, ValueError):
         return False
+
+
+def _start(record: RequestRecord, data: bytes) -> int:
+    """The first byte a GET asks for."""
+    wanted = _parse_range(record.range, len(data))
+    return 0 if wanted is None else wanted[0]
+
+
+def _wait_for_close(conn: _Conn) -> None:
+    """Answer nothing until the client closes the connection (or it is dropped)."""
+    while True:
+        readable, _, _ = select.select([conn.sock], [], [], 0.1)
+        if conn.dropped.is_set():
+            raise _Dropped
+        if readable:
+            try:
+                if not conn.sock.recv(65536):
+                    return
+            except OSError:  # reset: closed too
+                return
 
 
 def _send_head(conn: _Conn, status: int, headers: dict[str, str]) -> None:

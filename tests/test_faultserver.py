@@ -376,3 +376,22 @@ def test_client_hanging_up_mid_body_leaves_the_server_serving(server: FaultServe
 
 def test_garbage_request_gets_400(server: FaultServer) -> None:
     assert raw(server, "NONSENSE\r\n\r\n").startswith(b"HTTP/1.1 400 ")
+
+
+def test_hang_from_leaves_gets_of_later_ranges_unanswered_and_records_the_close(server: FaultServer) -> None:
+    server.put("/f", DATA, hang_from=1000)
+    resp, body = fetch(server, headers={"Range": "bytes=0-99"})
+    assert resp.status == 206 and body == DATA[:100]
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+    sock.sendall(b"GET /f HTTP/1.1\r\nHost: x\r\nRange: bytes=1000-1099\r\n\r\n")
+    sock.settimeout(0.5)
+    with pytest.raises(TimeoutError):
+        sock.recv(1)  # no answer
+    assert server.requests[-1].closed_at is None
+    closed = time.monotonic()
+    sock.close()
+    deadline = time.monotonic() + 5
+    while server.requests[-1].closed_at is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert (server.requests[-1].closed_at or 0) >= closed
+    assert server.requests[0].closed_at is None and server.requests[-1].status == 0

@@ -212,14 +212,22 @@ def test_a_closed_handles_prefetches_are_cancelled_while_another_handle_stays_op
                 "with open(sys.argv[1], 'rb', buffering=0) as f:\n"
                 "    for _ in range(16):\n"
                 "        f.read(65536)\n"
+                "    print('read', flush=True)\n"
+                "    sys.stdin.readline()\n"  # the file stays open until the test says so
                 "print('closed', flush=True)\n"
                 "sys.stdin.read()\n")  # alive, file closed, until the test ends
         reader = subprocess.Popen([sys.executable, "-c", code, str(m.path / "stuck.bin")], stdin=subprocess.PIPE,
                                   stdout=subprocess.PIPE)
         try:
-            assert reader.stdout is not None and reader.stdout.readline() == b"closed\n"
+            assert reader.stdout is not None and reader.stdout.readline() == b"read\n"
+            # The prefetches are in the background: let them reach the hanging part before the close.
+            assert wait_until(lambda: bool(hung(server, "/stuck.bin")), timeout=10), \
+                "the reader's prefetches did not reach the hanging part"
+            assert reader.stdin is not None
+            reader.stdin.write(b"\n")
+            reader.stdin.flush()
+            assert reader.stdout.readline() == b"closed\n"
             closed = time.monotonic()
-            assert hung(server, "/stuck.bin"), "the reader's prefetches did not reach the hanging part"
             assert all_closed_within(server, "/stuck.bin", 5), "a closed handle's prefetch goes on"
             print(f"prefetches given up {max(r.closed_at or 0 for r in hung(server, '/stuck.bin')) - closed:.2f}s "
                   "after the close")

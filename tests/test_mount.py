@@ -460,7 +460,9 @@ def test_every_way_of_stopping_unmounts_cleanly_and_saves_state(mounts: Mounts, 
         try:
             os.close(fd)
         except OSError as exc:  # after a signal the mount is gone: the kernel cannot flush
-            assert how.startswith("SIG") and exc.errno == errno.ENOTCONN
+            # ECONNABORTED when the flush was queued before the daemon's last thread closed /dev/fuse
+            # (its main thread shows as a zombie while the others still exit).
+            assert how.startswith("SIG") and exc.errno in (errno.ENOTCONN, errno.ECONNABORTED)
     if how == "rangefs unmount":
         done = m.unmount()
         assert done.returncode == 0, done.stderr

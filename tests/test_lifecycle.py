@@ -21,7 +21,7 @@ from rangefs.cache import Cache, CacheConfig
 from rangefs.fetcher import BlockRun, Fetcher, WrittenSink, block_sum
 from rangefs.origin import Origin, RemoteFile
 
-from util import RANGEFS, Mounts, Server, alive, children, fstype, run_rangefs, seeded_bytes, wait_until
+from util import RANGEFS, Mount, Mounts, Server, alive, children, fstype, run_rangefs, seeded_bytes, wait_until
 
 MiB = 1 << 20
 BLOCK = 64 * 1024
@@ -264,11 +264,24 @@ def test_a_fetch_another_reader_waits_for_goes_on_when_the_first_is_killed(
                 kill_reader(reader)
 
 
+@pytest.mark.parametrize("spelled", ["plain", "with-dot-dot"])
 def test_a_read_through_an_inherited_descriptor_goes_on_when_the_opener_exits(
-    mounts: Mounts, server: FaultServer
+    mounts: Mounts, server: FaultServer, spelled: str
 ) -> None:
+    """Also with the mount point named through '..': the kernel names open files by their
+    canonical path, which is what rangefs must look for."""
     server.put("/stuck.bin", seeded_bytes(16 * MiB, seed=67), hang_from=4 * MiB)
-    m = mounts.mount([server.url("/stuck.bin")])
+    if spelled == "plain":
+        m = mounts.mount([server.url("/stuck.bin")])
+    else:
+        m = Mount(mounts.tmp / "mnt", mounts.tmp / "cache", mounts.write_list([server.url("/stuck.bin")]))
+        m.path.mkdir()
+        (mounts.tmp / "sub").mkdir()
+        mounts.made.append(m)
+        result = run_rangefs("mount", m.url_list, mounts.tmp / "sub" / ".." / "mnt", "--cache-dir", m.cache_dir)
+        assert result.returncode == 0 and m.mounted(), result.stderr
+        mounts.pids.add(m.pid())
+        mounts.pids.update(children(m.pid()))
     # The opener starts a child that reads through the descriptor it inherits, then exits.
     code = ("import os, subprocess, sys\n"
             "fd = os.open(sys.argv[1], os.O_RDONLY)\n"

@@ -771,19 +771,25 @@ class CachedFile:
             self._unwanted(flight)
 
     async def _wait_for(self, flights: set[_Flight], blocks: list[int]) -> None:
-        """Wait for other readers' fetches of ``blocks``; re-raise their errors, not abandonment."""
+        """Wait for other readers' fetches of ``blocks``; re-raise their errors, not abandonment.
+
+        This read wants each of ``flights`` until it is done with all of them, so that a fetch
+        only it still wants goes on between the blocks it waits for."""
         for flight in flights:
-            for block in blocks:
-                if block in flight.blocks and block not in self._bitmap():
-                    flight.readers += 1
-                    try:
+            flight.readers += 1
+        try:
+            for flight in flights:
+                for block in blocks:
+                    if block in flight.blocks and block not in self._bitmap():
                         await flight.arrival(block)
-                    finally:
-                        flight.readers -= 1
-                        self._unwanted(flight)
-                    if block not in self._bitmap() and not isinstance(flight.error, (FetchInterrupted, RangesIgnored,
-                                                                                       type(None))):
-                        raise flight.error
+                        if block not in self._bitmap() and not isinstance(
+                            flight.error, (FetchInterrupted, RangesIgnored, type(None))
+                        ):
+                            raise flight.error
+        finally:
+            for flight in flights:
+                flight.readers -= 1
+                self._unwanted(flight)
 
     async def _fetch(self, flight: _Flight) -> None:
         """Fetch a claimed run; never raises (errors go to the flight's waiters), but Cancelled."""

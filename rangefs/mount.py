@@ -423,8 +423,10 @@ async def _serve_files(
         return entry.option("grow") == "yes" or (opts.growing and entry.option("grow") != "no")
 
     tree = Tree.build([(entry, cache.file(entry.url, remote, growing(entry))) for entry, remote in files])
+    # The canonical path (no '..', no links), as /proc names the files open under the mount;
+    # resolved before mounting, so that it looks at the directory beneath, never at our own mount.
     fs = Filesystem(tree, cache, passthrough=opts.passthrough, direct_io=opts.direct_io,
-                    tune_system=opts.tune_system, mountpoint=str(opts.mountpoint))
+                    tune_system=opts.tune_system, mountpoint=os.path.realpath(opts.mountpoint))
     # Stop signals stay caught until the very end, so a second Ctrl-C cannot cut the shutdown short;
     # caught from before the mount, so that one sent as it is made (the mount command dying) unmounts.
     with trio.open_signal_receiver(*_STOP_SIGNALS) as signals:

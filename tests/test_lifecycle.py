@@ -13,14 +13,15 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 from fakeorigin import FakeOrigin
 from faultserver import FaultServer, RequestRecord
 
 from rangefs.cache import Cache, CacheConfig
-from rangefs.fetcher import Fetcher
-from rangefs.origin import Origin
+from rangefs.fetcher import BlockRun, Fetcher, WrittenSink, block_sum
+from rangefs.origin import Origin, RemoteFile
 
-from util import RANGEFS, Mounts, Server, alive, children, fstype, run_rangefs, seeded_bytes, wait_until
+from util import RANGEFS, Mount, Mounts, Server, alive, children, fstype, run_rangefs, seeded_bytes, wait_until
 
 MiB = 1 << 20
 BLOCK = 64 * 1024
@@ -263,11 +264,24 @@ def test_a_fetch_another_reader_waits_for_goes_on_when_the_first_is_killed(
                 kill_reader(reader)
 
 
+@pytest.mark.parametrize("spelled", ["plain", "with-dot-dot"])
 def test_a_read_through_an_inherited_descriptor_goes_on_when_the_opener_exits(
-    mounts: Mounts, server: FaultServer
+    mounts: Mounts, server: FaultServer, spelled: str
 ) -> None:
+    """Also with the mount point named through '..': the kernel names open files by their
+    canonical path, which is what rangefs must look for."""
     server.put("/stuck.bin", seeded_bytes(16 * MiB, seed=67), hang_from=4 * MiB)
-    m = mounts.mount([server.url("/stuck.bin")])
+    if spelled == "plain":
+        m = mounts.mount([server.url("/stuck.bin")])
+    else:
+        m = Mount(mounts.tmp / "mnt", mounts.tmp / "cache", mounts.write_list([server.url("/stuck.bin")]))
+        m.path.mkdir()
+        (mounts.tmp / "sub").mkdir()
+        mounts.made.append(m)
+        result = run_rangefs("mount", m.url_list, mounts.tmp / "sub" / ".." / "mnt", "--cache-dir", m.cache_dir)
+        assert result.returncode == 0 and m.mounted(), result.stderr
+        mounts.pids.add(m.pid())
+        mounts.pids.update(children(m.pid()))
     # The opener starts a child that reads through the descriptor it inherits, then exits.
     code = ("import os, subprocess, sys\n"
             "fd = os.open(sys.argv[1], os.O_RDONLY)\n"
@@ -319,6 +333,75 @@ def test_a_fetch_is_cancelled_when_the_last_read_waiting_for_it_is(tmp_path: Pat
                 assert flight.scope.cancel_called and not cached._inflight
                 await cached.release()
                 nursery.cancel_scope.cancel()
+
+    trio.run(run)
+
+
+class _GatedFetcher:
+    """Fetches blocks one at a time, each once its gate opens; counts the fetches cancelled."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.gates = [trio.Event() for _ in range(-(-len(data) // BLOCK))]
+        self.runs: list[tuple[int, int]] = []
+        self.cancelled = 0
+
+    async def fetch_into(self, remote: RemoteFile, run: BlockRun, path: Path, fd: int,
+                         on_written: WrittenSink) -> None:
+        self.runs.append((run.first, run.stop))
+        try:
+            for block in range(run.first, run.stop):
+                await self.gates[block].wait()
+                piece = self.data[block * BLOCK : (block + 1) * BLOCK]
+                os.pwrite(fd, piece, block * BLOCK)
+                await on_written(block, block + 1, [block_sum(piece)])
+        except trio.Cancelled:
+            self.cancelled += 1
+            raise
+
+
+def test_a_reader_waiting_for_several_blocks_of_anothers_fetch_keeps_it_wanted_until_the_last(
+    tmp_path: Path,
+) -> None:
+    """Once the reader that started a fetch is gone, a read waiting for several of its blocks
+    wants it until its last block comes, not only until its first one."""
+    data = seeded_bytes(8 * BLOCK, seed=71)
+    fetcher = _GatedFetcher(data)
+
+    async def run() -> None:
+        Cache.prepare(tmp_path)
+        cache = Cache(CacheConfig(tmp_path, block_size=BLOCK), fetcher)  # type: ignore[arg-type]
+        cached = cache.file("http://origin.test/f.bin", RemoteFile("http://origin.test/f.bin", len(data), '"v1"', None))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(cache.run)
+            await cached.acquire()
+            first = trio.CancelScope()
+            got: list[bytes] = []
+
+            async def claimer() -> None:
+                with first:
+                    await cached.read(0, 4 * BLOCK)
+
+            async def waiter() -> None:
+                got.append(bytes(await cached.read(BLOCK, 3 * BLOCK)))
+
+            nursery.start_soon(claimer)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(waiter)
+            await trio.testing.wait_all_tasks_blocked()
+            first.cancel()  # its reader is gone; the waiter still wants blocks 1..3
+            await trio.testing.wait_all_tasks_blocked()
+            for block in range(4):
+                fetcher.gates[block].set()
+                await trio.testing.wait_all_tasks_blocked()
+            with trio.fail_after(5):
+                while not got:
+                    await trio.sleep(0.01)
+            assert got == [data[BLOCK : 4 * BLOCK]]
+            assert fetcher.cancelled == 0, "a fetch a read still waited for was cancelled at its first block"
+            assert fetcher.runs == [(0, 4)]
+            await cached.release()
+            nursery.cancel_scope.cancel()
 
     trio.run(run)
 

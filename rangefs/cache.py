@@ -1,13 +1,15 @@
 """The block cache: per URL a sparse data file and a persisted bitmap; single-flight fetches.
 
-Imports rangefs.fetcher, origin, state and bitmap; never pyfuse3. Concurrency rules (one trio
-thread; blocking disk I/O goes to worker threads):
+Imports rangefs.fetcher, origin, state, checksums, bitmap, safefs (every file it opens goes
+through it) and kernel; never pyfuse3. Concurrency rules (one trio thread; blocking disk I/O
+goes to worker threads):
 
 - A block's bit is set only after its data is written to the data file.
 - A saved bitmap never claims a block whose sum is not written before it: a save (``save``,
-  every few MiB or a fraction of a second of progress) writes the new sums, then replaces the
-  state file atomically, without waiting for the data to reach the disk. A block claimed but
-  lost to a power cut fails its check before first use (``_verify``) and is fetched again.
+  every few MiB or a fraction of a second of progress) writes the new sums, then the state, in
+  place, into the slot that does not hold the newest save (rangefs.state), without waiting for
+  the data to reach the disk. A block claimed but lost to a power cut fails its check before
+  first use (``_verify``) and is fetched again.
 - A checkpoint (``checkpoint``, every ``checkpoint_interval``) also flushes: it snapshots the
   bitmap, fdatasyncs the data file, then saves a state marked synced when nothing was added
   meanwhile; only flushed blocks count as ``_persisted`` (what passthrough may rely on).
@@ -50,11 +52,10 @@ from rangefs.urllist import redact_url
 
 log = logging.getLogger(__name__)
 
-# 64 KiB, chosen with `make bench` and a sweep of 100 cold random 4 KiB preads through the mount
-# (p50: 64 KiB 2.8 ms, 128 KiB 3.3 ms, 256 KiB 4.4 ms; the server reads and sends less per
-# miss). A random read or `tail -c 1000` fetches one small block, while sequential reads are
-# unaffected: their request size is set separately (max_request_bytes). The bitmap of a 1 TiB
-# file is 2 MiB.
+# 64 KiB, chosen with `make bench` and a sweep of cold random 4 KiB preads through the mount
+# (docs/performance.md): the server reads and sends less per miss. A random read or
+# `tail -c 1000` fetches one small block, while sequential reads are unaffected: their request
+# size is set separately (max_request_bytes).
 DEFAULT_BLOCK_SIZE = 64 * 1024
 
 

@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.parse
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +29,7 @@ from rangefs.errors import CacheError, HostUnreachable, OriginError, RangefsErro
 from rangefs.fetcher import Fetcher, SplitFetcher
 from rangefs.fetchproc import FetchProcess, HelperConfig
 from rangefs.fs import Filesystem, Tree
-from rangefs.origin import Origin, OriginConfig, RemoteFile
+from rangefs.origin import Origin, OriginConfig, RemoteFile, origin_of
 from rangefs.urllist import Entry, load_url_list, redact_url
 
 log = logging.getLogger(__name__)
@@ -328,7 +327,7 @@ async def _probe_all(
     with trio.move_on_after(opts.probe_timeout):
         async with trio.open_nursery() as nursery:
             for index, entry in enumerate(entries):
-                key = _host_of(entry.url)
+                key = origin_of(entry.url)
                 first = key not in hosts  # the host's first URL in the list goes first
                 host = hosts.setdefault(key, _HostProbes())
                 nursery.start_soon(probe, index, entry, host, first)
@@ -352,15 +351,6 @@ class _HostProbes:
 
     scouted: trio.Event = field(default_factory=trio.Event)  # the probe of its first URL has ended
     down: str | None = None  # why it takes no connection, once found out
-
-
-def _host_of(url: str) -> str:
-    parts = urllib.parse.urlsplit(url)
-    try:
-        port = parts.port
-    except ValueError:
-        port = None
-    return f"{parts.scheme}://{parts.hostname}:{port}"
 
 
 def _settle_failures(

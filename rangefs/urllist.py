@@ -128,7 +128,7 @@ def redact_url(url: str) -> str:
     head = _AUTHORITY.sub(_redact_userinfo, head, count=1)
     if question_mark:
         query = "".join(_redact_parameter(part) for part in _QUERY_SEP.split(query))
-    return head + question_mark + query + hash_mark + fragment
+    return head + question_mark + query + hash_mark + ("***" if fragment else "")
 
 
 def _redact_userinfo(match: re.Match[str]) -> str:
@@ -140,9 +140,12 @@ def _redact_userinfo(match: re.Match[str]) -> str:
 
 
 def _redact_parameter(parameter: str) -> str:
-    """Replace the value of one ``name=value`` query parameter; a bare name is kept."""
+    """Replace the value of one ``name=value`` query parameter; a bare part may itself be a
+    secret (``?TOKEN``), so it goes too. Separators and empty parts stay, to keep the shape."""
     name, equals, _ = parameter.partition("=")
-    return f"{name}=***" if equals else parameter
+    if equals:
+        return f"{name}=***"
+    return parameter if parameter in ("", "&", ";") else "***"
 
 
 def _parse_line(line: str, number: int) -> Entry:

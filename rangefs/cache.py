@@ -373,6 +373,7 @@ class CachedFile:
             RemoteChanged: it changed, but passthrough handles still read the data file, so the
                 cache stays on the old version until they close (``stale`` makes opens ask again).
             OriginError: the server could not be asked (the cached version stays).
+            CacheError: unmounting (the probe is cancelled, see Cache.network).
         """
         due = self._validated + self.cache.config.revalidate_interval
         if not (force or self.stale or time.monotonic() >= due) or self.cache.probe is None:

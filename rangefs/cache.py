@@ -33,6 +33,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import trio
 
@@ -57,6 +58,8 @@ log = logging.getLogger(__name__)
 # `tail -c 1000` fetches one small block, while sequential reads are unaffected: their request
 # size is set separately (max_request_bytes).
 DEFAULT_BLOCK_SIZE = 64 * 1024
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -371,11 +374,12 @@ class CachedFile:
             RemoteChanged: it changed, but passthrough handles still read the data file, so the
                 cache stays on the old version until they close (``stale`` makes opens ask again).
             OriginError: the server could not be asked (the cached version stays).
+            CacheError: unmounting (the probe is cancelled, see Cache.network).
         """
         due = self._validated + self.cache.config.revalidate_interval
         if not (force or self.stale or time.monotonic() >= due) or self.cache.probe is None:
             return False
-        remote = await self.cache.probe(self.url)
+        remote = await self.cache.network(self.identity.url, self.cache.probe, self.url)
         self._validated = time.monotonic()
         if self._same_version(remote):
             self.stale = False
@@ -427,7 +431,8 @@ class CachedFile:
                 and old.block_size == self.block_size and old.size < self.size):
             start = check * self.block_size
             try:
-                fresh = await self.cache.direct(self.remote, start, start + self.block_size)
+                fresh = await self.cache.network(self.identity.url, self.cache.direct, self.remote, start,
+                                                 start + self.block_size)
                 cached = await trio.to_thread.run_sync(os.pread, self._fd, self.block_size, start)
             except (RangefsError, OSError) as exc:
                 log.info("%s: cannot check the cached prefix (%s)", self.identity.url, exc)
@@ -602,7 +607,7 @@ class CachedFile:
     async def _read_uncached(self, offset: int, end: int, generation: int) -> bytes:
         assert self.cache.direct is not None
         try:
-            data = await self.cache.direct(self.remote, offset, end)
+            data = await self.cache.network(self.identity.url, self.cache.direct, self.remote, offset, end)
         except RemoteChanged:
             self._changed()
             raise
@@ -1165,6 +1170,7 @@ class Cache:
         self._save_due = trio.Event()  # set by the first write since the last save round
         self._unsaved: set[CachedFile] = set()  # files with writes their state file does not claim yet
         self._nursery: trio.Nursery | None = None
+        self._calls: set[trio.CancelScope] = set()  # network calls in progress besides the fetches (see network)
         self.closing = False
 
     @staticmethod
@@ -1194,10 +1200,29 @@ class Cache:
         return iter(self._files.values())
 
     def abort(self) -> None:
-        """Unmounting: fail reads that still need the network and cancel every fetch."""
+        """Unmounting: fail reads that still need the network and cancel every fetch and network call."""
         self.closing = True
         for cached in self._files.values():
             cached.abort_fetches()
+        for scope in self._calls:
+            scope.cancel()
+
+    async def network(self, name: str, call: Callable[..., Awaitable[_T]], *args: object) -> _T:
+        """``await call(*args)``: a request of the cache that is not a fetch (a probe, a read past
+        the cache), cancelled by ``abort``. The unmount waits for every request handler to
+        return, and against a stuck server such a call retries for minutes.
+
+        Raises:
+            CacheError: unmounting (``name``: the file it was for).
+        """
+        if not self.closing:
+            with trio.CancelScope() as scope:
+                self._calls.add(scope)
+                try:
+                    return await call(*args)
+                finally:
+                    self._calls.discard(scope)
+        raise CacheError(f"{name}: unmounting")
 
     def dirtied(self, cached: CachedFile) -> None:
         """A file has progress to save: a save comes ``SAVE_DELAY`` seconds later, a checkpoint

@@ -98,6 +98,7 @@ class Faults:
     require_auth: str | None = None  # 401 to a request without exactly this Authorization header
     hang_from: int | None = None  # GETs from this offset on (of a range that starts there or
     # later; 0: every GET) are never answered; the request's closed_at tells when the client gave up
+    hang_head: bool = False  # HEADs are never answered, as with hang_from
 
 
 @dataclass
@@ -347,7 +348,7 @@ class FaultServer:
             return self._send_empty(conn, record, 401, {"WWW-Authenticate": 'Basic realm="faultserver"'})
         if faults.redirect is not None:
             return self._send_empty(conn, record, faults.redirect[0], {"Location": faults.redirect[1]})
-        if record.method == "GET" and faults.hang_from is not None and _start(record, data) >= faults.hang_from:
+        if _hangs(record, data, faults):
             _wait_for_close(conn)
             record.closed_at = time.monotonic()
             return False
@@ -473,6 +474,13 @@ def _if_range_holds(record: RequestRecord, etag: str | None, last_modified: str 
         return email.utils.parsedate_to_datetime(value) == email.utils.parsedate_to_datetime(last_modified)
     except (TypeError, ValueError):
         return False
+
+
+def _hangs(record: RequestRecord, data: bytes, faults: Faults) -> bool:
+    """Whether the request is one the faults leave unanswered (hang_from, hang_head)."""
+    if record.method == "HEAD":
+        return faults.hang_head
+    return record.method == "GET" and faults.hang_from is not None and _start(record, data) >= faults.hang_from
 
 
 def _start(record: RequestRecord, data: bytes) -> int:

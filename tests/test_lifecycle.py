@@ -3,6 +3,7 @@ mount command that dies, readers that go away while their reads wait on the netw
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import socket
@@ -17,7 +18,8 @@ import trio.testing
 from fakeorigin import FakeOrigin
 from faultserver import FaultServer, RequestRecord
 
-from rangefs.cache import Cache, CacheConfig
+from rangefs import state
+from rangefs.cache import Cache, CacheConfig, cache_key
 from rangefs.fetcher import BlockRun, Fetcher, WrittenSink, block_sum
 from rangefs.origin import Origin, RemoteFile
 
@@ -141,6 +143,43 @@ def test_unmount_is_quick_whatever_fetch_is_stuck(mounts: Mounts, server: FaultS
     print(f"{how}: daemon gone {took:.2f}s after the request")
     assert not alive(daemon) and not any(alive(pid) for pid in helpers)
     assert all_closed_within(server, "/stuck.bin", 2), "a stuck fetch was left open"
+
+
+def test_a_stop_is_quick_while_an_open_waits_on_a_stuck_revalidation(mounts: Mounts, server: FaultServer) -> None:
+    data = seeded_bytes(4 * MiB, seed=71)
+    server.put("/stale.bin", data)
+    m = mounts.mount([server.url("/stale.bin")], "--revalidate-interval", "0")  # every open asks the server
+    daemon = m.pid()
+    with (m.path / "stale.bin").open("rb") as f:
+        assert f.read(MiB) == data[:MiB]
+    server.set_faults("/stale.bin", hang_head=True)
+    mark = server.mark()
+
+    def heads() -> list[RequestRecord]:
+        return [r for r in server.since(mark) if r.method == "HEAD"]
+
+    code = "import sys\ntry:\n    open(sys.argv[1], 'rb')\nexcept OSError as exc:\n    sys.exit(exc.errno)\n"
+    opener = subprocess.Popen([sys.executable, "-c", code, str(m.path / "stale.bin")])
+    try:
+        assert wait_until(lambda: len(heads()) >= 1, timeout=10), "the open did not ask the server"
+        assert opener.poll() is None, "the open did not wait for the server"
+        started = time.monotonic()
+        os.kill(daemon, signal.SIGTERM)
+        stopped = wait_until(lambda: not alive(daemon), timeout=30)
+        took = time.monotonic() - started
+        assert stopped and took < 15, f"the daemon took {took:.1f}s to stop" if stopped else "the daemon did not stop"
+        print(f"daemon gone {took:.2f}s after SIGTERM")
+        assert opener.wait(timeout=10) == errno.EIO
+    finally:
+        if opener.poll() is None:  # its open waits in the kernel for the daemon's answer: end both
+            opener.kill()
+            if alive(daemon):
+                os.kill(daemon, signal.SIGKILL)
+            opener.wait(timeout=10)
+    assert not m.mounted()
+    assert wait_until(lambda: all(r.closed_at is not None for r in heads()), timeout=2), "the probe was left open"
+    saved = state.read(m.cache_dir / "files" / f"{cache_key(server.url('/stale.bin'))}.state")
+    assert saved.synced and len(saved.bitmap) * BLOCK >= MiB  # what was read before is kept
 
 
 def start_sequential_reader(path: Path, chunk: int = 65536) -> subprocess.Popen[bytes]:

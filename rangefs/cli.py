@@ -118,8 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--read-timeout", type=_positive, default=30.0, metavar="SECONDS",
                    help="longest wait for the next bytes of an answer (default: 30)")
     m.add_argument("--retries", type=_count, default=5,
-                   help="retries without progress per request; a cut for --low-speed-limit counts "
-                        "even after progress (default: 5)")
+                   help="retries without progress per request; a cut for --low-speed-limit, or "
+                        "reconnections that together fall under it, count even after progress (default: 5)")
     m.add_argument("--retry-time", type=_positive, default=120.0, metavar="SECONDS",
                    help="longest time a request retries without progress (default: 120)")
     m.add_argument("--low-speed-limit", type=_bytes_per_second, default=1024, metavar="BYTES/S",

@@ -9,7 +9,8 @@ handed on.
 
 A hostile or failing server is bounded: every attempt is cut when fewer than
 ``low_speed_limit`` bytes per second arrive over ``low_speed_time`` seconds (a trickle never
-trips the read timeout, which only measures gaps); a certificate that fails verification
+trips the read timeout, which only measures gaps), and attempts that each break off early are
+held to the same limit together; a certificate that fails verification
 ends the request at once with its reason; an https URL is not followed to http unless
 ``allow_insecure_redirect``; the URL's credentials go only to its own origin.
 """
@@ -122,7 +123,8 @@ class OriginConfig:
     max_connections: int = 16  # idle connections kept; callers bound those in use (rangefs.fetcher per origin)
     lean_ranges: bool = True  # range GETs through rangefs.http11 (httpx when False, or behind a proxy)
     # An attempt that gets fewer than low_speed_limit bytes/s over low_speed_time seconds (its
-    # head included) is cut and retried, like curl's --speed-limit; 0 in either turns it off.
+    # head included) is cut and retried, like curl's --speed-limit; so are the attempts of one
+    # fetch that each break off sooner (see _Pace); 0 in either turns it off.
     # The time outlasts connect_timeout, so a connect that times out says so.
     low_speed_limit: int = 1024
     low_speed_time: float = 15.0
@@ -141,6 +143,15 @@ class _Retry(Exception):
         self.delay = delay
         self.counts = counts
         self.no_connection = False  # no connection could be made: the host, not this URL, fails
+
+
+class _Progressed(_Retry):
+    """An attempt failed after making progress: retry at once, forgiving the failures without
+    progress; the ``kept`` failures (slow windows of the read, see _Pace) still count."""
+
+    def __init__(self, kept: int) -> None:
+        super().__init__("progress made", delay=0)
+        self.kept = kept
 
 
 class _InsecureRedirect(Exception):
@@ -178,6 +189,46 @@ class _LowSpeed:
 
     def describe(self) -> str:
         return f"too slow: {self.received / self.seconds:.0f} B/s over {self.seconds:g} s"
+
+
+class _Pace:
+    """The low-speed limit across the attempts of one fetch, so that a server that sends a few
+    bytes and closes, again and again, sooner than an attempt is cut, still ends the read.
+
+    A window opens at the start and after each verdict; it is judged only when an attempt fails
+    after progress, so a fast body costs nothing here. Once it has brought ``limit * seconds``
+    bytes the read is fine: a new window opens and the slow ones are forgiven. Once it has lasted
+    ``seconds`` with fewer, it was slow: that failure counts against the retries, and each slow
+    window keeps counting until a fine one (a retry after progress does not forgive it).
+    """
+
+    def __init__(self, limit: int, seconds: float, position: int) -> None:
+        self.seconds = seconds
+        self.quota = limit * seconds if limit > 0 and seconds > 0 else math.inf
+        self.slow = 0  # slow windows since the last fine one
+        self._open(position)
+
+    def _open(self, position: int) -> None:
+        self.opened = trio.current_time()
+        self.start = position
+
+    def cut(self, position: int) -> None:
+        """An attempt that made progress was cut for its own low speed: a slow window."""
+        self.slow += 1
+        self._open(position)
+
+    def judge(self, position: int) -> str | None:
+        """After an attempt failed having made progress: why the failure counts, or None."""
+        delivered = position - self.start
+        if delivered >= self.quota:
+            self.slow = 0
+            self._open(position)
+            return None
+        elapsed = trio.current_time() - self.opened
+        if self.quota == math.inf or elapsed < self.seconds:
+            return None
+        self.cut(position)
+        return f"too slow: {delivered / elapsed:.0f} B/s over {elapsed:.1f} s of attempts that broke off"
 
 
 class Origin:
@@ -296,7 +347,8 @@ class Origin:
 
         A failed attempt resumes from the last byte delivered, so a server that cuts every
         response short still delivers the whole range; attempts that make no progress are
-        bounded by ``config.retries``.
+        bounded by ``config.retries``, and so are those that make progress but together stay
+        under the low-speed limit (see ``_resuming``).
 
         Raises:
             RemoteChanged: the server no longer has this version (200 to If-Range, 416, other size).
@@ -310,7 +362,7 @@ class Origin:
 
         For servers that ignore Range: a retry starts the body again from byte 0 and hands on
         only what lies past the bytes already delivered, so attempts that make progress do not
-        count against ``config.retries``.
+        count against ``config.retries`` unless together they stay under the low-speed limit.
 
         Raises:
             RemoteChanged: the answer is of another version (validator or size).
@@ -328,9 +380,15 @@ class Origin:
         sink: Sink,
         how: str,
     ) -> None:
-        """Run ``once(position, sink)`` until bytes up to ``stop`` are delivered; an attempt that
-        made progress is retried at once and does not count against ``config.retries``."""
+        """Run ``once(position, sink)`` until bytes up to ``stop`` are delivered.
+
+        An attempt that made progress is retried at once and does not count against
+        ``config.retries``, unless the attempts of the current window (_Pace) stay under the
+        low-speed limit: then it counts, and every slow window keeps counting until one brings
+        enough, so a trickle by reconnection ends like a slow attempt.
+        """
         position = start
+        pace = _Pace(self.config.low_speed_limit, self.config.low_speed_time, start)
 
         async def advance(offset: int, chunk: bytes) -> None:
             nonlocal position
@@ -342,10 +400,16 @@ class Origin:
             try:
                 await once(position, advance)
             except (_Retry, httpx.TransportError) as exc:
-                if position == before or (isinstance(exc, _Retry) and exc.counts):
+                if position == before:
+                    raise
+                if isinstance(exc, _Retry) and exc.counts:
+                    pace.cut(position)
                     raise
                 log.info("%s: %s at byte %d; %s", redact_url(remote.url), _describe(exc), position, how)
-                raise _Retry("progress made", delay=0) from None
+                slow = pace.judge(position)
+                if slow is not None:
+                    raise _Retry(slow, counts=True) from None
+                raise _Progressed(pace.slow) from None
 
         while position < stop:
             await self._with_retries(remote.url, attempt)
@@ -432,8 +496,8 @@ class Origin:
                 error = exc
             except httpx.HTTPError as exc:
                 raise BadResponse(f"{redact_url(url)}: {_describe(exc)}") from None
-            if error.delay == 0:
-                failures = 0
+            if isinstance(error, _Progressed):
+                failures = error.kept
                 continue
             failures += 1
             if failures == 1:

@@ -1,13 +1,18 @@
-"""The origin against an in-memory server: every 206 is checked, short bodies resume, liars fail."""
+"""The origin against an in-memory server and the fault server: every 206 is checked, short bodies
+resume, liars fail, trickles end."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import trio
+import trio.testing
 from fakeorigin import FakeOrigin
+from faultserver import FaultServer
 
 from rangefs.errors import BadResponse, RemoteChanged, RemoteUnreachable
-from rangefs.origin import Origin, OriginConfig, RemoteFile
+from rangefs.origin import Origin, OriginConfig, RemoteFile, _Pace
 
 DATA = bytes(range(256)) * 4096  # 1 MiB
 URL = "http://origin.test/file.bin"
@@ -114,3 +119,85 @@ def test_unusable_host_names_are_one_clear_error(url: str) -> None:
 
     with pytest.raises(BadResponse, match="not a usable"):
         trio.run(run)
+
+
+# -- the low-speed limit across attempts ------------------------------------------------------
+
+# A one-second window of 64 KiB, so that trickles show within seconds.
+SMALL_WINDOW = OriginConfig(retries=2, retry_max_delay=0.01, low_speed_limit=64 * 1024, low_speed_time=1)
+
+
+def fetch_all(url: str, config: OriginConfig = SMALL_WINDOW, bound: float = 15) -> bytes:
+    """Probe, then fetch the whole file from a real server, failing the test past ``bound`` seconds."""
+    got = bytearray()
+
+    async def run() -> None:
+        with trio.fail_after(bound):
+            async with Origin(config) as origin:
+                remote = await origin.probe(url)
+
+                async def sink(offset: int, chunk: bytes) -> None:
+                    assert offset == len(got)
+                    got.extend(chunk)
+
+                await origin.fetch(remote, 0, remote.size, sink)
+
+    trio.run(run)
+    return bytes(got)
+
+
+def test_a_trickle_by_reconnection_ends_though_every_attempt_makes_progress(server: FaultServer) -> None:
+    # Each GET brings 200 bytes in 0.1 s and closes: no attempt lasts long enough to be cut.
+    server.put("/drip.bin", DATA, cut_after=200, rate=2000)
+
+    started = time.monotonic()
+    with pytest.raises(RemoteUnreachable, match=r"too slow: \d+ B/s over 1\.\d s .*\(gave up after 3 attempts\)"):
+        fetch_all(server.url("/drip.bin"))  # without the limit across attempts: 1 MiB at 2 KB/s
+    assert time.monotonic() - started < 8
+    gets = [r for r in server.requests if r.method == "GET"]
+    assert len(gets) >= 6 and all(r.body_bytes_sent == 200 for r in gets)
+
+
+def test_slow_cuts_between_quick_drops_keep_counting(server: FaultServer) -> None:
+    # Odd GETs bring 100 bytes then stall (cut by the limit of the attempt), even ones 50 bytes
+    # and close: the drops make progress, and must not forgive the cuts.
+    server.put("/alternate.bin", DATA, stall_after=(100, 10.0), cut_next=[1000, 50] * 20)
+
+    started = time.monotonic()
+    with pytest.raises(RemoteUnreachable, match=r"too slow: 100 B/s over 1 s \(gave up after 3 attempts\)"):
+        fetch_all(server.url("/alternate.bin"))  # without it: 20 cuts of 1 s, then more
+    assert time.monotonic() - started < 8
+    assert len([r for r in server.requests if r.method == "GET"]) == 5  # cut, drop, cut, drop, cut
+
+
+def test_bodies_cut_short_but_fast_still_complete(server: FaultServer) -> None:
+    # Each GET brings 32000 bytes, under a window's 64 KiB, at 512 KiB/s: well over the limit.
+    server.put("/cut.bin", DATA, cut_after=32_000, rate=512 * 1024)
+    config = OriginConfig(retries=0, low_speed_limit=64 * 1024, low_speed_time=1)
+    assert fetch_all(server.url("/cut.bin"), config) == DATA  # lasts longer than a window
+    assert len([r for r in server.requests if r.method == "GET"]) == 33
+
+
+def test_the_pace_forgives_slow_windows_once_one_brings_enough() -> None:
+    async def run() -> None:
+        pace = _Pace(1000, 1.0, 0)
+        await trio.sleep(0.5)
+        assert pace.judge(100) is None  # the window is not over
+        await trio.sleep(0.6)
+        assert pace.judge(200) == "too slow: 182 B/s over 1.1 s of attempts that broke off"
+        await trio.sleep(1.5)
+        assert pace.judge(300) is not None and pace.slow == 2
+        assert pace.judge(1300) is None and pace.slow == 0  # enough bytes, however soon
+        for off in (_Pace(0, 1.0, 0), _Pace(1000, 0, 0)):
+            await trio.sleep(2)
+            assert off.judge(1) is None and off.slow == 0
+
+    trio.run(run, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_a_busy_answer_that_asks_for_no_wait_still_counts(server: FaultServer) -> None:
+    server.put("/busy.bin", b"b" * 1000, fail_next=[(503, 0)] * 10)
+
+    with pytest.raises(RemoteUnreachable, match=r"503.*gave up after 3 attempts"):
+        fetch_all(server.url("/busy.bin"))
+    assert len(server.requests) == 3

@@ -175,6 +175,7 @@ class _Handle:
     dropping: bool = False  # a drop is under way
     opener: int = -1  # the process that opened it (-1: not known)
     reads: dict[trio.CancelScope, float] = field(default_factory=dict)  # reads in progress: when each began
+    flushed: bool = False  # a descriptor of it was closed while reads waited (see flush)
 
 
 @dataclass
@@ -511,27 +512,39 @@ class Filesystem(pyfuse3.Operations):
             await trio.sleep(_READER_CHECK)
             before = trio.current_time() - _READER_CHECK
             for handle in list(self._handles.values()):
-                if handle.opener > 0 and any(began <= before for began in handle.reads.values()):
-                    if not _running(handle.opener):
+                if any(began <= before for began in handle.reads.values()):
+                    if handle.flushed or (handle.opener > 0 and not _running(handle.opener)):
                         await self._reader_gone(handle, before)
 
     async def _reader_gone(self, handle: _Handle, before: float) -> None:
-        """The opener of ``handle`` is gone: cancel its waiting reads, unless another process has
-        the file open or mapped (a child may have inherited it): that one is watched instead.
-        The openers of the file's other handles do not count: they read through their own."""
+        """The opener of ``handle`` is gone, or a descriptor of it was closed: cancel its waiting
+        reads, unless a process still has the file open or mapped (a child may have inherited it,
+        or the opener kept a duplicate): that one is watched instead. The openers of the file's
+        other handles do not count: they read through their own."""
         path = self._path_of(handle.inode)
         others = {h.opener for h in self._handles.values() if h.inode == handle.inode and h is not handle}
-        holder = await trio.to_thread.run_sync(_holder, path, others | {handle.opener}) if path else None
+        if not _running(handle.opener):
+            others.add(handle.opener)  # a process being killed still shows its descriptors
+        handle.flushed = False
+        holder = await trio.to_thread.run_sync(_holder, path, others) if path else None
         if holder is not None:
-            log.debug("%s: process %d is gone, process %d has it open", path, handle.opener, holder)
+            log.debug("%s: process %d has it open", path, holder)
             handle.opener = holder
             return
         waiting = [scope for scope, began in handle.reads.items() if began <= before]
-        log.info("%s: process %d is gone; cancelling %d read(s) it waited for", handle.cached.identity.url,
-                 handle.opener, len(waiting))
+        log.info("%s: no process holds it any more; cancelling %d read(s) waiting for it",
+                 handle.cached.identity.url, len(waiting))
         handle.opener = -1
         for scope in waiting:
             scope.cancel()
+
+    async def flush(self, fh: pyfuse3.FileHandleT) -> None:
+        """A descriptor of the handle was closed (one of several, maybe). Reads still waiting may
+        be only the kernel's readahead for a reader that is done: its RELEASE waits for them, so
+        watch_readers checks whether any process still holds the file."""
+        handle = self._handles.get(fh)
+        if handle is not None and handle.reads:
+            handle.flushed = True
 
     def _path_of(self, inode: int) -> str:
         """The path of a file under the mount point ('' when the mount point is not known)."""

@@ -25,7 +25,7 @@ from rangefs.errors import RemoteChanged
 from rangefs.fetcher import Fetcher
 from rangefs.origin import RemoteFile
 
-from util import Mounts, seeded_bytes, wait_until
+from util import Mounts, pread_random, seeded_bytes, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -41,16 +41,6 @@ def _length(record: RequestRecord) -> int:
     assert record.range is not None
     first, last = record.range.removeprefix("bytes=").split("-")
     return int(last) + 1 - int(first)
-
-
-def pread_random(path: Path, offset: int, size: int) -> bytes:
-    """One read on a fresh handle without kernel readahead: only the blocks asked for are fetched."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
-        return os.pread(fd, size, offset)
-    finally:
-        os.close(fd)
 
 
 def read_until_error(path: Path, chunk: int = 128 * 1024) -> tuple[bytes, OSError | None]:

@@ -14,20 +14,10 @@ from faultserver import FaultServer
 
 from rangefs.cache import DEFAULT_BLOCK_SIZE
 
-from util import Mounts, seeded_bytes, wait_until
+from util import Mounts, pread_random, seeded_bytes, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 BLOCK = DEFAULT_BLOCK_SIZE
-
-
-def pread_random(path: Path, offset: int, size: int) -> bytes:
-    """One read without kernel readahead, so only the blocks asked for are fetched."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
-        return os.pread(fd, size, offset)
-    finally:
-        os.close(fd)
 
 
 def read_all(path: Path) -> tuple[int, bytes]:

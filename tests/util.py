@@ -50,6 +50,16 @@ def seeded_bytes(size: int, seed: int) -> bytes:
     return random.Random(seed).randbytes(size)
 
 
+def pread_random(path: Path, offset: int, size: int) -> bytes:
+    """One read on a fresh handle without kernel readahead: only the blocks asked for are fetched."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        return os.pread(fd, size, offset)
+    finally:
+        os.close(fd)
+
+
 def run_rangefs(*args: str | os.PathLike[str], timeout: float = COMMAND_TIMEOUT) -> subprocess.CompletedProcess[str]:
     """Run the rangefs CLI as a user would; returns the finished process (never raises on exit code)."""
     return subprocess.run([*RANGEFS, *map(str, args)], capture_output=True, text=True, timeout=timeout)

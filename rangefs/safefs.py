@@ -222,7 +222,8 @@ def open_log(path: Path) -> int:
     """The log file, for appending; created 0600, never through a symbolic link.
 
     In the cache directory it is a cache file like the others; a log file elsewhere (the user's
-    --log-file) that is a symbolic link is refused (ELOOP), not removed: that directory is theirs.
+    --log-file), or one this process did not open the cache directory for (the fetch helper),
+    that is a symbolic or hard link is refused (ELOOP), not removed: that directory is theirs.
     """
     flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
     if path.parent in _dirs:
@@ -230,6 +231,9 @@ def open_log(path: Path) -> int:
     else:
         fd = os.open(path, flags | _NOFOLLOW, 0o600)
     st = os.fstat(fd)
+    if not _own_file(st):  # a hard link (or FIFO) would append to another file
+        os.close(fd)
+        raise OSError(errno.ELOOP, "not a regular file of its own (a hard link?)")
     if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and st.st_mode & 0o077:
         os.fchmod(fd, 0o600)  # a log from before it was made private
     return fd

@@ -146,6 +146,15 @@ def test_a_log_file_given_as_a_symlink_is_refused(mounts: Mounts, nginx: Server,
     assert victim.read_bytes() == VICTIM
 
 
+def test_a_log_file_given_as_a_hard_link_is_refused(mounts: Mounts, nginx: Server, tmp_path: Path) -> None:
+    victim, log = tmp_path / "victim", tmp_path / "my.log"
+    victim.write_bytes(VICTIM)
+    os.link(victim, log)
+    m = mounts.mount([nginx.put("contain/hardlog.bin", b"x" * 100)], "--log-file", str(log), check=False)
+    _one_line_refusal(m, str(log))
+    assert victim.read_bytes() == VICTIM
+
+
 def test_the_cache_and_its_log_are_private(mounts: Mounts, nginx: Server) -> None:
     os.umask(0o022)  # what a shell usually has: the modes must not depend on it
     data = seeded_bytes(MiB, seed=162)

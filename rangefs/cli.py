@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from pathlib import Path
@@ -141,11 +142,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _canonical(mountpoint: Path) -> Path:
+    """The mount point as the mount table names it: its parent's links and ``..`` resolved.
+
+    The mount point itself is not resolved: that would stat it, and a hung mount would hang the
+    command meant to remove it.
+    """
+    absolute = mountpoint.absolute()
+    if absolute.name in ("", ".."):  # the root, or a path ending in "..": its own parent is resolved
+        return Path(os.path.realpath(absolute))
+    return Path(os.path.realpath(absolute.parent)) / absolute.name
+
+
 def _mount_options(args: argparse.Namespace) -> MountOptions:
     cache_dir = (args.cache_dir or default_cache_dir()).absolute()
     return MountOptions(
         url_list=args.url_list,
-        mountpoint=args.mountpoint.absolute(),
+        mountpoint=_canonical(args.mountpoint),
         cache_dir=cache_dir,
         foreground=args.foreground,
         verbose=args.verbose,
@@ -177,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "mount":
             mount(_mount_options(args))
         else:
-            unmount(args.mountpoint.absolute(), lazy=args.lazy, timeout=args.timeout)
+            unmount(_canonical(args.mountpoint), lazy=args.lazy, timeout=args.timeout)
     except (RangefsError, UsageError) as exc:
         print(f"rangefs: {exc}", file=sys.stderr)
         return 1

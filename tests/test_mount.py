@@ -20,7 +20,7 @@ from rangefs.cache import DEFAULT_BLOCK_SIZE, cache_key
 from rangefs.mount import daemon_pid
 
 from proxy import ThrottleProxy
-from util import RANGEFS, Mount, Mounts, Server, alive, children, fstype, seeded_bytes, wait_until
+from util import RANGEFS, Mount, Mounts, Server, alive, children, fstype, run_rangefs, seeded_bytes, wait_until
 
 BLOCK = DEFAULT_BLOCK_SIZE
 MiB = 1 << 20
@@ -470,6 +470,27 @@ def test_every_way_of_stopping_unmounts_cleanly_and_saves_state(mounts: Mounts, 
     else:
         subprocess.run(["fusermount3", "-u", str(m.path)], check=True, timeout=30)
     _assert_clean_exit(m, pid, state_path, blocks=1)
+
+
+def test_a_mount_point_named_through_a_link_or_dot_dot_mounts_and_unmounts(
+    mounts: Mounts, nginx: Server, tmp_path: Path
+) -> None:
+    """The mount table names the real path: mount and unmount find it however the user wrote it."""
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path)
+    url = nginx.put("named/f.txt", b"named\n")
+    m = mounts.mount([url])  # tmp_path/mnt0
+    done = run_rangefs("unmount", link / m.path.name)
+    assert done.returncode == 0, done.stderr
+    assert fstype(m.path) is None
+    done = run_rangefs("mount", m.url_list, link / "sub" / ".." / m.path.name, "--cache-dir", m.cache_dir)
+    assert done.returncode == 0, done.stderr
+    assert fstype(m.path) == "fuse.rangefs"
+    mounts.remount_tracked(m)
+    assert (m.path / "f.txt").read_bytes() == b"named\n"
+    done = run_rangefs("unmount", link / "sub" / ".." / m.path.name)
+    assert done.returncode == 0, done.stderr
+    assert fstype(m.path) is None
 
 
 def test_foreground_mount_stops_on_ctrl_c(mounts: Mounts, nginx: Server, tmp_path: Path) -> None:

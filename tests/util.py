@@ -148,6 +148,10 @@ class Mounts:
         self._track(m)
         return m
 
+    def remount_tracked(self, m: Mount) -> None:
+        """Track the daemon of a mount the test made itself on ``m``'s mount point."""
+        self._track(m)
+
     def _track(self, m: Mount) -> None:
         """Remember the daemon and its fetch process, to end both by pid."""
         self.pids.add(m.pid())

@@ -21,7 +21,7 @@ import trio
 import xxhash
 
 from rangefs.errors import CacheUnwritable
-from rangefs.origin import Origin, RemoteFile, origin_of
+from rangefs.origin import Origin, OriginLimits, RemoteFile
 from rangefs.urllist import redact_url
 
 # Told (first, stop, sums) once blocks ``first <= b < stop`` are written to the data file;
@@ -128,19 +128,14 @@ class Fetcher:
         self.origin = origin
         self.block_size = block_size
         self.write_in_thread = write_in_thread
-        self.max_requests = max_requests
-        self._per_origin: dict[str, trio.CapacityLimiter] = {}  # one per origin fetched from; trio only
+        self._per_origin = OriginLimits(max_requests)
         self._all_origins = trio.CapacityLimiter(MAX_REQUESTS_ALL_ORIGINS)
 
     @asynccontextmanager
     async def _request_slot(self, remote: RemoteFile) -> AsyncIterator[None]:
         """Hold one of the origin's request slots, then one of all origins' (in that order, so a
         request waiting for its busy origin holds nothing another origin could use)."""
-        key = origin_of(remote.url)
-        limiter = self._per_origin.get(key)
-        if limiter is None:
-            limiter = self._per_origin[key] = trio.CapacityLimiter(self.max_requests)
-        async with limiter, self._all_origins:
+        async with self._per_origin.of(remote.url), self._all_origins:
             yield
 
     async def fetch_into(self, remote: RemoteFile, run: BlockRun, path: Path, fd: int, on_written: WrittenSink) -> None:

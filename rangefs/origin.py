@@ -241,7 +241,7 @@ class Origin:
         self._client: httpx.AsyncClient | None = None
         self._lean: RangeClient | None = None
         self._httpx_only: set[bytes] = set()  # servers whose answers the lean client cannot read
-        self._probes: dict[str, trio.CapacityLimiter] = {}  # per origin; httpx has no cap of its own here
+        self._probes = OriginLimits(self.config.max_connections)  # httpx has no cap of its own here
 
     async def __aenter__(self) -> Origin:
         cfg = self.config
@@ -303,11 +303,7 @@ class Origin:
         Raises:
             RemoteNotFound, RemoteUnreachable, BadResponse.
         """
-        key = origin_of(url)
-        limiter = self._probes.get(key)
-        if limiter is None:
-            limiter = self._probes[key] = trio.CapacityLimiter(self.config.max_connections)
-        async with limiter:
+        async with self._probes.of(url):
             return await self._with_retries(url, lambda: self._probe_once(url))
 
     async def _probe_once(self, url: str) -> RemoteFile:
@@ -651,6 +647,23 @@ def _origin_key(url: httpx.URL) -> tuple[str, str, int | None]:
     return url.scheme, url.host, url.port or _DEFAULT_PORTS.get(url.scheme)
 
 
+class OriginLimits:
+    """A capacity limiter per origin, made on first use: a slow host uses its own share of
+    requests, never another host's. Trio only."""
+
+    def __init__(self, per_origin: int) -> None:
+        self.per_origin = per_origin
+        self._limiters: dict[str, trio.CapacityLimiter] = {}
+
+    def of(self, url: str) -> trio.CapacityLimiter:
+        """The limiter of ``url``'s origin."""
+        key = origin_of(url)
+        limiter = self._limiters.get(key)
+        if limiter is None:
+            limiter = self._limiters[key] = trio.CapacityLimiter(self.per_origin)
+        return limiter
+
+
 def origin_of(url: str) -> str:
     """``scheme://host:port`` of a URL: what connection limits are counted by. Never raises (a URL
     httpx cannot parse is its own origin: its request fails with the reason anyway)."""
@@ -661,4 +674,4 @@ def origin_of(url: str) -> str:
     return f"{scheme}://{host}:{port}"
 
 
-__all__ = ["Origin", "OriginConfig", "OriginError", "RemoteFile", "Sink", "origin_of"]
+__all__ = ["Origin", "OriginConfig", "OriginError", "OriginLimits", "RemoteFile", "Sink", "origin_of"]

@@ -31,7 +31,6 @@ The helper exits when its socket closes, and the kernel kills it when the daemon
 from __future__ import annotations
 
 import array
-import ctypes
 import itertools
 import logging
 import os
@@ -59,7 +58,6 @@ _CANCEL_GRACE = 5.0  # seconds a helper has to confirm a cancelled fetch before 
 _RESTART_DELAY = 1.0  # between a helper's death and its replacement: bounded restart rate
 _RESTART_WAIT = 10.0  # how long a new fetch waits for a replacement helper before failing
 _EXIT_GRACE = 2.0  # seconds a closing helper has to exit before SIGKILL
-_PR_SET_PDEATHSIG = 1
 _REPORT_BYTES = 2 * 1024 * 1024  # written blocks are reported in messages of up to this much (see _Reports)
 _REPORT_DELAY = 0.002  # seconds a written block may wait for others to share its report
 
@@ -266,11 +264,7 @@ class FetchProcess:
 
 def main() -> None:
     """Entry point of the helper: ``python -m rangefs.fetchproc FD``."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass  # the closed socket still ends us, just later
+    kernel.die_with_parent(signal.SIGKILL)  # if it cannot, the closed socket still ends us, just later
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C on a foreground mount is for the daemon
     kernel.tune_malloc()
     raw = socket.socket(fileno=int(sys.argv[1]))

@@ -33,6 +33,7 @@ READ_AHEAD_KB = 16 * 1024
 MAX_BACKGROUND = 64
 CONGESTION_THRESHOLD = 48
 _FUSECTL = Path("/sys/fs/fuse/connections")
+_PR_SET_PDEATHSIG = 1  # prctl(2)
 _M_TRIM_THRESHOLD = -1  # glibc mallopt() parameters, from <malloc.h>
 _M_MMAP_THRESHOLD = -3
 # libfuse splices a reply through a pipe that must hold all of it: a 1 MiB read, its header and
@@ -126,6 +127,18 @@ def _write(path: Path, value: int) -> None:
         log.debug("kernel tuning: %s = %d", path, value)
     except OSError as exc:
         log.debug("kernel tuning: cannot set %s: %s", path, exc.strerror)
+
+
+def die_with_parent(signum: int) -> bool:
+    """Have the kernel send ``signum`` to this process when its parent dies (0: no longer).
+
+    Returns whether it could be asked (prctl PR_SET_PDEATHSIG, Linux).
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        return bool(libc.prctl(_PR_SET_PDEATHSIG, signum) == 0)
+    except (OSError, AttributeError):
+        return False
 
 
 def tune_malloc() -> None:

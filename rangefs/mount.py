@@ -7,7 +7,6 @@ Sits on top of every other module. ``mount()`` returns once the filesystem is mo
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import logging
 import os
@@ -42,7 +41,6 @@ _DISCONNECT_POLL = 0.5  # seconds between checks whether the kernel ended the mo
 _MAX_REQUESTS = 8  # Range requests in flight per origin, in the daemon and in its helper each
 _MAX_NEAR_BYTES = 1024 * 1024  # fetches up to this size run in the daemon (see SplitFetcher)
 _HELPER_START_TIMEOUT = 60.0  # seconds for the fetch process to import and start
-_PR_SET_PDEATHSIG = 1  # prctl(2)
 _LOG_FORMAT = "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"
 
 
@@ -230,12 +228,9 @@ def _run_daemon(opts: MountOptions, entries: list[Entry], write_fd: int, parent:
 
 
 def _die_with_parent(die: bool) -> None:
-    """Have the kernel send SIGTERM when the parent process dies (or no longer)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM if die else 0)
-    except (OSError, AttributeError):
-        pass  # then a dead mount command is noticed at the ready message only
+    """Have the kernel send SIGTERM when the parent process dies (or no longer); where it cannot,
+    a dead mount command is noticed at the ready message only."""
+    kernel.die_with_parent(signal.SIGTERM if die else 0)
 
 
 def _await_daemon(pid: int, read_fd: int, opts: MountOptions) -> None:

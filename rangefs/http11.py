@@ -28,7 +28,7 @@ import httpx
 _READ_SIZE = 1024 * 1024  # socket read size for bodies (see rangefs.origin)
 _HEAD_READ_SIZE = 64 * 1024
 _MAX_HEAD = 256 * 1024  # a response head larger than this is refused
-_DEFAULT_PORTS = {"http": 80, "https": 443}
+DEFAULT_PORTS = {"http": 80, "https": 443}
 
 _ERRORS: dict[type[Exception], type[httpx.TransportError]] = {
     httpcore.ConnectTimeout: httpx.ConnectTimeout,
@@ -109,7 +109,7 @@ class RangeClient:
         """
         target = httpx.URL(url)
         # raw_host: the ASCII (IDNA) form, for connecting and for SNI, as httpcore does
-        key = (target.scheme, target.raw_host.decode("ascii"), target.port or _DEFAULT_PORTS[target.scheme])
+        key = (target.scheme, target.raw_host.decode("ascii"), target.port or DEFAULT_PORTS[target.scheme])
         for attempt in range(2):
             conn = await self._connection(key)
             try:

@@ -44,7 +44,7 @@ from rangefs.errors import (
     RemoteNotFound,
     RemoteUnreachable,
 )
-from rangefs.http11 import RangeClient, UnsupportedResponse
+from rangefs.http11 import DEFAULT_PORTS, RangeClient, UnsupportedResponse
 from rangefs.urllist import redact_url
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,6 @@ if hasattr(httpcore_http11.AsyncHTTP11Connection, "READ_NUM_BYTES"):
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)$")
 _CONTENT_RANGE_UNSATISFIED = re.compile(r"bytes \*/(\d+)$")
 _HEAD_REFUSED = {403, 405, 501}  # answers that may mean "no HEAD here" rather than "no file"
-_DEFAULT_PORTS = {"http": 80, "https": 443}
 _MOVES_PER_WINDOW = 8  # see _LowSpeed: an attempt is cut at most an eighth of a window early
 
 Sink = Callable[[int, bytes], Awaitable[None]]
@@ -644,7 +643,7 @@ def _with_credentials(listed: str, final: httpx.URL) -> str:
 
 
 def _origin_key(url: httpx.URL) -> tuple[str, str, int | None]:
-    return url.scheme, url.host, url.port or _DEFAULT_PORTS.get(url.scheme)
+    return url.scheme, url.host, url.port or DEFAULT_PORTS.get(url.scheme)
 
 
 class OriginLimits:

@@ -618,19 +618,25 @@ def _xattrs(cached: CachedFile) -> dict[bytes, bytes]:
     }
 
 
+def _status(pid: int) -> dict[bytes, bytes] | None:
+    """The fields of /proc/PID/status (``b"State"``: ``b"S (sleeping)"``...); None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as status:
+            return dict(line.split(b":", 1) for line in status if b":" in line)
+    except OSError:
+        return None
+
+
 def _process_of(tid: int) -> int:
     """The process (thread group) a thread belongs to; -1 if it cannot be told.
 
     The kernel names the thread that made a request; the process outlives that thread.
     """
+    fields = _status(tid)
     try:
-        with open(f"/proc/{tid}/status", "rb") as status:
-            for line in status:
-                if line.startswith(b"Tgid:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return -1
+        return int(fields[b"Tgid"]) if fields is not None else -1
+    except (KeyError, ValueError):
+        return -1
 
 
 def _holder(path: str, skip: set[int]) -> int | None:
@@ -663,10 +669,8 @@ def _holds(pid: int, path: str) -> bool:
 def _running(pid: int) -> bool:
     """Whether process ``pid`` exists and is not exiting (a zombie, or SIGKILL pending: a killed
     reader can wait in the kernel for our answer before it exits)."""
-    try:
-        with open(f"/proc/{pid}/status", "rb") as status:
-            fields = dict(line.split(b":", 1) for line in status if b":" in line)
-    except OSError:
+    fields = _status(pid)
+    if fields is None:
         return False
     try:
         pending = int(fields[b"SigPnd"], 16) | int(fields[b"ShdPnd"], 16)

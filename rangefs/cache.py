@@ -1107,8 +1107,7 @@ class CachedFile:
         fd = safefs.open(fresh_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            os.ftruncate(fd, 0)  # a leftover of a crash may hold bytes
-            os.ftruncate(fd, self.size)
+            os.ftruncate(fd, self.size)  # a new file (O_EXCL): sparse, no old byte in it
             safefs.replace(fresh_path, self.data_path)
         except BaseException:
             os.close(fd)

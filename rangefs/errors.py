@@ -6,6 +6,7 @@
      +-- OriginError              the remote did not give us the bytes (HTTP or network level)
      |    +-- RemoteNotFound      404/410: the file is not there
      |    +-- RemoteUnreachable   connect/read failures and timeouts, after the retries
+     |    |    +-- HostUnreachable  no connection at all: every URL of that host fails alike
      |    +-- RemoteChanged       the validator or size no longer matches what we cached
      |    +-- BadResponse         an answer we refuse to trust (Content-Range mismatch, short body)
      |         +-- RangesIgnored  a 200 with the whole file to a ranged GET: stream the file instead

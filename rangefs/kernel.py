@@ -5,6 +5,7 @@ Only knobs of our own mount are changed by default (its readahead, and its max_b
 an already mounted fusectl). Settings of the whole system change only when the user asks with
 ``--tune-system`` (``tune_system=True``): raising ``fs.pipe-max-size`` (left raised: another
 process may rely on it by then) and mounting fusectl when it is missing.
+
 pyfuse3 cannot pass these as mount options. Without them the kernel sends FUSE reads of
 128 KiB (the default readahead of a FUSE mount) and keeps at most 12 of them in flight
 (``max_background``), which caps a sequential reader far below what the cache can serve.

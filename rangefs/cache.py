@@ -810,7 +810,7 @@ class CachedFile:
                 else:
                     await self._reserve_sums(flight.run)
                     await self.cache.fetcher.fetch_into(
-                        self.remote, flight.run, self.data_path, self._fd, self._mark_written(flight)
+                        self.remote, flight.run, self._fd, self._mark_written(flight)
                     )
                 error = None
         except RangesIgnored as exc:

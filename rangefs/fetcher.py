@@ -14,7 +14,6 @@ import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
 import trio
@@ -105,7 +104,7 @@ class RunFetcher(Protocol):
     """Fetches a run of blocks into a data file (``Fetcher``, or ``FetchProcess`` in the helper)."""
 
     async def fetch_into(
-        self, remote: RemoteFile, run: BlockRun, path: Path, fd: int, on_written: WrittenSink
+        self, remote: RemoteFile, run: BlockRun, fd: int, on_written: WrittenSink
     ) -> None: ...
 
 
@@ -138,8 +137,8 @@ class Fetcher:
         async with self._per_origin.of(remote.url), self._all_origins:
             yield
 
-    async def fetch_into(self, remote: RemoteFile, run: BlockRun, path: Path, fd: int, on_written: WrittenSink) -> None:
-        """Fetch ``run`` into the data file ``fd`` (``path`` is for fetchers in another process).
+    async def fetch_into(self, remote: RemoteFile, run: BlockRun, fd: int, on_written: WrittenSink) -> None:
+        """Fetch ``run`` into the data file ``fd``.
 
         Each chunk is written at its offset as it arrives, without copying it into blocks;
         ``on_written(first, stop)`` hears of blocks once every byte of them is written. Blocks
@@ -149,7 +148,6 @@ class Fetcher:
         Raises:
             CacheUnwritable: a write failed; RangefsError: the fetch failed.
         """
-        del path
         start, stop = run.byte_range(self.block_size, remote.size)
         delivery = _Delivery(self.block_size, run, start, stop, on_written)
 
@@ -234,9 +232,9 @@ class SplitFetcher:
         self.near, self.far = near, far
         self.max_near_blocks = max(1, max_near_bytes // block_size)
 
-    async def fetch_into(self, remote: RemoteFile, run: BlockRun, path: Path, fd: int, on_written: WrittenSink) -> None:
+    async def fetch_into(self, remote: RemoteFile, run: BlockRun, fd: int, on_written: WrittenSink) -> None:
         fetcher = self.near if len(run) <= self.max_near_blocks else self.far
-        await fetcher.fetch_into(remote, run, path, fd, on_written)
+        await fetcher.fetch_into(remote, run, fd, on_written)
 
     async def stream_into(
         self, remote: RemoteFile, fd: int, present: Callable[[int], bool], on_written: WrittenSink

@@ -15,7 +15,7 @@ of an abandoned fetch can land later; a helper that does not acknowledge in time
 Messages are pickled tuples, one per packet of a SOCK_SEQPACKET socketpair (both ends are ours):
 
     daemon -> helper   ("config", HelperConfig)                       first, once
-                       ("fetch", id, RemoteFile, BlockRun, data path) + the data file's fd
+                       ("fetch", id, RemoteFile, BlockRun) + the data file's fd
                        ("cancel", id)
     helper -> daemon   ("ready", None)                                once it can take fetches
                        ("written", id, first block, stop block, sums) grouped (_Reports)
@@ -98,8 +98,8 @@ class FetchProcess:
         self._ids = itertools.count()
         self._running = trio.Event()  # set while a helper is there to take fetches
 
-    async def fetch_into(self, remote: RemoteFile, run: BlockRun, path: Path, fd: int, on_written: WrittenSink) -> None:
-        """Have the helper fetch ``run`` into the data file at ``path``; see ``Fetcher.fetch_into``."""
+    async def fetch_into(self, remote: RemoteFile, run: BlockRun, fd: int, on_written: WrittenSink) -> None:
+        """Have the helper fetch ``run`` into the data file ``fd`` (sent along); see ``Fetcher.fetch_into``."""
         request = _Request(on_written)
         rid = next(self._ids)
         self._pending[rid] = request
@@ -110,7 +110,7 @@ class FetchProcess:
                     await self._running.wait()
                 try:
                     helper = self._proc
-                    await self._send(("fetch", rid, remote, run, str(path)), fd)
+                    await self._send(("fetch", rid, remote, run), fd)
                     request.sent_to = helper
                     if self._proc is not helper and not request.done.is_set():  # it died as we sent
                         request.error = FetchInterrupted("the fetch process exited")
@@ -338,7 +338,7 @@ async def _helper(raw: socket.socket) -> None:
         async with send_lock:
             await sock.send(pickle.dumps(message))
 
-    async def fetch_one(nursery: trio.Nursery, rid: int, fd: int, remote: RemoteFile, run: BlockRun, path: str) -> None:
+    async def fetch_one(nursery: trio.Nursery, rid: int, fd: int, remote: RemoteFile, run: BlockRun) -> None:
         error: BaseException | None = None
         scope = scopes[rid]
         reports = _Reports(send, rid, config.block_size)
@@ -347,7 +347,7 @@ async def _helper(raw: socket.socket) -> None:
             with scope:
                 if fd < 0:
                     raise CacheError(f"{redact_url(remote.url)}: no cache file came with the fetch")
-                await fetcher.fetch_into(remote, run, Path(path), fd, reports.add)
+                await fetcher.fetch_into(remote, run, fd, reports.add)
             if scope.cancelled_caught:
                 error = CacheError(f"{redact_url(remote.url)}: fetch cancelled")
         except RangefsError as exc:

@@ -388,7 +388,7 @@ class _GatedFetcher:
         self.runs: list[tuple[int, int]] = []
         self.cancelled = 0
 
-    async def fetch_into(self, remote: RemoteFile, run: BlockRun, path: Path, fd: int,
+    async def fetch_into(self, remote: RemoteFile, run: BlockRun, fd: int,
                          on_written: WrittenSink) -> None:
         self.runs.append((run.first, run.stop))
         try:

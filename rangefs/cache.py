@@ -49,7 +49,7 @@ from rangefs.errors import (
 )
 from rangefs.fetcher import BlockFetcher, BlockRun, Readahead, WrittenSink, block_sum, plan_runs
 from rangefs.origin import RemoteFile
-from rangefs.urllist import redact_url
+from rangefs.redact import redact_url
 
 log = logging.getLogger(__name__)
 

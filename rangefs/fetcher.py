@@ -21,7 +21,7 @@ import xxhash
 
 from rangefs.errors import CacheUnwritable
 from rangefs.origin import Origin, OriginLimits, RemoteFile
-from rangefs.urllist import redact_url
+from rangefs.redact import redact_url
 
 # Told (first, stop, sums) once blocks ``first <= b < stop`` are written to the data file;
 # sums[i] is the block_sum() of block first + i as received.

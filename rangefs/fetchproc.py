@@ -49,7 +49,7 @@ from rangefs import kernel, safefs
 from rangefs.errors import CacheError, FetchInterrupted, RangefsError
 from rangefs.fetcher import BlockRun, Fetcher, WrittenSink
 from rangefs.origin import Origin, OriginConfig, RemoteFile
-from rangefs.urllist import redact_url
+from rangefs.redact import redact_url
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,8 @@ from rangefs.fetcher import Fetcher, SplitFetcher
 from rangefs.fetchproc import FetchProcess, HelperConfig
 from rangefs.fs import Filesystem, Tree
 from rangefs.origin import Origin, OriginConfig, RemoteFile, origin_of
-from rangefs.urllist import Entry, load_url_list, redact_url
+from rangefs.redact import redact_url
+from rangefs.urllist import Entry, load_url_list
 
 log = logging.getLogger(__name__)
 

@@ -45,7 +45,7 @@ from rangefs.errors import (
     RemoteUnreachable,
 )
 from rangefs.http11 import DEFAULT_PORTS, RangeClient, UnsupportedResponse
-from rangefs.urllist import redact_url
+from rangefs.redact import redact_url
 
 log = logging.getLogger(__name__)
 

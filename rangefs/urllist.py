@@ -1,6 +1,6 @@
 """Parse a URL list into entries; no I/O beyond reading the file.
 
-Imports only the standard library and rangefs.errors; raises UrlListError, whose message is one line
+Imports only the standard library, rangefs.errors and rangefs.redact; raises UrlListError, whose message is one line
 of the form ``{source} line {n}: {reason}`` (or names the file when it cannot be read at all).
 
 The format, one entry per line::
@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
 from rangefs.errors import UrlListError
+from rangefs.redact import redact_url
 
 SCHEMES = frozenset({"http", "https"})
 # Option keys this version understands, with their values. Unknown keys are errors so that adding
@@ -49,9 +50,6 @@ _FIELD_SEP = re.compile(r"[ \t\r\f\v]+")
 _CONTROL = re.compile(r"[\x00-\x08\x0e-\x1f\x7f]")  # \t..\r are separators, not errors
 _BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _OPTION = re.compile(r"([a-z][a-z0-9_-]*)=(\S+)\Z")
-# Optional "scheme://" (or "//"), then the authority up to the first '/', '?' or '#'.
-_AUTHORITY = re.compile(r"((?:[A-Za-z][A-Za-z0-9+.-]*:)?//)?([^/?#]*)")
-_QUERY_SEP = re.compile(r"([&;])")
 
 
 @dataclass(frozen=True)
@@ -113,39 +111,6 @@ def load_url_list(path: str | os.PathLike[str]) -> list[Entry]:
     if not entries:
         raise UrlListError(f"URL list {name!r} has no entries")
     return entries
-
-
-def redact_url(url: str) -> str:
-    """Return url with its userinfo and every query value replaced by ``***`` (the keys are kept).
-
-    Every value, not those whose key looks secret: signed URLs name their secrets freely
-    (``code=``, ``Policy=``, ``p=``), and no list of names can know them all.
-
-    Never raises: odd input is handled textually, without a URL parser that could refuse it.
-    """
-    head, hash_mark, fragment = url.partition("#")
-    head, question_mark, query = head.partition("?")
-    head = _AUTHORITY.sub(_redact_userinfo, head, count=1)
-    if question_mark:
-        query = "".join(_redact_parameter(part) for part in _QUERY_SEP.split(query))
-    return head + question_mark + query + hash_mark + ("***" if fragment else "")
-
-
-def _redact_userinfo(match: re.Match[str]) -> str:
-    """Replace the userinfo of an authority (everything before its last '@') with ``***``."""
-    prefix, authority = match.group(1) or "", match.group(2)
-    if "@" not in authority:
-        return match.group(0)
-    return f"{prefix}***@{authority.rpartition('@')[2]}"
-
-
-def _redact_parameter(parameter: str) -> str:
-    """Replace the value of one ``name=value`` query parameter; a bare part may itself be a
-    secret (``?TOKEN``), so it goes too. Separators and empty parts stay, to keep the shape."""
-    name, equals, _ = parameter.partition("=")
-    if equals:
-        return f"{name}=***"
-    return parameter if parameter in ("", "&", ";") else "***"
 
 
 def _parse_line(line: str, number: int) -> Entry:

@@ -11,7 +11,8 @@ import pytest
 
 from rangefs import urllist
 from rangefs.errors import UrlListError, UsageError
-from rangefs.urllist import Entry, load_url_list, parse_url_list, redact_url
+from rangefs.redact import redact_url
+from rangefs.urllist import Entry, load_url_list, parse_url_list
 
 
 def parse_one(line: str) -> Entry:

@@ -347,6 +347,26 @@ def test_a_released_file_is_read_again_from_the_cache_without_a_request(tmp_path
     run_mount(tmp_path, body)
 
 
+def test_a_new_mount_shows_and_serves_what_the_last_one_cached(tmp_path: Path) -> None:
+    async def first(m: Mount) -> None:
+        fh = await m.open("big.bin")
+        assert await m.read(fh, 3 * BLOCK, 10) == BIG[3 * BLOCK : 3 * BLOCK + 10]
+        await m.fs.release(fh)
+
+    async def second(m: Mount) -> None:
+        inode = await m.inode("big.bin")
+        # Before any open: `du` and the xattrs already count the block (from the state file).
+        assert (await m.fs.getattr(inode, m.ctx)).st_blocks == BLOCK // 512
+        assert await m.fs.getxattr(inode, b"user.rangefs.cached_bytes", m.ctx) == str(BLOCK).encode()
+        fh = await m.open("big.bin")
+        assert await m.read(fh, 3 * BLOCK + 1, BLOCK - 1) == BIG[3 * BLOCK + 1 : 4 * BLOCK]
+        await m.fs.release(fh)
+
+    run_mount(tmp_path, first)
+    origins = run_mount(tmp_path, second)
+    assert origins.gets("big.bin") == []
+
+
 def test_a_read_of_a_released_or_unknown_handle_answers_ebadf(tmp_path: Path) -> None:
     async def body(m: Mount) -> None:
         fh = await m.open("dir/small.bin")
@@ -481,6 +501,34 @@ def test_an_unexpected_exception_answers_eio_and_the_mount_goes_on(
 
 def _boom(*args: object, **kwargs: object) -> Any:
     raise ZeroDivisionError("a bug")
+
+
+def test_a_bug_in_a_fetch_answers_eio_and_the_next_read_fetches_again(
+    tmp_path: Path, expected_logs: list[str]
+) -> None:
+    """An exception no layer expects, raised under the cache (in the HTTP transport), ends that
+    read only: the cache's task group and the file's later fetches carry on."""
+    expected_logs += ["transport bug", "unexpected error while fetching"]
+    origins = Origins(FILES)
+    broken = [True]
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        if request.method == "GET" and broken[0]:
+            raise RuntimeError("transport bug")
+        return Origins.handle(origins, request)
+
+    origins.handle = handle  # type: ignore[method-assign]
+
+    async def body(m: Mount) -> None:
+        fh = await m.open("big.bin")
+        with pytest.raises(pyfuse3.FUSEError) as excinfo:
+            await m.fs.read(fh, 0, 100)
+        assert fuse_errno(excinfo) == errno.EIO
+        broken[0] = False
+        assert await m.read(fh, 0, 100) == BIG[:100]
+        await m.fs.release(fh)
+
+    run_mount(tmp_path, body, origins)
 
 
 # --- xattrs and statfs ---

@@ -318,7 +318,7 @@ class Filesystem(pyfuse3.Operations):
 
     async def watch_readers(self) -> None:
         """Cancel the reads of handles whose opening process is gone or killed (see rangefs.readers)."""
-        await self._readers.run()
+        await self._readers.watch()
 
     async def flush(self, fh: pyfuse3.FileHandleT) -> None:
         """A descriptor of the handle was closed (one of several, maybe). Reads still waiting may

@@ -73,7 +73,7 @@ class Passthrough:
         While an inode has passthrough handles every open joins them (the version cannot change
         meanwhile, see CachedFile.revalidate); else an open passes through only if no handle of
         the inode is served by read() and the file is complete, checked and flushed. Our counts
-        drop at RELEASE, after the kernel's: never too low.
+        fall at RELEASE, after the kernel's: never too low.
 
         A complete file whose last blocks are not flushed yet is served through read() meanwhile,
         from the page cache, rather than waiting for the flush, which a large cold read makes long
@@ -148,7 +148,7 @@ class Passthrough:
             os.close(fd)
 
     def _backing_close(self, backing_id: int) -> None:
-        """Drop our reference to a backing file (files still open through it keep theirs)."""
+        """Close our reference to a backing file (files still open through it keep theirs)."""
         try:
             fcntl.ioctl(self._fuse_fd(), _FUSE_DEV_IOC_BACKING_CLOSE, bytearray(struct.pack("=I", backing_id)), True)
         except OSError as exc:

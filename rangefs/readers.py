@@ -51,7 +51,7 @@ class ReaderWatch:
         self._openers = openers
         self._path_of = path_of
 
-    async def run(self) -> None:
+    async def watch(self) -> None:
         """Check every _READER_CHECK, until cancelled."""
         while True:
             await trio.sleep(_READER_CHECK)

@@ -8,7 +8,8 @@ docs/experiments.md, drop-behind). Only within a sequential stretch of reads tha
 the file was incomplete, and while the handle is its inode's one handle served through read().
 Here "drop" always means dropping the kernel's pages of the mounted file; the cache file keeps its own.
 
-Imports trio and the cache's types only; never pyfuse3: fs.py hands over a descriptor of
+Imports trio, the cache (its task group runs the drops; a file's cached bytes) and the reader's
+Readahead (where its sequential stretch started); never pyfuse3: fs.py hands over a descriptor of
 /dev/fuse at INIT, and the notification is written to it as libfuse's
 fuse_lowlevel_notify_inval_inode writes it.
 
@@ -17,6 +18,7 @@ and the drop tasks started in the cache's task group). A drop's write runs in a 
 behind a CapacityLimiter(1), so a write the kernel blocks holds one thread, not trio's pool; that
 thread touches no field. ``ReaderPages.dropping`` and ``dropped_to`` are set before a drop starts
 and ``dropping`` is cleared when its thread returns, so one handle has at most one drop at a time.
+A write abandoned at the unmount may still run later, on our own descriptor, which is never closed.
 """
 
 from __future__ import annotations

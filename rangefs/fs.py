@@ -96,7 +96,8 @@ async def _erofs(*args: Any, **kwargs: Any) -> Any:
 
 @dataclass
 class _Handle:
-    """An open file: its cache, its reader's readahead state, and the version it opened."""
+    """An open file: its cache, its reader's readahead state, the version it opened, and the
+    per-handle state of passthrough, drop-behind and the reader watch."""
 
     inode: int
     cached: CachedFile

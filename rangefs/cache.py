@@ -268,6 +268,14 @@ class CachedFile:
                 and self.bitmap is not None and self.bitmap.complete()
                 and self._verified is not None and self._verified.complete())
 
+    def passthrough_opened(self) -> None:
+        """The kernel serves one more handle from the data file itself (FUSE passthrough)."""
+        self.passthrough_handles += 1
+
+    def passthrough_closed(self) -> None:
+        """One handle the kernel served from the data file itself was released."""
+        self.passthrough_handles -= 1
+
     @property
     def block_size(self) -> int:
         return self.identity.block_size

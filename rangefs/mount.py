@@ -27,9 +27,10 @@ from rangefs.cache import DEFAULT_BLOCK_SIZE, Cache, CacheConfig
 from rangefs.errors import CacheError, HostUnreachable, OriginError, RangefsError, UsageError
 from rangefs.fetcher import Fetcher, SplitFetcher
 from rangefs.fetchproc import FetchProcess, HelperConfig
-from rangefs.fs import Filesystem, Tree
+from rangefs.fs import Filesystem
 from rangefs.origin import Origin, OriginConfig, RemoteFile, origin_of
 from rangefs.redact import redact_url
+from rangefs.tree import Tree
 from rangefs.urllist import Entry, load_url_list
 
 log = logging.getLogger(__name__)

@@ -2,7 +2,7 @@
 
 Through real mounts. A cold read through the mount fills two page caches with the same bytes,
 the cache file's and the mounted file's; rangefs drops the second far behind a sequential reader
-(rangefs.fs._DROP_BEHIND). cachestat(2) on the reader's own descriptor counts the mounted
+(rangefs.dropbehind._DROP_BEHIND). cachestat(2) on the reader's own descriptor counts the mounted
 file's pages without touching them.
 """
 

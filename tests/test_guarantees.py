@@ -384,7 +384,8 @@ def test_the_daemon_refuses_an_open_for_writing_with_erofs(flag: int) -> None:
     raise pyfuse3.FUSEError(errno.EROFS)`` (behind the kernel's ``ro``, as above)."""
     import pyfuse3
 
-    from rangefs.fs import Filesystem, Node, Tree
+    from rangefs.fs import Filesystem
+    from rangefs.tree import Node, Tree
 
     tree = Tree()
     tree.nodes[2] = Node(2, b"f", pyfuse3.ROOT_INODE, cached=object())  # type: ignore[arg-type]

@@ -27,8 +27,9 @@ from fakeorigin import FakeOrigin
 
 from rangefs.cache import Cache, CacheConfig
 from rangefs.fetcher import Fetcher
-from rangefs.fs import Filesystem, Tree
+from rangefs.fs import Filesystem
 from rangefs.origin import Origin, OriginConfig
+from rangefs.tree import Tree
 from rangefs.urllist import Entry
 
 BLOCK = 64 * 1024

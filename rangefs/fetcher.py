@@ -20,7 +20,8 @@ import trio
 import xxhash
 
 from rangefs.errors import CacheUnwritable
-from rangefs.origin import Origin, OriginLimits, RemoteFile
+from rangefs.limits import OriginLimits
+from rangefs.origin import Origin, RemoteFile, origin_of
 from rangefs.redact import redact_url
 
 # Told (first, stop, sums) once blocks ``first <= b < stop`` are written to the data file;
@@ -134,7 +135,7 @@ class Fetcher:
     async def _request_slot(self, remote: RemoteFile) -> AsyncIterator[None]:
         """Hold one of the origin's request slots, then one of all origins' (in that order, so a
         request waiting for its busy origin holds nothing another origin could use)."""
-        async with self._per_origin.of(remote.url), self._all_origins:
+        async with self._per_origin.of(origin_of(remote.url)), self._all_origins:
             yield
 
     async def fetch_into(self, remote: RemoteFile, run: BlockRun, fd: int, on_written: WrittenSink) -> None:

@@ -10,6 +10,7 @@ Fetcher in a helper process (rangefs.fetchproc); the cache sees either through `
 from __future__ import annotations
 
 import errno
+import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
@@ -19,10 +20,12 @@ from typing import Protocol
 import trio
 import xxhash
 
-from rangefs.errors import CacheUnwritable
+from rangefs.errors import classify_fetch_error
 from rangefs.limits import OriginLimits
 from rangefs.origin import Origin, RemoteFile, origin_of
 from rangefs.redact import redact_url
+
+log = logging.getLogger(__name__)
 
 # Told (first, stop, sums) once blocks ``first <= b < stop`` are written to the data file;
 # sums[i] is the block_sum() of block first + i as received.
@@ -205,8 +208,7 @@ class Fetcher:
             else:
                 pwrite_all(fd, data, offset)
         except OSError as exc:
-            url = redact_url(remote.url)
-            raise CacheUnwritable(f"{url}: cannot write the cache file: {exc.strerror}") from None
+            raise classify_fetch_error(redact_url(remote.url), exc, log) from None
 
     async def fetch_bytes(self, remote: RemoteFile, start: int, stop: int) -> bytes:
         """Bytes ``start .. stop`` of ``remote`` in memory, not cached (when the cache cannot take them)."""

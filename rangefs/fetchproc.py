@@ -46,7 +46,7 @@ from pathlib import Path
 import trio
 
 from rangefs import kernel, safefs
-from rangefs.errors import CacheError, FetchInterrupted, RangefsError
+from rangefs.errors import CacheError, FetchInterrupted, classify_fetch_error
 from rangefs.fetcher import BlockRun, Fetcher, WrittenSink
 from rangefs.origin import Origin, OriginConfig, RemoteFile
 from rangefs.redact import redact_url
@@ -350,13 +350,8 @@ async def _helper(raw: socket.socket) -> None:
                 await fetcher.fetch_into(remote, run, fd, reports.add)
             if scope.cancelled_caught:
                 error = CacheError(f"{redact_url(remote.url)}: fetch cancelled")
-        except RangefsError as exc:
-            error = exc
-        except OSError as exc:
-            error = CacheError(f"{redact_url(remote.url)}: cannot write the cache file: {exc.strerror}")
         except Exception as exc:  # a bug must fail this fetch, not the helper
-            log.exception("%s: unexpected error while fetching", redact_url(remote.url))
-            error = CacheError(f"{redact_url(remote.url)}: unexpected error: {exc!r}")
+            error = classify_fetch_error(redact_url(remote.url), exc, log)
         finally:
             del scopes[rid]
             if fd >= 0:

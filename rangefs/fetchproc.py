@@ -45,9 +45,10 @@ from pathlib import Path
 
 import trio
 
-from rangefs import kernel, safefs
+from rangefs import kernel
 from rangefs.errors import CacheError, FetchInterrupted, classify_fetch_error
 from rangefs.fetcher import BlockRun, Fetcher, WrittenSink
+from rangefs.logsetup import setup_logging
 from rangefs.origin import Origin, OriginConfig, RemoteFile
 from rangefs.redact import redact_url
 
@@ -330,7 +331,9 @@ async def _helper(raw: socket.socket) -> None:
     kind, config = pickle.loads(await sock.recv(_MAX_MESSAGE))
     if kind != "config":
         return
-    _setup_logging(config)
+    log_path = Path(config.log_path) if config.log_path else None
+    setup_logging(log_path, verbose=config.verbose, foreground=config.foreground, required=False,
+                  log_format=config.log_format)
     send_lock = trio.Lock()
     scopes: dict[int, trio.CancelScope] = {}
 
@@ -396,23 +399,6 @@ async def _receive(sock: trio.socket.SocketType) -> tuple[bytes, list[int]]:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
     return packet, list(fds)
-
-
-def _setup_logging(config: HelperConfig) -> None:
-    root = logging.getLogger()
-    root.setLevel(logging.DEBUG if config.verbose else logging.INFO)
-    formatter = logging.Formatter(config.log_format)
-    handlers: list[logging.Handler] = []
-    if config.log_path:
-        try:
-            handlers.append(safefs.LogHandler(Path(config.log_path)))
-        except OSError:
-            pass  # the daemon checked it at mount; losing the helper's log lines is no reason to fail
-    if config.foreground:
-        handlers.append(logging.StreamHandler(sys.stderr))
-    for handler in handlers:
-        handler.setFormatter(formatter)
-        root.addHandler(handler)
 
 
 if __name__ == "__main__":

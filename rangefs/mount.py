@@ -22,12 +22,13 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from rangefs import kernel, safefs
+from rangefs import kernel
 from rangefs.cache import DEFAULT_BLOCK_SIZE, Cache, CacheConfig
 from rangefs.errors import CacheError, HostUnreachable, OriginError, RangefsError, UsageError
 from rangefs.fetcher import Fetcher, SplitFetcher
 from rangefs.fetchproc import FetchProcess, HelperConfig
 from rangefs.fs import Filesystem, Tree
+from rangefs.logsetup import LOG_FORMAT, setup_logging
 from rangefs.origin import Origin, OriginConfig, RemoteFile, origin_of
 from rangefs.redact import redact_url
 from rangefs.urllist import Entry, load_url_list
@@ -42,7 +43,6 @@ _DISCONNECT_POLL = 0.5  # seconds between checks whether the kernel ended the mo
 _MAX_REQUESTS = 8  # Range requests in flight per origin, in the daemon and in its helper each
 _MAX_NEAR_BYTES = 1024 * 1024  # fetches up to this size run in the daemon (see SplitFetcher)
 _HELPER_START_TIMEOUT = 60.0  # seconds for the fetch process to import and start
-_LOG_FORMAT = "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"
 
 
 @dataclass(frozen=True)
@@ -143,7 +143,7 @@ def mount(opts: MountOptions) -> None:
     entries = load_url_list(opts.url_list)
     check_mountpoint(opts.mountpoint)
     Cache.prepare(opts.cache_dir)
-    _setup_logging(opts)
+    setup_logging(opts.log_path, verbose=opts.verbose, foreground=opts.foreground, required=True)
     if opts.foreground:
         kernel.tune_malloc()
         trio.run(_serve, opts, entries, _ForegroundReporter())
@@ -273,22 +273,6 @@ def _daemon_news(read_fd: int, deadline: float) -> Iterator[str]:
         buffer += chunk
 
 
-def _setup_logging(opts: MountOptions) -> None:
-    root = logging.getLogger()
-    root.setLevel(logging.DEBUG if opts.verbose else logging.INFO)
-    formatter = logging.Formatter(_LOG_FORMAT)
-    try:
-        file_handler = safefs.LogHandler(opts.log_path)
-    except OSError as exc:
-        raise UsageError(f"cannot write log file '{opts.log_path}': {exc.strerror}") from None
-    file_handler.setFormatter(formatter)
-    root.addHandler(file_handler)
-    if opts.foreground:
-        stream = logging.StreamHandler(sys.stderr)
-        stream.setFormatter(formatter)
-        root.addHandler(stream)
-
-
 async def _probe_all(
     origin: Origin, entries: list[Entry], opts: MountOptions, warn: Callable[[str], None]
 ) -> list[tuple[Entry, RemoteFile]]:
@@ -393,7 +377,7 @@ def _helper_config(opts: MountOptions) -> HelperConfig:
         block_size=opts.cache.block_size,
         max_requests=_MAX_REQUESTS,
         log_path=str(opts.log_path),
-        log_format=_LOG_FORMAT,
+        log_format=LOG_FORMAT,
         verbose=opts.verbose,
         foreground=opts.foreground,
     )

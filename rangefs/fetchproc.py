@@ -1,11 +1,11 @@
 """Fetching in a process of its own, so HTTP bodies and FUSE replies do not share one thread.
 
-pyfuse3 answers every FUSE request on one trio thread. Profiled during a cold sequential read
-(py-spy on the daemon), that thread was busy all the time: about half in the HTTP body path
-(httpcore, h11, the socket) and a quarter in FUSE replies, and the copy ran at 200 MB/s. So the
-daemon starts one helper (``python -m rangefs.fetchproc``) that fetches block runs with its own
-Origin and writes them straight into the cache data files. The daemon keeps everything else
-(bitmap, single flight, readahead, checkpoints) and hears of each written piece by a message.
+pyfuse3 answers every FUSE request on one trio thread. During a cold sequential read that
+thread is busy all the time, most of it in the HTTP body path (httpcore, h11, the socket) and in
+FUSE replies (profiled: docs/experiments.md). So the daemon starts one helper
+(``python -m rangefs.fetchproc``) that fetches block runs with its own Origin and writes them
+straight into the cache data files. The daemon keeps everything else (bitmap, single flight,
+readahead, checkpoints) and hears of each written piece by a message.
 
 The crash rule is unchanged: the daemon sets a block's bit only after the helper reported the
 write done, and a checkpoint's fdatasync in the daemon covers the helper's writes (same file).
@@ -279,10 +279,9 @@ class _Reports:
     """One fetch's "written" reports, sent together: at most every ``_REPORT_BYTES`` of blocks, and
     ``_REPORT_DELAY`` after the first block not yet reported (so a stalled stream holds none back).
 
-    One report per socket read (~600 KB here) made ~1800 messages per GiB, each unpickled and
-    applied by the daemon's one thread. Grouped, a cold 1 GiB `dd` through the mount ran at a
-    median 570 against 523 MB/s, with 0.97 against 1.15 s of daemon CPU and 1.45 against 1.60 s
-    of helper CPU (5 runs each, taking turns; faster in all 5 pairs).
+    One report per socket read would make thousands of messages per GiB, each unpickled and
+    applied by the daemon's one thread; grouped, a cold sequential read is faster and costs both
+    processes less CPU (measured: docs/experiments.md).
     """
 
     def __init__(self, send: Callable[[tuple[object, ...]], Awaitable[None]], rid: int, block_size: int) -> None:

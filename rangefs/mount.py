@@ -3,6 +3,8 @@
 Sits on top of every other module. ``mount()`` returns once the filesystem is mounted and ready
 (a daemon keeps serving it) or raises a RangefsError whose message is the one line to show.
 ``unmount()`` asks the kernel to unmount and waits for the daemon to save its state and exit.
+Imports pyfuse3 for the main loop's lifecycle only (init, main, close); the FUSE operations are
+rangefs.fs's.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ FUSE replies (profiled: docs/experiments.md). So the daemon starts one helper
 straight into the cache data files. The daemon keeps everything else (bitmap, single flight,
 readahead, checkpoints) and hears of each written piece by a message.
 
-The crash rule is unchanged: the daemon sets a block's bit only after the helper reported the
+The crash rule holds across both processes: the daemon sets a block's bit only after the helper reported the
 write done, and a checkpoint's fdatasync in the daemon covers the helper's writes (same file).
 A fetch the daemon cancels is acknowledged by the helper before the daemon goes on, so no write
 of an abandoned fetch can land later; a helper that does not acknowledge in time is killed.
@@ -87,7 +87,7 @@ class _Request:
 class FetchProcess:
     """The daemon's side: a ``BlockFetcher`` whose fetches run in the helper process.
 
-    ``run`` must be running (in a task group that outlives every fetch) for ``fetch_into`` to work.
+    ``supervise`` must be running (in a task group that outlives every fetch) for ``fetch_into`` to work.
     """
 
     def __init__(self, config: HelperConfig) -> None:
@@ -173,7 +173,7 @@ class FetchProcess:
         if self._running.is_set():
             self._running = trio.Event()
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def supervise(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Keep a helper running and relay its news until cancelled; then end it."""
         started = False
         try:
@@ -311,7 +311,7 @@ class _Reports:
         with trio.CancelScope(shield=True):  # taken off the list: must not be lost to the timer's end
             await self._send(message)
 
-    def drop(self) -> None:
+    def discard(self) -> None:
         self._sums = []
 
     async def send_when_due(self) -> None:
@@ -360,7 +360,7 @@ async def _helper(raw: socket.socket) -> None:
                 os.close(fd)
             reports.timer.cancel()
             if scope.cancel_called:
-                reports.drop()  # the daemon gave this fetch up: it hears "done" alone
+                reports.discard()  # the daemon gave this fetch up: it hears "done" alone
             with trio.CancelScope(shield=True):
                 try:
                     await reports.send_now()  # blocks written before an error are still good

@@ -8,7 +8,7 @@ request (measured against httpx: docs/experiments.md).
 
 Only for plain GETs of a URL whose redirects are already resolved (the probe does that with
 httpx) and only when no proxy is configured; anything it does not handle (a chunked body,
-a 1xx other than 100, HTTP/1.0 keep-alive) is read to completion or dropped with the connection.
+a 1xx other than 100, HTTP/1.0 keep-alive) is read to completion or closed with the connection.
 Imports h11, httpcore and httpx (for its URL and exception types) and nothing of rangefs; only
 rangefs.origin uses it. Errors are raised as the httpx exceptions of the same meaning, so
 rangefs.origin sees one family.
@@ -103,7 +103,7 @@ class RangeClient:
 
     @asynccontextmanager
     async def get(self, url: str, headers: dict[str, str]) -> AsyncIterator[RangeResponse]:
-        """Send a GET; the response's body must be read inside the block (else the connection is dropped).
+        """Send a GET; the response's body must be read inside the block (else the connection is closed).
 
         Raises:
             httpx.TransportError: connecting, sending or receiving failed.

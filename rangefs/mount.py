@@ -355,7 +355,7 @@ async def _serve(opts: MountOptions, entries: list[Entry], reporter: _Foreground
     failure: RangefsError | None = None
     async with trio.open_nursery() as helpers:
         # The helper starts while we probe; it must outlive every fetch, so it ends last.
-        await helpers.start(fetch_process.run)
+        await helpers.start(fetch_process.supervise)
         try:
             async with Origin(opts.origin) as origin:  # probes here; fetches go through the helper
                 files = await _probe_all(origin, entries, opts, reporter.warn)
@@ -492,12 +492,12 @@ async def _tune_kernel(fs: Filesystem, mountpoint: Path) -> None:
 
 async def _shutdown(cache: Cache) -> None:
     """Save every file's state and close the cache files."""
-    for cached in cache:
+    for file in cache:
         try:
-            await cached.checkpoint()
-            await cached.close()
+            await file.checkpoint()
+            await file.close()
         except (RangefsError, OSError) as exc:
-            log.warning("%s: %s", cached.identity.url, exc)
+            log.warning("%s: %s", file.identity.url, exc)
 
 
 # -- unmount --------------------------------------------------------------------------------

@@ -319,7 +319,7 @@ class Origin:
                 async for chunk in resp.aiter_raw():
                     speed.feed(len(chunk))
                     if position >= stop:
-                        return  # more than the range: keep what was asked, drop the connection
+                        return  # more than the range: keep what was asked, close the connection
                     chunk = chunk[: stop - position]
                     await sink(position, chunk)
                     position += len(chunk)

@@ -1,4 +1,6 @@
-"""The rangefs exception hierarchy; imports nothing else of rangefs.
+"""The rangefs exception hierarchy, and which of its errors a failed fetch becomes.
+
+Imports nothing else of rangefs.
 
     RangefsError                  anything rangefs raises on purpose
      +-- UsageError               bad input from the user: message is a one-line reason shown as is
@@ -15,8 +17,13 @@
           +-- FetchInterrupted     a fetch stopped for a reason of ours (cancelled, helper died): try again
 
 The FUSE layer maps these to errno in one table (rangefs.fs); the CLI prints the message of a
-UsageError or any RangefsError raised during start-up as one line.
+UsageError or any RangefsError raised during start-up as one line. A fetch's exception
+becomes what its readers see in one place, ``classify_fetch_error``.
 """
+
+from __future__ import annotations
+
+import logging
 
 
 class RangefsError(Exception):
@@ -71,3 +78,18 @@ class CacheUnwritable(CacheError):
 class FetchInterrupted(CacheError):
     """A fetch ended for a reason of rangefs's own (cancelled, its helper process died); a reader
     that needs its blocks fetches them again."""
+
+
+def classify_fetch_error(url: str, exc: Exception, log: logging.Logger) -> RangefsError:
+    """The error the readers of a failed fetch see; ``url`` is the file's URL as messages show it.
+
+    A RangefsError is itself. An OSError is a write to the cache that failed: CacheUnwritable,
+    so a reader may be served without the cache. Anything else is a bug: it is logged on ``log``
+    with its traceback and becomes a CacheError, so it fails the read, not the mount.
+    """
+    if isinstance(exc, RangefsError):
+        return exc
+    if isinstance(exc, OSError):
+        return CacheUnwritable(f"{url}: cannot write the cache file: {exc.strerror}")
+    log.error("%s: unexpected error while fetching", url, exc_info=exc)
+    return CacheError(f"{url}: unexpected error: {exc!r}")

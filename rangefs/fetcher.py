@@ -1,8 +1,8 @@
 """Turn missing blocks into Range requests, write the answers into the data file, report whole blocks.
 
-Sits between the cache (above) and the origin (below); imports rangefs.origin, never httpx or
-pyfuse3. Planning (``plan_runs``) and block progress (``BlockProgress``) are pure logic;
-``Fetcher.fetch_into`` bounds how many requests are in flight at once, per origin (a slow host
+Sits between the cache (above) and the origin (below); imports rangefs.origin and rangefs.limits,
+never httpx or pyfuse3. Planning (``plan_runs``) and block progress (``BlockProgress``) are pure
+logic; ``Fetcher.fetch_into`` bounds how many requests are in flight at once, per origin (a slow host
 uses its own share, never another's) and over all origins (sockets are finite). A mount runs its
 Fetcher in a helper process (rangefs.fetchproc); the cache sees either through ``BlockFetcher``.
 """
@@ -10,6 +10,7 @@ Fetcher in a helper process (rangefs.fetchproc); the cache sees either through `
 from __future__ import annotations
 
 import errno
+import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
@@ -19,9 +20,12 @@ from typing import Protocol
 import trio
 import xxhash
 
-from rangefs.errors import CacheUnwritable
-from rangefs.origin import Origin, OriginLimits, RemoteFile
+from rangefs.errors import classify_fetch_error
+from rangefs.limits import OriginLimits
+from rangefs.origin import Origin, RemoteFile, origin_of
 from rangefs.redact import redact_url
+
+log = logging.getLogger(__name__)
 
 # Told (first, stop, sums) once blocks ``first <= b < stop`` are written to the data file;
 # sums[i] is the block_sum() of block first + i as received.
@@ -134,7 +138,7 @@ class Fetcher:
     async def _request_slot(self, remote: RemoteFile) -> AsyncIterator[None]:
         """Hold one of the origin's request slots, then one of all origins' (in that order, so a
         request waiting for its busy origin holds nothing another origin could use)."""
-        async with self._per_origin.of(remote.url), self._all_origins:
+        async with self._per_origin.of(origin_of(remote.url)), self._all_origins:
             yield
 
     async def fetch_into(self, remote: RemoteFile, run: BlockRun, fd: int, on_written: WrittenSink) -> None:
@@ -204,8 +208,7 @@ class Fetcher:
             else:
                 pwrite_all(fd, data, offset)
         except OSError as exc:
-            url = redact_url(remote.url)
-            raise CacheUnwritable(f"{url}: cannot write the cache file: {exc.strerror}") from None
+            raise classify_fetch_error(redact_url(remote.url), exc, log) from None
 
     async def fetch_bytes(self, remote: RemoteFile, start: int, stop: int) -> bytes:
         """Bytes ``start .. stop`` of ``remote`` in memory, not cached (when the cache cannot take them)."""
@@ -222,10 +225,10 @@ class Fetcher:
 class SplitFetcher:
     """Small runs fetched in this process, large ones by another fetcher (the helper process).
 
-    A random read waits for its fetch: handing a 64 KiB fetch to the helper and back costs
-    two process wake-ups and messages (measured: 2.5 ms per cold random 4 KiB read through the
-    mount, against ~1 ms in the daemon itself), while the CPU it takes is small. Large runs are
-    sequential prefetches, whose body CPU belongs off the FUSE thread.
+    A random read waits for its fetch: handing a small fetch to the helper and back costs two
+    process wake-ups and messages, more than the CPU the fetch itself takes (measured:
+    docs/experiments.md). Large runs are sequential prefetches, whose body CPU belongs off the
+    FUSE thread.
     """
 
     def __init__(self, near: Fetcher, far: RunFetcher, block_size: int, max_near_bytes: int) -> None:
@@ -263,9 +266,9 @@ class BlockProgress:
 def block_sum(data: bytes | bytearray | memoryview) -> int:
     """The checksum of one block: the low 32 bits of its XXH3-64.
 
-    XXH3 rather than CRC-32: zlib's crc32 ran at about 2.7 GiB/s here and took 0.44 s of the
-    fetch helper's 2.5 s of CPU per GiB fetched (perf, cold sequential read); XXH3 runs at about
-    14 GiB/s. 32 bits are plenty to tell a damaged block from a good one (not an adversary).
+    XXH3 rather than CRC-32: zlib's crc32 took a large share of the fetch helper's CPU, XXH3 is
+    several times faster (measured: docs/experiments.md). 32 bits are plenty to tell a damaged
+    block from a good one (not an adversary).
     """
     return xxhash.xxh3_64_intdigest(data) & 0xFFFFFFFF
 

@@ -1,13 +1,13 @@
 """Fetching in a process of its own, so HTTP bodies and FUSE replies do not share one thread.
 
-pyfuse3 answers every FUSE request on one trio thread. Profiled during a cold sequential read
-(py-spy on the daemon), that thread was busy all the time: about half in the HTTP body path
-(httpcore, h11, the socket) and a quarter in FUSE replies, and the copy ran at 200 MB/s. So the
-daemon starts one helper (``python -m rangefs.fetchproc``) that fetches block runs with its own
-Origin and writes them straight into the cache data files. The daemon keeps everything else
-(bitmap, single flight, readahead, checkpoints) and hears of each written piece by a message.
+pyfuse3 answers every FUSE request on one trio thread. During a cold sequential read that
+thread is busy all the time, most of it in the HTTP body path (httpcore, h11, the socket) and in
+FUSE replies (profiled: docs/experiments.md). So the daemon starts one helper
+(``python -m rangefs.fetchproc``) that fetches block runs with its own Origin and writes them
+straight into the cache data files. The daemon keeps everything else (bitmap, single flight,
+readahead, checkpoints) and hears of each written piece by a message.
 
-The crash rule is unchanged: the daemon sets a block's bit only after the helper reported the
+The crash rule holds across both processes: the daemon sets a block's bit only after the helper reported the
 write done, and a checkpoint's fdatasync in the daemon covers the helper's writes (same file).
 A fetch the daemon cancels is acknowledged by the helper before the daemon goes on, so no write
 of an abandoned fetch can land later; a helper that does not acknowledge in time is killed.
@@ -45,9 +45,10 @@ from pathlib import Path
 
 import trio
 
-from rangefs import kernel, safefs
-from rangefs.errors import CacheError, FetchInterrupted, RangefsError
+from rangefs import kernel
+from rangefs.errors import CacheError, FetchInterrupted, classify_fetch_error
 from rangefs.fetcher import BlockRun, Fetcher, WrittenSink
+from rangefs.logsetup import setup_logging
 from rangefs.origin import Origin, OriginConfig, RemoteFile
 from rangefs.redact import redact_url
 
@@ -86,7 +87,7 @@ class _Request:
 class FetchProcess:
     """The daemon's side: a ``BlockFetcher`` whose fetches run in the helper process.
 
-    ``run`` must be running (in a task group that outlives every fetch) for ``fetch_into`` to work.
+    ``supervise`` must be running (in a task group that outlives every fetch) for ``fetch_into`` to work.
     """
 
     def __init__(self, config: HelperConfig) -> None:
@@ -172,7 +173,7 @@ class FetchProcess:
         if self._running.is_set():
             self._running = trio.Event()
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def supervise(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Keep a helper running and relay its news until cancelled; then end it."""
         started = False
         try:
@@ -278,10 +279,9 @@ class _Reports:
     """One fetch's "written" reports, sent together: at most every ``_REPORT_BYTES`` of blocks, and
     ``_REPORT_DELAY`` after the first block not yet reported (so a stalled stream holds none back).
 
-    One report per socket read (~600 KB here) made ~1800 messages per GiB, each unpickled and
-    applied by the daemon's one thread. Grouped, a cold 1 GiB `dd` through the mount ran at a
-    median 570 against 523 MB/s, with 0.97 against 1.15 s of daemon CPU and 1.45 against 1.60 s
-    of helper CPU (5 runs each, taking turns; faster in all 5 pairs).
+    One report per socket read would make thousands of messages per GiB, each unpickled and
+    applied by the daemon's one thread; grouped, a cold sequential read is faster and costs both
+    processes less CPU (measured: docs/experiments.md).
     """
 
     def __init__(self, send: Callable[[tuple[object, ...]], Awaitable[None]], rid: int, block_size: int) -> None:
@@ -311,7 +311,7 @@ class _Reports:
         with trio.CancelScope(shield=True):  # taken off the list: must not be lost to the timer's end
             await self._send(message)
 
-    def drop(self) -> None:
+    def discard(self) -> None:
         self._sums = []
 
     async def send_when_due(self) -> None:
@@ -330,7 +330,9 @@ async def _helper(raw: socket.socket) -> None:
     kind, config = pickle.loads(await sock.recv(_MAX_MESSAGE))
     if kind != "config":
         return
-    _setup_logging(config)
+    log_path = Path(config.log_path) if config.log_path else None
+    setup_logging(log_path, verbose=config.verbose, foreground=config.foreground, required=False,
+                  log_format=config.log_format)
     send_lock = trio.Lock()
     scopes: dict[int, trio.CancelScope] = {}
 
@@ -350,20 +352,15 @@ async def _helper(raw: socket.socket) -> None:
                 await fetcher.fetch_into(remote, run, fd, reports.add)
             if scope.cancelled_caught:
                 error = CacheError(f"{redact_url(remote.url)}: fetch cancelled")
-        except RangefsError as exc:
-            error = exc
-        except OSError as exc:
-            error = CacheError(f"{redact_url(remote.url)}: cannot write the cache file: {exc.strerror}")
         except Exception as exc:  # a bug must fail this fetch, not the helper
-            log.exception("%s: unexpected error while fetching", redact_url(remote.url))
-            error = CacheError(f"{redact_url(remote.url)}: unexpected error: {exc!r}")
+            error = classify_fetch_error(redact_url(remote.url), exc, log)
         finally:
             del scopes[rid]
             if fd >= 0:
                 os.close(fd)
             reports.timer.cancel()
             if scope.cancel_called:
-                reports.drop()  # the daemon gave this fetch up: it hears "done" alone
+                reports.discard()  # the daemon gave this fetch up: it hears "done" alone
             with trio.CancelScope(shield=True):
                 try:
                     await reports.send_now()  # blocks written before an error are still good
@@ -401,23 +398,6 @@ async def _receive(sock: trio.socket.SocketType) -> tuple[bytes, list[int]]:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
     return packet, list(fds)
-
-
-def _setup_logging(config: HelperConfig) -> None:
-    root = logging.getLogger()
-    root.setLevel(logging.DEBUG if config.verbose else logging.INFO)
-    formatter = logging.Formatter(config.log_format)
-    handlers: list[logging.Handler] = []
-    if config.log_path:
-        try:
-            handlers.append(safefs.LogHandler(Path(config.log_path)))
-        except OSError:
-            pass  # the daemon checked it at mount; losing the helper's log lines is no reason to fail
-    if config.foreground:
-        handlers.append(logging.StreamHandler(sys.stderr))
-    for handler in handlers:
-        handler.setFormatter(formatter)
-        root.addHandler(handler)
 
 
 if __name__ == "__main__":

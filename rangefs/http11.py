@@ -1,16 +1,17 @@
 """A lean keep-alive HTTP/1.1 client for range GETs, on httpcore's network streams and h11.
 
 Why: a range body through httpx costs Python work per chunk in four layers (httpx, httpcore,
-h11's receive buffer, our sink), and a request costs ~1.4 ms of CPU here (httpcore alone
-~1.0 ms, http.client ~0.3 ms). This client sends the request and parses the response head
-with h11, then reads the body straight from the network stream, counting Content-Length
-itself, and keeps the connection for the next request. Measured on loopback: bodies at
-~780 MB/s against ~470 MB/s through httpx, and 4 KiB requests in ~0.5 ms.
+h11's receive buffer, our sink), and each request costs CPU in httpcore's pool. This client
+sends the request and parses the response head with h11, then reads the body straight from
+the network stream, counting Content-Length itself, and keeps the connection for the next
+request (measured against httpx: docs/experiments.md).
 
 Only for plain GETs of a URL whose redirects are already resolved (the probe does that with
 httpx) and only when no proxy is configured; anything it does not handle (a chunked body,
-a 1xx other than 100, HTTP/1.0 keep-alive) is read to completion or dropped with the connection.
-Errors are raised as the httpx exceptions of the same meaning, so callers see one family.
+a 1xx other than 100, HTTP/1.0 keep-alive) is read to completion or closed with the connection.
+Imports h11, httpcore and httpx (for its URL and exception types) and nothing of rangefs; only
+rangefs.origin uses it. Errors are raised as the httpx exceptions of the same meaning, so
+rangefs.origin sees one family.
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ class RangeClient:
 
     @asynccontextmanager
     async def get(self, url: str, headers: dict[str, str]) -> AsyncIterator[RangeResponse]:
-        """Send a GET; the response's body must be read inside the block (else the connection is dropped).
+        """Send a GET; the response's body must be read inside the block (else the connection is closed).
 
         Raises:
             httpx.TransportError: connecting, sending or receiving failed.

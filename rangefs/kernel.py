@@ -27,8 +27,8 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 # 16 MiB of readahead: the kernel then asks for 1 MiB reads (its FUSE maximum) and keeps
-# several in flight; measured with `make bench` (warm sequential: 128 KiB -> 200 MB/s,
-# 1 MiB -> 650 MB/s, 16 MiB -> 780 MB/s through a dropped page cache).
+# several in flight; warm sequential reads gain at each step up to it (measured with
+# `make bench`: docs/experiments.md).
 READ_AHEAD_KB = 16 * 1024
 # Async readahead requests in flight: 64 (kernel default 12) so readahead is never starved.
 MAX_BACKGROUND = 64
@@ -171,8 +171,8 @@ class PageCacheProbe:
 
     A reply spliced from the cache file reads it on the FUSE thread, where a read from the disk
     would stall every request: only a range found in the page cache is spliced. ``cachestat``
-    (Linux 6.5+) counts the range's pages without touching them, ~2 us through ctypes; it also
-    counts pages whose read from the disk is still in flight (readahead), so the range's first
+    (Linux 6.5+) counts the range's pages without touching them, in one cheap system call; it
+    also counts pages whose read from the disk is still in flight (readahead), so the range's first
     and last pages are then read, one byte each, with RWF_NOWAIT, which fails on such a page.
     Readahead fills a range in order, so these two stand for the pages between them; a page
     evicted between the check and the reply costs one wait for the disk. On a kernel without

@@ -3,6 +3,8 @@
 Sits on top of every other module. ``mount()`` returns once the filesystem is mounted and ready
 (a daemon keeps serving it) or raises a RangefsError whose message is the one line to show.
 ``unmount()`` asks the kernel to unmount and waits for the daemon to save its state and exit.
+Imports pyfuse3 for the main loop's lifecycle only (init, main, close); the FUSE operations are
+rangefs.fs's.
 """
 
 from __future__ import annotations
@@ -22,12 +24,13 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from rangefs import kernel, safefs
+from rangefs import kernel
 from rangefs.cache import DEFAULT_BLOCK_SIZE, Cache, CacheConfig
 from rangefs.errors import CacheError, HostUnreachable, OriginError, RangefsError, UsageError
 from rangefs.fetcher import Fetcher, SplitFetcher
 from rangefs.fetchproc import FetchProcess, HelperConfig
 from rangefs.fs import Filesystem
+from rangefs.logsetup import LOG_FORMAT, setup_logging
 from rangefs.origin import Origin, OriginConfig, RemoteFile, origin_of
 from rangefs.redact import redact_url
 from rangefs.tree import Tree
@@ -43,7 +46,6 @@ _DISCONNECT_POLL = 0.5  # seconds between checks whether the kernel ended the mo
 _MAX_REQUESTS = 8  # Range requests in flight per origin, in the daemon and in its helper each
 _MAX_NEAR_BYTES = 1024 * 1024  # fetches up to this size run in the daemon (see SplitFetcher)
 _HELPER_START_TIMEOUT = 60.0  # seconds for the fetch process to import and start
-_LOG_FORMAT = "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"
 
 
 @dataclass(frozen=True)
@@ -144,7 +146,7 @@ def mount(opts: MountOptions) -> None:
     entries = load_url_list(opts.url_list)
     check_mountpoint(opts.mountpoint)
     Cache.prepare(opts.cache_dir)
-    _setup_logging(opts)
+    setup_logging(opts.log_path, verbose=opts.verbose, foreground=opts.foreground, required=True)
     if opts.foreground:
         kernel.tune_malloc()
         trio.run(_serve, opts, entries, _ForegroundReporter())
@@ -274,22 +276,6 @@ def _daemon_news(read_fd: int, deadline: float) -> Iterator[str]:
         buffer += chunk
 
 
-def _setup_logging(opts: MountOptions) -> None:
-    root = logging.getLogger()
-    root.setLevel(logging.DEBUG if opts.verbose else logging.INFO)
-    formatter = logging.Formatter(_LOG_FORMAT)
-    try:
-        file_handler = safefs.LogHandler(opts.log_path)
-    except OSError as exc:
-        raise UsageError(f"cannot write log file '{opts.log_path}': {exc.strerror}") from None
-    file_handler.setFormatter(formatter)
-    root.addHandler(file_handler)
-    if opts.foreground:
-        stream = logging.StreamHandler(sys.stderr)
-        stream.setFormatter(formatter)
-        root.addHandler(stream)
-
-
 async def _probe_all(
     origin: Origin, entries: list[Entry], opts: MountOptions, warn: Callable[[str], None]
 ) -> list[tuple[Entry, RemoteFile]]:
@@ -370,7 +356,7 @@ async def _serve(opts: MountOptions, entries: list[Entry], reporter: _Foreground
     failure: RangefsError | None = None
     async with trio.open_nursery() as helpers:
         # The helper starts while we probe; it must outlive every fetch, so it ends last.
-        await helpers.start(fetch_process.run)
+        await helpers.start(fetch_process.supervise)
         try:
             async with Origin(opts.origin) as origin:  # probes here; fetches go through the helper
                 files = await _probe_all(origin, entries, opts, reporter.warn)
@@ -394,7 +380,7 @@ def _helper_config(opts: MountOptions) -> HelperConfig:
         block_size=opts.cache.block_size,
         max_requests=_MAX_REQUESTS,
         log_path=str(opts.log_path),
-        log_format=_LOG_FORMAT,
+        log_format=LOG_FORMAT,
         verbose=opts.verbose,
         foreground=opts.foreground,
     )
@@ -507,12 +493,12 @@ async def _tune_kernel(fs: Filesystem, mountpoint: Path) -> None:
 
 async def _shutdown(cache: Cache) -> None:
     """Save every file's state and close the cache files."""
-    for cached in cache:
+    for file in cache:
         try:
-            await cached.checkpoint()
-            await cached.close()
+            await file.checkpoint()
+            await file.close()
         except (RangefsError, OSError) as exc:
-            log.warning("%s: %s", cached.identity.url, exc)
+            log.warning("%s: %s", file.identity.url, exc)
 
 
 # -- unmount --------------------------------------------------------------------------------

@@ -1,16 +1,16 @@
-"""Probe a URL, fetch byte ranges, verify answers, retry: what rangefs asks of HTTP servers.
+"""Probe a URL, fetch byte ranges, retry: what rangefs asks of HTTP servers.
 
-With rangefs.http11 (its lean client for range GETs) the only module that imports httpx; it
-raises rangefs.errors exceptions, never httpx ones. Probes go through httpx (redirects);
-range GETs through the lean client unless a proxy is configured. Every ranged GET carries
-``If-Range`` with the file's validator and ``Accept-Encoding: identity`` (ranges count bytes
-of the encoded body), and every 206 is checked against the request before a byte of it is
-handed on.
+Imports httpx and rangefs.http11, the only other module that imports httpx; raises
+rangefs.errors exceptions, never httpx ones. Probes go through httpx (redirects); range GETs
+through the lean client of rangefs.http11 unless a proxy is configured. Every ranged GET
+carries ``If-Range`` with the file's validator and ``Accept-Encoding: identity`` (ranges count
+bytes of the encoded body), and every answer passes the checks of rangefs.remote before a byte
+of it is handed on.
 
 A hostile or failing server is bounded: every attempt is cut when fewer than
 ``low_speed_limit`` bytes per second arrive over ``low_speed_time`` seconds (a trickle never
 trips the read timeout, which only measures gaps), and attempts that each break off early are
-held to the same limit together; a certificate that fails verification
+held to the same limit together (rangefs.limits); a certificate that fails verification
 ends the request at once with its reason; an https URL is not followed to http unless
 ``allow_insecure_redirect``; the URL's credentials go only to its own origin.
 """
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import random
 import re
 import ssl
@@ -28,24 +27,27 @@ import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
-from email.utils import parsedate_to_datetime
-from typing import Protocol, TypeVar
+from typing import TypeVar
 
 import httpcore._async.http11 as httpcore_http11
 import httpx
 import trio
 
-from rangefs.errors import (
-    BadResponse,
-    HostUnreachable,
-    OriginError,
-    RangesIgnored,
-    RemoteChanged,
-    RemoteNotFound,
-    RemoteUnreachable,
-)
+from rangefs.errors import BadResponse, HostUnreachable, OriginError, RemoteChanged, RemoteUnreachable
 from rangefs.http11 import DEFAULT_PORTS, RangeClient, UnsupportedResponse
+from rangefs.limits import LowSpeed, OriginLimits, Pace
 from rangefs.redact import redact_url
+from rangefs.remote import (
+    Answer,
+    RemoteFile,
+    Retry,
+    check_range_answer,
+    raise_for_status,
+    refuse_encoding,
+    same_version,
+    status_line,
+    total_from_content_range,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,61 +55,17 @@ log = logging.getLogger(__name__)
 logging.getLogger("httpx").setLevel(logging.WARNING)
 logging.getLogger("httpcore").setLevel(logging.WARNING)
 
-# httpcore reads the socket 64 KiB at a time; for multi-MiB range bodies that costs three times
-# the CPU of 1 MiB reads (a 1 GiB body: ~230 MB/s vs ~700 MB/s on one core here, measured with
-# a bare httpx stream from nginx on loopback). The attribute is httpcore's own knob.
+# httpcore reads the socket 64 KiB at a time; multi-MiB range bodies cost several times the CPU
+# of 1 MiB reads (measured: docs/experiments.md). The attribute is httpcore's own knob.
 _SOCKET_READ_SIZE = 1024 * 1024
 if hasattr(httpcore_http11.AsyncHTTP11Connection, "READ_NUM_BYTES"):
     httpcore_http11.AsyncHTTP11Connection.READ_NUM_BYTES = _SOCKET_READ_SIZE
 
-_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)$")
 _CONTENT_RANGE_UNSATISFIED = re.compile(r"bytes \*/(\d+)$")
 _HEAD_REFUSED = {403, 405, 501}  # answers that may mean "no HEAD here" rather than "no file"
-_MOVES_PER_WINDOW = 8  # see _LowSpeed: an attempt is cut at most an eighth of a window early
 
 Sink = Callable[[int, bytes], Awaitable[None]]
-
-
-class _Answer(Protocol):
-    """What the checks read of a response: httpx.Response, or rangefs.http11.RangeResponse."""
-
-    @property
-    def status_code(self) -> int: ...
-    @property
-    def reason_phrase(self) -> str: ...
-    @property
-    def headers(self) -> httpx.Headers: ...
-    def aiter_raw(self) -> AsyncIterator[bytes]: ...
-
 _T = TypeVar("_T")
-
-
-@dataclass(frozen=True)
-class RemoteFile:
-    """One version of a remote file, as the server described it."""
-
-    url: str  # where ranges are fetched from: the final URL after redirects
-    size: int
-    etag: str | None
-    last_modified: str | None
-    accept_ranges: bool = True
-
-    @property
-    def if_range(self) -> str | None:
-        """The validator for If-Range: a strong ETag, else the Last-Modified date (RFC 9110 13.1.5)."""
-        if self.etag and not self.etag.startswith("W/"):
-            return self.etag
-        return self.last_modified
-
-    @property
-    def mtime_ns(self) -> int | None:
-        """Last-Modified as nanoseconds since the epoch, when given and parseable."""
-        if not self.last_modified:
-            return None
-        try:
-            return int(parsedate_to_datetime(self.last_modified).timestamp()) * 1_000_000_000
-        except (TypeError, ValueError):
-            return None
 
 
 @dataclass(frozen=True)
@@ -123,30 +81,16 @@ class OriginConfig:
     lean_ranges: bool = True  # range GETs through rangefs.http11 (httpx when False, or behind a proxy)
     # An attempt that gets fewer than low_speed_limit bytes/s over low_speed_time seconds (its
     # head included) is cut and retried, like curl's --speed-limit; so are the attempts of one
-    # fetch that each break off sooner (see _Pace); 0 in either turns it off.
+    # fetch that each break off sooner (see Pace); 0 in either turns it off.
     # The time outlasts connect_timeout, so a connect that times out says so.
     low_speed_limit: int = 1024
     low_speed_time: float = 15.0
     allow_insecure_redirect: bool = False  # follow https -> http redirects
 
 
-class _Retry(Exception):
-    """An attempt failed in a way another attempt may fix.
-
-    ``counts``: the failure counts against the retries even when the attempt made progress
-    (a trickle makes progress on every attempt, and must still end).
-    """
-
-    def __init__(self, reason: str, delay: float | None = None, *, counts: bool = False) -> None:
-        super().__init__(reason)
-        self.delay = delay
-        self.counts = counts
-        self.no_connection = False  # no connection could be made: the host, not this URL, fails
-
-
-class _Progressed(_Retry):
+class _Progressed(Retry):
     """An attempt failed after making progress: retry at once, forgiving the failures without
-    progress; the ``kept`` failures (slow windows of the read, see _Pace) still count."""
+    progress; the ``kept`` failures (slow windows of the read, see Pace) still count."""
 
     def __init__(self, kept: int) -> None:
         super().__init__("progress made", delay=0)
@@ -159,75 +103,6 @@ class _InsecureRedirect(Exception):
     def __init__(self, target: str) -> None:
         super().__init__(target)
         self.target = target
-
-
-class _LowSpeed:
-    """Cuts an attempt that receives fewer than ``limit`` bytes/s over ``seconds``.
-
-    The deadline of ``scope`` moves ``seconds`` ahead once a window's worth of bytes has arrived
-    since it last moved, at most _MOVES_PER_WINDOW times per window: moving a trio deadline costs
-    microseconds, so a fast body costs a clock read per chunk, no timer and no system call.
-    """
-
-    def __init__(self, limit: int, seconds: float) -> None:
-        self.seconds = seconds
-        self.quota = limit * seconds if limit > 0 and seconds > 0 else math.inf
-        self.received = 0  # since the deadline last moved
-        now = trio.current_time()
-        self.next_move = now + seconds / _MOVES_PER_WINDOW
-        self.scope = trio.CancelScope(deadline=now + seconds if self.quota < math.inf else math.inf)
-
-    def feed(self, size: int) -> None:
-        self.received += size
-        if self.received >= self.quota:
-            now = trio.current_time()
-            if now >= self.next_move:
-                self.received = 0
-                self.next_move = now + self.seconds / _MOVES_PER_WINDOW
-                self.scope.deadline = now + self.seconds
-
-    def describe(self) -> str:
-        return f"too slow: {self.received / self.seconds:.0f} B/s over {self.seconds:g} s"
-
-
-class _Pace:
-    """The low-speed limit across the attempts of one fetch, so that a server that sends a few
-    bytes and closes, again and again, sooner than an attempt is cut, still ends the read.
-
-    A window opens at the start and after each verdict; it is judged only when an attempt fails
-    after progress, so a fast body costs nothing here. Once it has brought ``limit * seconds``
-    bytes the read is fine: a new window opens and the slow ones are forgiven. Once it has lasted
-    ``seconds`` with fewer, it was slow: that failure counts against the retries, and each slow
-    window keeps counting until a fine one (a retry after progress does not forgive it).
-    """
-
-    def __init__(self, limit: int, seconds: float, position: int) -> None:
-        self.seconds = seconds
-        self.quota = limit * seconds if limit > 0 and seconds > 0 else math.inf
-        self.slow = 0  # slow windows since the last fine one
-        self._open(position)
-
-    def _open(self, position: int) -> None:
-        self.opened = trio.current_time()
-        self.start = position
-
-    def cut(self, position: int) -> None:
-        """An attempt that made progress was cut for its own low speed: a slow window."""
-        self.slow += 1
-        self._open(position)
-
-    def judge(self, position: int) -> str | None:
-        """After an attempt failed having made progress: why the failure counts, or None."""
-        delivered = position - self.start
-        if delivered >= self.quota:
-            self.slow = 0
-            self._open(position)
-            return None
-        elapsed = trio.current_time() - self.opened
-        if self.quota == math.inf or elapsed < self.seconds:
-            return None
-        self.cut(position)
-        return f"too slow: {delivered / elapsed:.0f} B/s over {elapsed:.1f} s of attempts that broke off"
 
 
 class Origin:
@@ -274,13 +149,13 @@ class Origin:
             raise _InsecureRedirect(str(target))
 
     @contextmanager
-    def _low_speed(self) -> Iterator[_LowSpeed]:
-        """Run an attempt under the low-speed limit; raises a counting _Retry when it is too slow."""
-        guard = _LowSpeed(self.config.low_speed_limit, self.config.low_speed_time)
+    def _low_speed(self) -> Iterator[LowSpeed]:
+        """Run an attempt under the low-speed limit; raises a counting Retry when it is too slow."""
+        guard = LowSpeed(self.config.low_speed_limit, self.config.low_speed_time)
         with guard.scope:
             yield guard
         if guard.scope.cancelled_caught:
-            raise _Retry(guard.describe(), counts=True)
+            raise Retry(guard.describe(), counts=True)
 
     async def __aexit__(self, *exc_info: object) -> None:
         if self._lean is not None:
@@ -302,7 +177,7 @@ class Origin:
         Raises:
             RemoteNotFound, RemoteUnreachable, BadResponse.
         """
-        async with self._probes.of(url):
+        async with self._probes.of(origin_of(url)):
             return await self._with_retries(url, lambda: self._probe_once(url))
 
     async def _probe_once(self, url: str) -> RemoteFile:
@@ -312,21 +187,21 @@ class Origin:
 
     async def _probe_unguarded(self, url: str) -> RemoteFile:
         resp = await self.client.head(url)
-        _raise_for_status(url, resp)
+        raise_for_status(url, resp)
         size = resp.headers.get("Content-Length")
         if resp.status_code in _HEAD_REFUSED or not size or not size.isdigit():
             return await self._probe_by_get(url)
         if not resp.is_success:
-            raise BadResponse(f"{redact_url(url)}: HEAD answered {_status(resp)}")
-        _refuse_encoding(url, resp)
+            raise BadResponse(f"{redact_url(url)}: HEAD answered {status_line(resp)}")
+        refuse_encoding(url, resp)
         return _remote_from(url, resp, int(size), resp.headers.get("Accept-Ranges", "bytes") != "none")
 
     async def _probe_by_get(self, url: str) -> RemoteFile:
         async with self.client.stream("GET", url, headers={"Range": "bytes=0-0"}) as resp:
-            _raise_for_status(url, resp)
-            _refuse_encoding(url, resp)
+            raise_for_status(url, resp)
+            refuse_encoding(url, resp)
             if resp.status_code == 206:
-                size = _total_from_content_range(url, resp)
+                size = total_from_content_range(url, resp)
                 return _remote_from(url, resp, size, True)
             if resp.status_code == 416:
                 match = _CONTENT_RANGE_UNSATISFIED.match(resp.headers.get("Content-Range", ""))
@@ -335,7 +210,7 @@ class Origin:
             length = resp.headers.get("Content-Length", "")
             if resp.status_code == 200 and length.isdigit():
                 return _remote_from(url, resp, int(length), False)
-            raise BadResponse(f"{redact_url(url)}: cannot learn the size (GET answered {_status(resp)})")
+            raise BadResponse(f"{redact_url(url)}: cannot learn the size (GET answered {status_line(resp)})")
 
     async def fetch(self, remote: RemoteFile, start: int, stop: int, sink: Sink) -> None:
         """Deliver bytes ``start <= i < stop`` of ``remote`` to ``sink(offset, chunk)``, in order.
@@ -378,12 +253,12 @@ class Origin:
         """Run ``once(position, sink)`` until bytes up to ``stop`` are delivered.
 
         An attempt that made progress is retried at once and does not count against
-        ``config.retries``, unless the attempts of the current window (_Pace) stay under the
+        ``config.retries``, unless the attempts of the current window (Pace) stay under the
         low-speed limit: then it counts, and every slow window keeps counting until one brings
         enough, so a trickle by reconnection ends like a slow attempt.
         """
         position = start
-        pace = _Pace(self.config.low_speed_limit, self.config.low_speed_time, start)
+        pace = Pace(self.config.low_speed_limit, self.config.low_speed_time, start)
 
         async def advance(offset: int, chunk: bytes) -> None:
             nonlocal position
@@ -394,16 +269,16 @@ class Origin:
             before = position
             try:
                 await once(position, advance)
-            except (_Retry, httpx.TransportError) as exc:
+            except (Retry, httpx.TransportError) as exc:
                 if position == before:
                     raise
-                if isinstance(exc, _Retry) and exc.counts:
+                if isinstance(exc, Retry) and exc.counts:
                     pace.cut(position)
                     raise
                 log.info("%s: %s at byte %d; %s", redact_url(remote.url), _describe(exc), position, how)
                 slow = pace.judge(position)
                 if slow is not None:
-                    raise _Retry(slow, counts=True) from None
+                    raise Retry(slow, counts=True) from None
                 raise _Progressed(pace.slow) from None
 
         while position < stop:
@@ -413,13 +288,13 @@ class Origin:
         received = 0
         with self._low_speed() as speed:
             async with self.client.stream("GET", remote.url) as resp:
-                _raise_for_status(remote.url, resp)
+                raise_for_status(remote.url, resp)
                 if resp.status_code != 200:
-                    raise BadResponse(f"{redact_url(remote.url)}: answered {_status(resp)} to a GET")
+                    raise BadResponse(f"{redact_url(remote.url)}: answered {status_line(resp)} to a GET")
                 length = resp.headers.get("Content-Length")
-                if not _same_version(remote, resp) or (length is not None and length != str(remote.size)):
+                if not same_version(remote, resp) or (length is not None and length != str(remote.size)):
                     raise RemoteChanged(f"{redact_url(remote.url)}: the file is not the version being read")
-                _refuse_encoding(remote.url, resp)
+                refuse_encoding(remote.url, resp)
                 async for chunk in resp.aiter_raw():
                     speed.feed(len(chunk))
                     end = received + len(chunk)
@@ -429,7 +304,7 @@ class Origin:
                             await sink(max(skip, received), piece)
                     received = end
         if received < remote.size:
-            raise _Retry(f"body ended at byte {received}, expected {remote.size}")
+            raise Retry(f"body ended at byte {received}, expected {remote.size}")
 
     async def _fetch_once(self, remote: RemoteFile, start: int, sink: Sink, *, stop: int) -> None:
         # Ranges count bytes of the encoded body: ask for none (httpx adds these for its requests;
@@ -440,22 +315,22 @@ class Origin:
         position = start
         with self._low_speed() as speed:
             async with self._get(remote.url, headers) as resp:
-                _check_range_answer(remote, resp, start, stop)
+                check_range_answer(remote, resp, start, stop)
                 async for chunk in resp.aiter_raw():
                     speed.feed(len(chunk))
                     if position >= stop:
-                        return  # more than the range: keep what was asked, drop the connection
+                        return  # more than the range: keep what was asked, close the connection
                     chunk = chunk[: stop - position]
                     await sink(position, chunk)
                     position += len(chunk)
                 # Reading on to the end of the body (not returning at its last byte) lets httpcore
-                # see the response complete and keep the connection: returning early cost a new
-                # connection per request (+1.2 ms per 256 KiB request on loopback, slow start on a WAN).
+                # see the response complete and keep the connection; returning early would cost a
+                # new connection, and TCP slow start, per request.
         if position < stop:
-            raise _Retry(f"body ended at byte {position}, expected {stop}")
+            raise Retry(f"body ended at byte {position}, expected {stop}")
 
     @asynccontextmanager
-    async def _get(self, url: str, headers: dict[str, str]) -> AsyncIterator[_Answer]:
+    async def _get(self, url: str, headers: dict[str, str]) -> AsyncIterator[Answer]:
         """A streamed GET: through the lean client when it can take it, else through httpx."""
         origin = httpx.URL(url).netloc
         if self._lean is not None and origin not in self._httpx_only:
@@ -485,9 +360,9 @@ class Origin:
                 refused = _certificate_failure(exc)
                 if refused is not None:  # another attempt would meet the same certificate
                     raise BadResponse(f"{redact_url(url)}: {refused}") from None
-                error: _Retry = _Retry(_describe(exc))
+                error: Retry = Retry(_describe(exc))
                 error.no_connection = isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout))
-            except _Retry as exc:
+            except Retry as exc:
                 error = exc
             except httpx.HTTPError as exc:
                 raise BadResponse(f"{redact_url(url)}: {_describe(exc)}") from None
@@ -527,7 +402,7 @@ def _certificate_failure(exc: BaseException) -> str | None:
 
 def _describe(exc: BaseException) -> str:
     """An exception as one line; httpx messages may embed the URL, so keep only the class for those."""
-    if isinstance(exc, _Retry):
+    if isinstance(exc, Retry):
         return str(exc)
     if isinstance(exc, UnicodeError):
         return _TRANSPORT_WORDS["UnicodeError"]  # its message quotes the host
@@ -552,72 +427,6 @@ _TRANSPORT_WORDS = {
     "InvalidURL": "not a usable URL",
     "UnicodeError": "not a usable host name",
 }
-
-
-def _status(resp: _Answer) -> str:
-    return f"{resp.status_code} {resp.reason_phrase}".strip()
-
-
-def _raise_for_status(url: str, resp: _Answer) -> None:
-    """Map the statuses that mean "not there" or "try again" to our errors."""
-    if resp.status_code in (404, 410):
-        raise RemoteNotFound(f"{redact_url(url)} answered {_status(resp)}")
-    if resp.status_code == 429 or (resp.status_code >= 500 and resp.status_code != 501):
-        raise _Retry(f"server answered {_status(resp)}", delay=_retry_after(resp))
-
-
-def _refuse_encoding(url: str, resp: _Answer) -> None:
-    """A size from an encoded answer counts encoded bytes: not the file's size."""
-    encoding = resp.headers.get("Content-Encoding", "identity").lower()
-    if encoding not in ("identity", ""):
-        raise BadResponse(f"{redact_url(url)}: the server encodes the file ({encoding}) although asked not to; "
-                          "its ranges would not be the file's bytes")
-
-
-def _retry_after(resp: _Answer) -> float | None:
-    value = resp.headers.get("Retry-After", "")
-    return min(float(value), 60.0) if value.isdigit() else None
-
-
-def _check_range_answer(remote: RemoteFile, resp: _Answer, start: int, stop: int) -> None:
-    """Accept only a 206 for exactly ``bytes start-(stop-1)/size`` with an identity body."""
-    _raise_for_status(remote.url, resp)
-    if resp.status_code == 200 and _same_version(remote, resp):
-        raise RangesIgnored(f"{redact_url(remote.url)}: the server ignores Range requests (answered 200 OK)")
-    if resp.status_code in (200, 416):
-        raise RemoteChanged(f"{redact_url(remote.url)}: answered {_status(resp)} to a ranged GET with If-Range")
-    if not _same_version(remote, resp):
-        raise RemoteChanged(f"{redact_url(remote.url)}: a 206 for another version (ETag or Last-Modified changed)")
-    if resp.status_code != 206:
-        raise BadResponse(f"{redact_url(remote.url)}: answered {_status(resp)} to a ranged GET")
-    encoding = resp.headers.get("Content-Encoding", "identity").lower()
-    if encoding not in ("identity", ""):
-        raise _Retry(f"answered with Content-Encoding {encoding!r} to a ranged GET")
-    match = _CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
-    expected = (start, stop - 1, remote.size)
-    if not match or match.group(3) == "*":
-        raise _Retry(f"206 without a usable Content-Range ({resp.headers.get('Content-Range')!r})")
-    got = (int(match.group(1)), int(match.group(2)), int(match.group(3)))
-    if got[2] != remote.size:
-        raise RemoteChanged(f"{redact_url(remote.url)}: size changed from {remote.size} to {got[2]}")
-    if got != expected:
-        raise _Retry(f"Content-Range {got[0]}-{got[1]} does not match the request {start}-{stop - 1}")
-
-
-def _same_version(remote: RemoteFile, resp: _Answer) -> bool:
-    """False when the answer names a validator other than the one we know (not all servers name one)."""
-    etag = resp.headers.get("ETag")
-    if etag is not None and remote.etag is not None and etag != remote.etag:
-        return False
-    modified = resp.headers.get("Last-Modified")
-    return modified is None or remote.last_modified is None or modified == remote.last_modified
-
-
-def _total_from_content_range(url: str, resp: httpx.Response) -> int:
-    match = _CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
-    if not match or match.group(3) == "*":
-        raise BadResponse(f"{redact_url(url)}: 206 without a total in Content-Range")
-    return int(match.group(3))
 
 
 def _remote_from(listed: str, resp: httpx.Response, size: int, accept_ranges: bool) -> RemoteFile:
@@ -646,23 +455,6 @@ def _origin_key(url: httpx.URL) -> tuple[str, str, int | None]:
     return url.scheme, url.host, url.port or DEFAULT_PORTS.get(url.scheme)
 
 
-class OriginLimits:
-    """A capacity limiter per origin, made on first use: a slow host uses its own share of
-    requests, never another host's. Trio only."""
-
-    def __init__(self, per_origin: int) -> None:
-        self.per_origin = per_origin
-        self._limiters: dict[str, trio.CapacityLimiter] = {}
-
-    def of(self, url: str) -> trio.CapacityLimiter:
-        """The limiter of ``url``'s origin."""
-        key = origin_of(url)
-        limiter = self._limiters.get(key)
-        if limiter is None:
-            limiter = self._limiters[key] = trio.CapacityLimiter(self.per_origin)
-        return limiter
-
-
 def origin_of(url: str) -> str:
     """``scheme://host:port`` of a URL: what connection limits are counted by. Never raises (a URL
     httpx cannot parse is its own origin: its request fails with the reason anyway)."""
@@ -673,4 +465,4 @@ def origin_of(url: str) -> str:
     return f"{scheme}://{host}:{port}"
 
 
-__all__ = ["Origin", "OriginConfig", "OriginError", "OriginLimits", "RemoteFile", "Sink", "origin_of"]
+__all__ = ["Origin", "OriginConfig", "OriginError", "RemoteFile", "Sink", "origin_of"]

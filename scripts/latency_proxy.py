@@ -1,17 +1,18 @@
 """A delaying TCP proxy on 127.0.0.1: adds round-trip time without limiting throughput.
 
-This kernel has no ``netem`` qdisc, so the benchmark adds latency itself. Each direction of each
-connection has a reader thread and a writer thread: the reader stamps every chunk it receives with
-its arrival time and queues it at once; the writer sends each chunk at arrival + delay (half the
-round-trip time per direction). Reading never waits for writing, so many chunks are in flight at
-once, as bytes are on a long link. The chunks wait in pipes and move with ``splice``, never through
-this process's memory, so that the proxy, like ``netem``, takes little of the CPU that the programs
-measured share with it (copying each byte in and out cost ~0.6-0.7 s of CPU per GiB here). What is
-in flight per direction is capped (``MAX_PIPES`` pipes), so a slow client pushes back on the
-server as TCP would.
+The benchmark adds latency itself rather than with a ``netem`` qdisc, which not every kernel
+has. Each direction of each connection has a reader thread and a writer thread: the reader
+stamps every chunk it receives with its arrival time and queues it at once; the writer sends
+each chunk at arrival + delay (half the round-trip time per direction). Reading never waits for
+writing, so many chunks are in flight at once, as bytes are on a long link. The chunks wait in
+pipes and move with ``splice``, never through this process's memory, so that the proxy, like
+``netem``, takes little of the CPU that the programs measured share with it (copying every byte
+in and out would not). What is in flight per direction is capped (``MAX_PIPES`` pipes), so a
+slow client pushes back on the server as TCP would.
 
-Standard library only. As a program, ``latency_proxy.py UPSTREAM_PORT [--rtt-ms 20]`` prints the
-port it listens on (one line) and serves until SIGTERM or SIGINT; ``LatencyProxy`` does the same
+Standard library and scripts/relay.py (the listener and connection lifecycle it shares with the
+tests' proxies). As a program, ``latency_proxy.py UPSTREAM_PORT [--rtt-ms 20]`` prints the port
+it listens on (one line) and serves until SIGTERM or SIGINT; ``LatencyProxy`` does the same
 in-process.
 """
 
@@ -27,61 +28,15 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
 from functools import partial
-from types import FrameType, TracebackType
+from types import FrameType
+
+from relay import Connection, Relay, shutdown
 
 PIPE_SIZE = 1 << 20  # the default /proc/sys/fs/pipe-max-size
-MAX_PIPES = 32  # per direction, so ~24-32 MiB in flight (the old ring's 32 MiB): ~2.4 GB/s at 10 ms one way
-JOIN_TIMEOUT = 5.0
-
-
-class _Connection:
-    """One client connection and its upstream connection; aborts both at the first error.
-
-    Four threads serve it (a reader and a writer per direction); the last one to end closes the
-    sockets and the directions' pipes.
-    """
-
-    THREADS = 4
-
-    def __init__(self, client: socket.socket, server: socket.socket) -> None:
-        self.sockets = (client, server)
-        self._lock = threading.Lock()
-        self._open_directions = 2
-        self._running_threads = self.THREADS
-        self.aborted = threading.Event()
-        self.closed = threading.Event()
-        self.pipes: list[tuple[int, int, int]] = []  # (read end, write end, capacity), both directions
-
-    def run(self, target: Callable[[], None]) -> None:
-        """A thread's body: ``target``, then close the sockets if it was the connection's last thread."""
-        try:
-            target()
-        finally:
-            with self._lock:
-                self._running_threads -= 1
-                last = self._running_threads == 0
-            if last:
-                for sock in self.sockets:
-                    sock.close()
-                for read_end, write_end, _ in self.pipes:
-                    os.close(read_end)
-                    os.close(write_end)
-                self.closed.set()
-
-    def direction_done(self) -> None:
-        """One direction has delivered its end of stream; close both sockets after the second."""
-        with self._lock:
-            self._open_directions -= 1
-            last = self._open_directions == 0
-        if last:
-            self.abort()
-
-    def abort(self) -> None:
-        self.aborted.set()
-        for sock in self.sockets:
-            _shutdown(sock)
+# Per direction: what may be in flight is at most MAX_PIPES full pipes, enough for a fast link at
+# the delays the benchmark adds (bytes in flight = rate x delay).
+MAX_PIPES = 32
 
 
 class _Direction:
@@ -97,7 +52,7 @@ class _Direction:
     flight, and a slow client pushes back on the server as TCP would.
     """
 
-    def __init__(self, conn: _Connection, source: socket.socket, sink: socket.socket, delay: float) -> None:
+    def __init__(self, conn: Connection, source: socket.socket, sink: socket.socket, delay: float) -> None:
         self.conn, self.source, self.sink, self.delay = conn, source, sink, delay
         self._pipes: list[tuple[int, int, int]] = []  # made as needed; the connection closes them
         self._held = [0] * MAX_PIPES  # bytes in each pipe not yet sent
@@ -133,7 +88,7 @@ class _Direction:
             while (item := self._get()) is not None:
                 pipe, length = item
                 if not length:
-                    _shutdown(self.sink, socket.SHUT_WR)  # pass the end of stream on
+                    shutdown(self.sink, socket.SHUT_WR)  # pass the end of stream on
                     self.conn.direction_done()
                     return
                 left = length
@@ -162,7 +117,7 @@ class _Direction:
                 return None
             if pipe == len(self._pipes):
                 self._pipes.append(_make_pipe())
-                self.conn.pipes.append(self._pipes[-1])
+                self.conn.closers.append(partial(_close_pipe, self._pipes[-1]))
             return pipe
 
     def _pipe_full(self, pipe: int) -> None:
@@ -212,88 +167,34 @@ def _make_pipe() -> tuple[int, int, int]:
     return read_end, write_end, fcntl.fcntl(write_end, fcntl.F_GETPIPE_SZ)
 
 
-class LatencyProxy:
+def _close_pipe(pipe: tuple[int, int, int]) -> None:
+    os.close(pipe[0])
+    os.close(pipe[1])
+
+
+class LatencyProxy(Relay):
     """``with LatencyProxy(upstream_port, rtt) as proxy:`` then connect to ``proxy.port``."""
 
     def __init__(self, upstream_port: int, rtt: float) -> None:
-        self.upstream = ("127.0.0.1", upstream_port)
+        super().__init__(upstream_port)
         self.delay = rtt / 2
-        self._listener = socket.create_server(("127.0.0.1", 0), backlog=128)
-        self.port: int = self._listener.getsockname()[1]
-        self._connections: list[_Connection] = []
-        self._threads: list[threading.Thread] = []
-        self._lock = threading.Lock()
-        self._stopping = threading.Event()
 
     def __enter__(self) -> LatencyProxy:
         self.start()
         return self
 
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
-
-    def start(self) -> None:
-        self._spawn(self._accept_loop)
-
-    def stop(self) -> None:
-        """Close the listener and every connection, join every thread (bounded)."""
-        self._stopping.set()
-        _shutdown(self._listener)
-        self._listener.close()
-        with self._lock:
-            connections, threads = list(self._connections), list(self._threads)
-        for conn in connections:
-            conn.abort()
-        for thread in threads:
-            thread.join(JOIN_TIMEOUT)
-
-    def _spawn(self, target: Callable[[], None]) -> None:
-        thread = threading.Thread(target=target, daemon=True)
-        with self._lock:
-            self._threads = [t for t in self._threads if t.is_alive()]
-            self._connections = [c for c in self._connections if not c.closed.is_set()]
-            self._threads.append(thread)
-        thread.start()
-
-    def _accept_loop(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                if self._stopping.is_set():
-                    return
-                time.sleep(0.01)  # e.g. out of file descriptors for a moment
-                continue
-            try:
-                server = socket.create_connection(self.upstream, timeout=10)
-            except OSError:
-                client.close()
-                continue
-            server.settimeout(None)
-            self._serve(_Connection(client, server))
-
-    def _serve(self, conn: _Connection) -> None:
-        client, server = conn.sockets
+    def serve(self, client: socket.socket, server: socket.socket) -> None:
+        conn = Connection(client, server, threads=4)  # a reader and a writer per direction
         for sock in conn.sockets:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # the delay is ours alone
             # Non-blocking, and each loop polls before it splices: splice holds its pipe's lock
             # while it waits for a socket, so a reader waiting for data (or a writer for a slow
             # client) inside splice would hold up the other side of the same pipe.
             sock.setblocking(False)
-        with self._lock:
-            self._connections.append(conn)
+        self.track(conn)
         for direction in (_Direction(conn, client, server, self.delay), _Direction(conn, server, client, self.delay)):
-            self._spawn(partial(conn.run, direction.read_loop))
-            self._spawn(partial(conn.run, direction.write_loop))
-
-
-def _shutdown(sock: socket.socket, how: int = socket.SHUT_RDWR) -> None:
-    try:
-        sock.shutdown(how)
-    except OSError:
-        pass
+            self.spawn(partial(conn.run, direction.read_loop))
+            self.spawn(partial(conn.run, direction.write_loop))
 
 
 def _stop_on_signal(signum: int, frame: FrameType | None) -> None:

@@ -118,8 +118,8 @@ def test_a_change_behind_206s_without_validators_fails_the_old_handle_never_mixi
 def test_a_new_size_under_the_same_validators_fails_the_old_handle_and_reopens_new(
     mounts: Mounts, server: FaultServer, change: str
 ) -> None:
-    """Guards origin.py ``_check_range_answer``: ``if resp.status_code in (200, 416): raise RemoteChanged``
-    (its 416 half; a 200 of another version is also caught by the ``_same_version`` check after it)
+    """Guards remote.py ``check_range_answer``: ``if resp.status_code in (200, 416): raise RemoteChanged``
+    (its 416 half; a 200 of another version is also caught by the ``same_version`` check after it)
     and ``if got[2] != remote.size: raise RemoteChanged``. The server keeps the validators but the
     size changed: If-Range matches, and a range past the new end gets 416, or a 206 names the new
     total. That is a change (ESTALE, and the next open sees the new size), not a bad answer (EIO
@@ -169,7 +169,7 @@ def test_a_206_longer_than_its_content_range_never_writes_past_the_range(mounts:
 def test_a_range_ignoring_server_serving_another_version_never_mixes_bytes(
     mounts: Mounts, server: FaultServer, when: str, change: str
 ) -> None:
-    """Guards origin.py ``Origin._stream_once``: ``if not _same_version(remote, resp) or (length is not
+    """Guards origin.py ``Origin._stream_once``: ``if not same_version(remote, resp) or (length is not
     None and length != str(remote.size)): raise RemoteChanged``. The file changes before the plain
     GET, or while a cut body waits for its retry; ``change`` is a new ETag and Last-Modified, or a
     new size under the same validators (so each half of the check is needed)."""
@@ -233,7 +233,7 @@ def _first_difference(a: bytes, b: bytes) -> int:
 def test_with_a_weak_etag_ranged_gets_carry_the_date_and_fetch_only_what_is_asked(
     mounts: Mounts, server: FaultServer
 ) -> None:
-    """Guards origin.py ``RemoteFile.if_range``: ``if self.etag and not self.etag.startswith("W/"):
+    """Guards remote.py ``RemoteFile.if_range``: ``if self.etag and not self.etag.startswith("W/"):
     return self.etag`` (else Last-Modified). A weak ETag in If-Range never matches (RFC 9110
     13.1.5), so the server, as RFC 9110 says, ignores the Range and sends the whole file: a small
     read in the middle would cost the whole file."""

@@ -12,7 +12,8 @@ from fakeorigin import FakeOrigin
 from faultserver import FaultServer
 
 from rangefs.errors import BadResponse, RemoteChanged, RemoteUnreachable
-from rangefs.origin import Origin, OriginConfig, RemoteFile, _Pace
+from rangefs.limits import Pace
+from rangefs.origin import Origin, OriginConfig, RemoteFile
 
 DATA = bytes(range(256)) * 4096  # 1 MiB
 URL = "http://origin.test/file.bin"
@@ -180,7 +181,7 @@ def test_bodies_cut_short_but_fast_still_complete(server: FaultServer) -> None:
 
 def test_the_pace_forgives_slow_windows_once_one_brings_enough() -> None:
     async def run() -> None:
-        pace = _Pace(1000, 1.0, 0)
+        pace = Pace(1000, 1.0, 0)
         await trio.sleep(0.5)
         assert pace.judge(100) is None  # the window is not over
         await trio.sleep(0.6)
@@ -188,7 +189,7 @@ def test_the_pace_forgives_slow_windows_once_one_brings_enough() -> None:
         await trio.sleep(1.5)
         assert pace.judge(300) is not None and pace.slow == 2
         assert pace.judge(1300) is None and pace.slow == 0  # enough bytes, however soon
-        for off in (_Pace(0, 1.0, 0), _Pace(1000, 0, 0)):
+        for off in (Pace(0, 1.0, 0), Pace(1000, 0, 0)):
             await trio.sleep(2)
             assert off.judge(1) is None and off.slow == 0
 

@@ -1,0 +1,99 @@
+"""Bounds on requests to origins: how many run at once per origin, and how slow they may be.
+
+``OriginLimits`` gives each origin its own share of requests; ``LowSpeed`` cuts one attempt that
+receives too few bytes per second; ``Pace`` holds the attempts of one fetch to the same limit
+together. Imports trio only: rangefs.origin applies these to its HTTP requests.
+"""
+
+from __future__ import annotations
+
+import math
+
+import trio
+
+_MOVES_PER_WINDOW = 8  # see LowSpeed: an attempt is cut at most an eighth of a window early
+
+
+class OriginLimits:
+    """A capacity limiter per origin, made on first use: a slow host uses its own share of
+    requests, never another host's. Trio only."""
+
+    def __init__(self, per_origin: int) -> None:
+        self.per_origin = per_origin
+        self._limiters: dict[str, trio.CapacityLimiter] = {}
+
+    def of(self, origin: str) -> trio.CapacityLimiter:
+        """The limiter of ``origin`` (``scheme://host:port``, see rangefs.origin.origin_of)."""
+        limiter = self._limiters.get(origin)
+        if limiter is None:
+            limiter = self._limiters[origin] = trio.CapacityLimiter(self.per_origin)
+        return limiter
+
+
+class LowSpeed:
+    """Cuts an attempt that receives fewer than ``limit`` bytes/s over ``seconds``.
+
+    The deadline of ``scope`` moves ``seconds`` ahead once a window's worth of bytes has arrived
+    since it last moved, at most _MOVES_PER_WINDOW times per window: moving a trio deadline costs
+    microseconds, so a fast body costs a clock read per chunk, no timer and no system call.
+    """
+
+    def __init__(self, limit: int, seconds: float) -> None:
+        self.seconds = seconds
+        self.quota = limit * seconds if limit > 0 and seconds > 0 else math.inf
+        self.received = 0  # since the deadline last moved
+        now = trio.current_time()
+        self.next_move = now + seconds / _MOVES_PER_WINDOW
+        self.scope = trio.CancelScope(deadline=now + seconds if self.quota < math.inf else math.inf)
+
+    def feed(self, size: int) -> None:
+        self.received += size
+        if self.received >= self.quota:
+            now = trio.current_time()
+            if now >= self.next_move:
+                self.received = 0
+                self.next_move = now + self.seconds / _MOVES_PER_WINDOW
+                self.scope.deadline = now + self.seconds
+
+    def describe(self) -> str:
+        return f"too slow: {self.received / self.seconds:.0f} B/s over {self.seconds:g} s"
+
+
+class Pace:
+    """The low-speed limit across the attempts of one fetch, so that a server that sends a few
+    bytes and closes, again and again, sooner than an attempt is cut, still ends the read.
+
+    A window opens at the start and after each verdict; it is judged only when an attempt fails
+    after progress, so a fast body costs nothing here. Once it has brought ``limit * seconds``
+    bytes the read is fine: a new window opens and the slow ones are forgiven. Once it has lasted
+    ``seconds`` with fewer, it was slow: that failure counts against the retries, and each slow
+    window keeps counting until a fine one (a retry after progress does not forgive it).
+    """
+
+    def __init__(self, limit: int, seconds: float, position: int) -> None:
+        self.seconds = seconds
+        self.quota = limit * seconds if limit > 0 and seconds > 0 else math.inf
+        self.slow = 0  # slow windows since the last fine one
+        self._open(position)
+
+    def _open(self, position: int) -> None:
+        self.opened = trio.current_time()
+        self.start = position
+
+    def cut(self, position: int) -> None:
+        """An attempt that made progress was cut for its own low speed: a slow window."""
+        self.slow += 1
+        self._open(position)
+
+    def judge(self, position: int) -> str | None:
+        """After an attempt failed having made progress: why the failure counts, or None."""
+        delivered = position - self.start
+        if delivered >= self.quota:
+            self.slow = 0
+            self._open(position)
+            return None
+        elapsed = trio.current_time() - self.opened
+        if self.quota == math.inf or elapsed < self.seconds:
+            return None
+        self.cut(position)
+        return f"too slow: {delivered / elapsed:.0f} B/s over {elapsed:.1f} s of attempts that broke off"

@@ -27,8 +27,8 @@ import trio
 from rangefs import kernel, safefs
 from rangefs.cache import Cache, CachedFile
 from rangefs.errors import CacheError, OriginError, RangefsError, RemoteChanged
-from rangefs.fetcher import Readahead
 from rangefs.origin import RemoteFile
+from rangefs.prefetch import Readahead
 from rangefs.urllist import Entry
 
 log = logging.getLogger(__name__)

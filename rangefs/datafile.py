@@ -4,11 +4,13 @@ Imports rangefs.safefs (every file opened here goes through it), state, checksum
 errors; never the other cache modules. Most methods block and run in worker threads; only
 ``pread``, ``read_if_in_page_cache`` and ``reserve_sums`` are called on the trio thread.
 
-Fields written off the trio thread: ``fd``, ``sums`` and ``_closed_as``, by ``opened``, ``reset``
-and ``close``, which the cached file runs only while it holds both of its journal's locks
-(``Journal.files_locked``); ``grow`` and the journal's saves take unwritten sums from ``sums``
-under the same locks. The trio thread reads ``fd`` without a lock: a descriptor it reads may be
-closed by a version switch, so every read checks the version after it (see CachedFile.read).
+Fields written off the trio thread: ``fd``, ``sums`` (the object) and ``_closed_as``, by
+``opened``, ``load``, ``reset`` and ``close``, which the cached file runs only while it holds both
+of its journal's locks (``Journal.files_locked``), with no fetch running. The sums in ``sums``
+are set on the trio thread as blocks arrive; ``grow`` (both locks held) and the journal's saves
+(``_save_lock`` held) take the unwritten ones. The trio thread reads ``fd`` without a lock: a
+descriptor it reads from may be replaced by a version switch, so every read checks the version
+after it (see CachedFile.read).
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import trio
 
 from rangefs.cache import Cache, CachedFile
-from rangefs.fetcher import Readahead
+from rangefs.prefetch import Readahead
 
 log = logging.getLogger(__name__)
 

@@ -63,47 +63,6 @@ def plan_runs(blocks: Iterable[int], max_blocks: int) -> list[BlockRun]:
     return runs
 
 
-@dataclass
-class Readahead:
-    """Sequential-access detection for one open handle: how far ahead of a read to prefetch.
-
-    Like mountpoint-s3's prefetcher: a read that starts near where the previous one ended is
-    sequential (reads the kernel sends out of order, up to ``tolerance`` apart, still count, and
-    so does a forward skip into the window being fetched). The window is half of what the reader
-    has consumed in this sequential run, from ``initial`` up to ``maximum``: it grows as fast as
-    the reader proves it wants the bytes, not per read. "Consumed" includes the kernel's own
-    readahead, which already runs ahead of the reader. In `make bench`, `ffmpeg -ss 90 -t 5`
-    (which reads 1.8 MB past its seek) fetched 29 MiB with the window doubling per read,
-    14.6 MiB at twice the consumption, 12.0 MiB at once it, 9.2 MiB at half of it (rclone:
-    43 MiB); a cold 1 GiB dd kept its speed (half: median 312 MB/s, once: 283, 9 runs each,
-    taking turns). Any other read drops it to nothing, so random access fetches only the blocks
-    it touches.
-    """
-
-    initial: int
-    maximum: int
-    tolerance: int
-    window: int = 0
-    expected: int | None = None  # where the next sequential read should start
-    frontier: int = 0  # prefetch has been issued up to this byte offset
-    consumed: int = 0  # bytes read in the current sequential run
-    run: int = 0  # counts the sequential runs: a read that is not sequential starts the next
-
-    def advise(self, offset: int, size: int) -> int:
-        """Record a read; return the offset up to which data should be fetched ahead (0: none)."""
-        end = offset + size
-        expected = self.expected
-        ahead = max(self.tolerance, self.window)  # a skip into what is already being fetched is fine
-        if expected is not None and expected - self.tolerance <= offset <= expected + ahead:
-            self.consumed += max(0, end - expected)
-            self.window = min(self.maximum, max(self.initial, self.consumed // 2))
-            self.expected = max(expected, end)
-            return self.expected + self.window
-        self.window, self.expected, self.frontier, self.consumed = 0, end, end, size
-        self.run += 1
-        return 0
-
-
 class RunFetcher(Protocol):
     """Fetches a run of blocks into a data file (``Fetcher``, or ``FetchProcess`` in the helper)."""
 

@@ -33,9 +33,9 @@ from rangefs import kernel
 from rangefs.cache import Cache, CachedFile
 from rangefs.dropbehind import DropBehind, ReaderPages
 from rangefs.errors import CacheError, OriginError, RangefsError, RemoteChanged
-from rangefs.fetcher import Readahead
 from rangefs.origin import RemoteFile
 from rangefs.passthrough import Backing, Passthrough
+from rangefs.prefetch import Readahead
 from rangefs.readers import Opener, ReaderWatch, process_of
 from rangefs.tree import Node, Tree
 

@@ -452,7 +452,7 @@ async def _run_until_unmounted(fs: Filesystem, mountpoint: Path, signals: AsyncI
         fs.cache.abort()
 
     async with trio.open_nursery() as nursery:
-        await nursery.start(fs.cache.run)
+        await nursery.start(fs.cache.serve)
         nursery.start_soon(watch_signals, nursery)
         nursery.start_soon(_tune_kernel, fs, mountpoint)
         nursery.start_soon(_abort_when_disconnected, fs, mountpoint)

@@ -29,7 +29,7 @@ from pathlib import Path
 import trio
 
 from rangefs import safefs
-from rangefs.cache import CachedFile
+from rangefs.cachedfile import CachedFile
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from rangefs.cache import CachedFile
+from rangefs.cachedfile import CachedFile
 from rangefs.urllist import Entry
 
 # FUSE_ROOT_ID of <linux/fuse.h> (pyfuse3.ROOT_INODE): the kernel names the mount's root so.

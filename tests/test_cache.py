@@ -46,7 +46,7 @@ def with_cache(
     async def run() -> None:
         async with cache_over(tmp_path, fake) as (cache, cached):
             async with trio.open_nursery() as nursery:
-                await nursery.start(cache.run)
+                await nursery.start(cache.serve)
                 await cached.acquire()
                 try:
                     await body(cache, cached)
@@ -60,11 +60,11 @@ def with_cache(
 @pytest.fixture
 def hashed(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The length of every block the cache checks against its sum, in order."""
-    import rangefs.cache as cache_module
+    import rangefs.verifier as verifier_module
 
     lengths: list[int] = []
-    real_sum = cache_module.block_sum
-    monkeypatch.setattr(cache_module, "block_sum", lambda data: lengths.append(len(data)) or real_sum(data))
+    real_sum = verifier_module.block_sum
+    monkeypatch.setattr(verifier_module, "block_sum", lambda data: lengths.append(len(data)) or real_sum(data))
     return lengths
 
 
@@ -268,7 +268,7 @@ def test_readers_waiting_across_a_switch_to_a_shorter_version_get_estale_not_a_l
 
     async def scenario(cache: Cache, cached: CachedFile) -> None:
         async with trio.open_nursery() as nursery:
-            await nursery.start(cache.run)
+            await nursery.start(cache.serve)
             await cached.acquire()
 
             async def reader() -> None:
@@ -367,7 +367,7 @@ def test_a_new_version_goes_to_a_new_data_file_and_the_old_one_stays_whole(tmp_p
     async def run() -> None:
         async with cache_over(tmp_path, fake, probe=True) as (cache, cached):
             async with trio.open_nursery() as nursery:
-                await nursery.start(cache.run)
+                await nursery.start(cache.serve)
                 await cached.acquire()
                 try:
                     assert bytes(await cached.read(0, len(DATA))) == DATA
@@ -432,7 +432,7 @@ def test_a_checkpoint_running_when_the_mount_stops_still_saves_its_blocks(
     async def run() -> None:
         async with cache_over(tmp_path, FakeOrigin(DATA), checkpoint_interval=0.2) as (cache, cached):
             async with trio.open_nursery() as nursery:  # as mount._run_until_unmounted
-                await nursery.start(cache.run)
+                await nursery.start(cache.serve)
                 await cached.acquire()
                 await cached.read(0, 3 * BLOCK)
                 await trio.sleep(0.35)  # the checkpoint task is in its flush now
@@ -476,7 +476,7 @@ def test_a_write_is_saved_an_interval_and_one_checkpoint_after_it_even_while_wri
                     await trio.sleep(0.01)
 
             async with trio.open_nursery() as nursery:
-                await nursery.start(cache.run)
+                await nursery.start(cache.serve)
                 nursery.start_soon(watch)
                 await cached.acquire()
                 for block in range(20):
@@ -504,7 +504,7 @@ def test_an_open_joins_the_files_while_the_last_close_flushes_them(
     async def run() -> None:
         async with cache_over(tmp_path, FakeOrigin(DATA)) as (cache, cached):
             async with trio.open_nursery() as nursery:
-                await nursery.start(cache.run)
+                await nursery.start(cache.serve)
                 await cached.acquire()
                 await cached.read(0, 3 * BLOCK)
                 closed = trio.Event()
@@ -551,7 +551,7 @@ def test_a_block_found_damaged_during_a_flush_is_not_claimed_flushed_by_it(
                 f.write(b"\0" * 100)
         async with cache_over(tmp_path, fake) as (cache, cached):  # the next mount
             async with trio.open_nursery() as nursery:
-                await nursery.start(cache.run)
+                await nursery.start(cache.serve)
                 await cached.acquire()
                 assert bytes(await cached.read(BLOCK, 10)) == DATA[BLOCK : BLOCK + 10]  # block 1 fetched again
                 flushing, go_on = held_flushes(monkeypatch)

@@ -55,7 +55,7 @@ def test_progress_of_a_partial_write_reports_nothing_early() -> None:
 
 
 def test_readahead_grows_with_what_was_read_and_drops_on_a_jump() -> None:
-    from rangefs.fetcher import Readahead
+    from rangefs.prefetch import Readahead
 
     ra = Readahead(initial=100, maximum=400, tolerance=50)
     assert ra.advise(0, 10) == 0  # one read says nothing yet

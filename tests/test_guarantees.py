@@ -265,8 +265,8 @@ class _Versions:
 def test_a_data_file_read_racing_a_version_switch_fails_with_remote_changed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Guards cache.py ``CachedFile.read``: ``self._check_version(generation)  # the version may have
-    switched while we waited`` after ``data = await self._pread(end - offset, offset)``. A reader of
+    """Guards cachedfile.py ``CachedFile.read``: ``self._check_version(generation)  # the version may have
+    switched while we waited`` after ``data = await self.data.pread(end - offset, offset)``. A reader of
     the old version waits in its pread while the file switches to a new version and the new
     version's block is fetched into the data file; its pread then reads the new bytes."""
     old = RemoteFile("http://origin.test/f", 4 * BLOCK, '"old"', None)
@@ -283,10 +283,10 @@ def test_a_data_file_read_racing_a_version_switch_fails_with_remote_changed(
         cached = cache.file(old.url, old)
         with trio.fail_after(10):
             async with trio.open_nursery() as nursery:
-                await nursery.start(cache.run)
+                await nursery.start(cache.serve)
                 await cached.acquire()
                 assert bytes(await cached.read(0, 100, generation=0)) == b"o" * 100
-                real_pread, reading, go_on = cached._pread, trio.Event(), trio.Event()
+                real_pread, reading, go_on = cached.data.pread, trio.Event(), trio.Event()
 
                 async def held_pread(size: int, offset: int) -> bytes | bytearray:
                     if not reading.is_set():  # only the old reader's pread waits
@@ -294,7 +294,7 @@ def test_a_data_file_read_racing_a_version_switch_fails_with_remote_changed(
                         await go_on.wait()
                     return await real_pread(size, offset)
 
-                monkeypatch.setattr(cached, "_pread", held_pread)
+                monkeypatch.setattr(cached.data, "pread", held_pread)
 
                 async def old_reader() -> None:
                     try:

@@ -355,7 +355,7 @@ def test_a_fetch_is_cancelled_when_the_last_read_waiting_for_it_is(tmp_path: Pat
             cache = Cache(CacheConfig(tmp_path, block_size=BLOCK), Fetcher(origin, BLOCK))
             cached = cache.file("http://origin.test/f.bin", await origin.probe("http://origin.test/f.bin"))
             async with trio.open_nursery() as nursery:
-                await nursery.start(cache.run)
+                await nursery.start(cache.serve)
                 await cached.acquire()
                 scopes = [trio.CancelScope(), trio.CancelScope()]
 
@@ -366,13 +366,13 @@ def test_a_fetch_is_cancelled_when_the_last_read_waiting_for_it_is(tmp_path: Pat
                 for scope in scopes:
                     nursery.start_soon(reader, scope)
                 await trio.sleep(0.5)
-                (flight,) = set(cached._inflight.values())
+                (flight,) = set(cached.flights._inflight.values())
                 scopes[0].cancel()
                 await trio.sleep(0.5)
                 assert not flight.scope.cancel_called, "a fetch another read waits for was cancelled"
                 scopes[1].cancel()
                 await trio.sleep(0.5)
-                assert flight.scope.cancel_called and not cached._inflight
+                assert flight.scope.cancel_called and not cached.flights._inflight
                 await cached.release()
                 nursery.cancel_scope.cancel()
 
@@ -415,7 +415,7 @@ def test_a_reader_waiting_for_several_blocks_of_anothers_fetch_keeps_it_wanted_u
         cache = Cache(CacheConfig(tmp_path, block_size=BLOCK), fetcher)  # type: ignore[arg-type]
         cached = cache.file("http://origin.test/f.bin", RemoteFile("http://origin.test/f.bin", len(data), '"v1"', None))
         async with trio.open_nursery() as nursery:
-            await nursery.start(cache.run)
+            await nursery.start(cache.serve)
             await cached.acquire()
             first = trio.CancelScope()
             got: list[bytes] = []

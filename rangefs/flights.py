@@ -1,0 +1,256 @@
+"""The single-flight table of one cached file: which fetch brings which block, and who wants it.
+
+Imports rangefs.bitmap, errors and fetcher (``BlockRun``, ``plan_runs``); never the cache
+modules, pyfuse3 or the origin. Everything here runs on the trio thread; no field is touched by
+a worker thread. The rules it keeps:
+
+- Between testing a block and claiming it there is no ``await``: ``claim`` and
+  ``claim_ahead`` take the blocks their caller found missing in the same step, so two readers
+  that need the same block start one fetch, and the second waits on the first one's flight.
+- A fetch runs while someone wants it: a read waiting for it (``Flight.readers``), or an open
+  handle prefetching it (``Flight.prefetchers``). The last one to go cancels it (``unwanted``);
+  a stream serves every reader and runs until the file's last user goes.
+- Every fetch is counted from its claim until it ends (``_scopes``), so ``stop`` can cancel
+  them all and wait until none runs: no fetch outlives the descriptor it writes to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+import trio
+
+from rangefs.bitmap import Bitmap
+from rangefs.errors import FetchInterrupted, RangesIgnored
+from rangefs.fetcher import BlockRun, plan_runs
+
+
+class Abandoned(FetchInterrupted):
+    """The reader that was fetching a block went away; whoever needs it fetches it again."""
+
+
+class Absent:
+    """The blocks a stream brings: those neither present nor fetched by another flight when it
+    started. Tested, never listed: a stream covers the file's size as claimed, whatever that is."""
+
+    def __init__(self, nblocks: int, present: Bitmap, others: frozenset[int]) -> None:
+        self._nblocks, self._present, self._others = nblocks, present, others
+
+    def __contains__(self, block: int) -> bool:
+        return 0 <= block < self._nblocks and block not in self._present and block not in self._others
+
+
+class Flight:
+    """One fetch of a block run in progress; waiters are woken per block.
+
+    A waiter's Event is made when someone waits for a block, not for every block: a sequential
+    read fetches far more blocks than it waits for, and an Event per block showed in the daemon's
+    profile (docs/experiments.md, 'Per-block events').
+    """
+
+    def __init__(self, run: BlockRun, generation: int, blocks: list[int] | None = None, stream: bool = False) -> None:
+        """``generation``: the file version it fetches; ``blocks``: the ones it delivers, when not
+        all of the run; ``stream``: the whole file from a plain GET (a server that ignores Range)."""
+        self.run = run
+        self.generation = generation
+        self.stream = stream
+        self.blocks: range | set[int] | Absent = range(run.first, run.stop) if blocks is None else set(blocks)
+        self.error: BaseException | None = None
+        self.scope = trio.CancelScope()
+        # Who wants it: the reads waiting for it, and the open handles that prefetch it (the id of
+        # their Readahead, removed when they close). A fetch nobody wants is cancelled (unwanted).
+        self.readers = 0
+        self.prefetchers: set[int] = set()
+        self._waiters: dict[int, trio.Event] = {}  # blocks someone waits for, until delivered
+        self._ended = trio.Event()
+
+    async def arrival(self, block: int) -> None:
+        """Return once ``block`` is delivered or the flight has ended (the caller tells which)."""
+        if self._ended.is_set():
+            await trio.lowlevel.checkpoint()
+            return
+        event = self._waiters.get(block)
+        if event is None:
+            event = self._waiters[block] = trio.Event()
+        await event.wait()
+
+    async def end(self) -> None:
+        """Return once the flight has ended."""
+        await self._ended.wait()
+
+    def delivered(self, block: int) -> None:
+        event = self._waiters.pop(block, None)
+        if event is not None:
+            event.set()
+
+    def finish(self, error: BaseException | None) -> None:
+        """Wake everyone still waiting; blocks not delivered carry ``error``."""
+        self.error = error
+        self._ended.set()
+        waiters, self._waiters = self._waiters, {}
+        for event in waiters.values():
+            event.set()
+
+
+class Host(Protocol):
+    """Where background fetches run (the Cache's task group)."""
+
+    @property
+    def hosting(self) -> bool: ...
+
+    def spawn(self, fn: Callable[..., Awaitable[None]], *args: object) -> bool: ...
+
+
+class Flights:
+    """The fetches in progress for one cached file, by block, and the waiting for them.
+
+    ``fetch(flight)`` runs one flight to its end and then calls ``finish``; it never raises
+    but Cancelled. Fields, all written on the trio thread only:
+    ``_inflight`` (block -> its ranged flight), ``stream`` (the whole-file stream, for a server
+    that ignores Range), ``_scopes`` (every flight from its claim to its end) and ``_none_running``
+    (set, then replaced, whenever ``_scopes`` empties).
+    """
+
+    def __init__(self, host: Host, fetch: Callable[[Flight], Awaitable[None]], max_blocks: int) -> None:
+        """``max_blocks``: the most blocks one ranged fetch asks for."""
+        self._host = host
+        self._fetch = fetch
+        self._max_blocks = max_blocks
+        self._inflight: dict[int, Flight] = {}
+        self.stream: Flight | None = None
+        self._scopes: set[trio.CancelScope] = set()
+        self._none_running = trio.Event()
+
+    def __contains__(self, block: int) -> bool:
+        """Whether a ranged fetch brings ``block``."""
+        return block in self._inflight
+
+    def flight_of(self, block: int) -> Flight | None:
+        """The fetch that brings ``block``: a ranged one, or the stream."""
+        flight = self._inflight.get(block)
+        if flight is None and self.stream is not None and block in self.stream.blocks:
+            return self.stream
+        return flight
+
+    def claim(self, blocks: list[int], generation: int) -> list[Flight]:
+        """Flights for ``blocks`` (none of them brought by a fetch yet), in runs of at most ``max_blocks``."""
+        flights = [Flight(run, generation) for run in plan_runs(blocks, self._max_blocks)]
+        for flight in flights:
+            self._scopes.add(flight.scope)  # from the claim on, so stop waits for it
+            for block in range(flight.run.first, flight.run.stop):
+                self._inflight[block] = flight
+        return flights
+
+    def claim_ahead(self, first: int, stop: int, bitmap: Bitmap, prefetcher: int, generation: int) -> None:
+        """Prefetch blocks ``first .. stop`` for the handle ``prefetcher`` in the background: the
+        missing ones not brought yet are claimed and started; fetches under way for the others are
+        wanted by this handle too."""
+        blocks = [b for b in range(first, stop) if b not in bitmap and b not in self._inflight]
+        for block in range(first, stop):
+            if block in self._inflight:
+                self._inflight[block].prefetchers.add(prefetcher)
+        for flight in self.claim(blocks, generation):
+            flight.prefetchers.add(prefetcher)
+            if not self._host.spawn(self._fetch, flight):
+                self._scopes.discard(flight.scope)
+                self.forget(flight)
+                flight.finish(Abandoned("no task group for prefetching"))
+
+    async def start_stream(self, nblocks: int, present: Bitmap, generation: int) -> Flight:
+        """Start the stream of the whole file, bringing the blocks not in ``present`` (a copy)
+        that no ranged fetch brings; in the background when possible, else before returning."""
+        running = self.stream = Flight(BlockRun(0, nblocks), generation, stream=True)
+        running.blocks = Absent(nblocks, present, frozenset(self._inflight))
+        self._scopes.add(running.scope)
+        if not self._host.spawn(self._fetch, running):
+            await self._fetch(running)
+        return running
+
+    def forget(self, flight: Flight) -> None:
+        """Take ``flight`` out of the table: its blocks are no longer being brought by it."""
+        if isinstance(flight.blocks, Absent):  # a stream: never in _inflight
+            if self.stream is flight:
+                self.stream = None
+            return
+        for block in flight.blocks:
+            if self._inflight.get(block) is flight:
+                del self._inflight[block]
+
+    def finish(self, flight: Flight, error: BaseException | None) -> None:
+        """``flight`` ended (with ``error`` for the blocks it did not deliver): wake its waiters."""
+        self.forget(flight)
+        flight.finish(error)
+        self._scopes.discard(flight.scope)
+        if not self._scopes:
+            self._none_running.set()
+            self._none_running = trio.Event()
+
+    def unwanted(self, flight: Flight) -> None:
+        """Cancel ``flight`` if no read waits for it and no open handle prefetches it.
+
+        Not a stream: it serves every reader of the file, and ends with the file's last user.
+        """
+        if not flight.readers and not flight.prefetchers and not flight.stream:
+            flight.scope.cancel()
+
+    def forget_prefetcher(self, prefetcher: int) -> None:
+        """A handle closed: the fetches only it prefetched are cancelled."""
+        for flight in {flight for flight in self._inflight.values() if prefetcher in flight.prefetchers}:
+            flight.prefetchers.discard(prefetcher)
+            self.unwanted(flight)
+
+    def abort(self) -> None:
+        """Cancel every fetch in flight (their readers get an error)."""
+        for scope in self._scopes:
+            scope.cancel()
+
+    async def stop(self) -> None:
+        """Cancel every fetch and wait until none runs (so none can write any more)."""
+        while self._scopes:
+            self.abort()
+            await self._none_running.wait()
+
+    async def fetch_all(self, flights: list[Flight]) -> None:
+        """Run ``flights`` for a read and wait until they end.
+
+        In the background task group when there is one, so that a read that is cancelled (its
+        reader went away) leaves running the fetches that others still want, and only those.
+        """
+        if not self._host.hosting:
+            async with trio.open_nursery() as nursery:
+                for flight in flights:
+                    nursery.start_soon(self._fetch, flight)
+            return
+        for flight in flights:
+            flight.readers += 1
+            self._host.spawn(self._fetch, flight)
+        try:
+            for flight in flights:
+                await flight.end()
+        finally:
+            for flight in flights:
+                flight.readers -= 1
+                self.unwanted(flight)
+
+    async def wait_for(self, flights: set[Flight], blocks: list[int], bitmap: Callable[[], Bitmap]) -> None:
+        """Wait for other readers' fetches of ``blocks``; re-raise their errors, not abandonment.
+
+        ``bitmap()`` is looked up after every wait: a version switch replaces it. This read wants
+        each of ``flights`` until it is done with all of them, so that a fetch only it still wants
+        goes on between the blocks it waits for."""
+        for flight in flights:
+            flight.readers += 1
+        try:
+            for flight in flights:
+                for block in blocks:
+                    if block in flight.blocks and block not in bitmap():
+                        await flight.arrival(block)
+                        if block not in bitmap() and not isinstance(
+                            flight.error, (FetchInterrupted, RangesIgnored, type(None))
+                        ):
+                            raise flight.error
+        finally:
+            for flight in flights:
+                flight.readers -= 1
+                self.unwanted(flight)

@@ -1,7 +1,7 @@
 """Which blocks of a cached file are present: a sparse bit array; pure logic, no I/O.
 
-Memory grows with the blocks present, never with the size a server claims: bits live in pages
-allocated on first use (a file claimed to be 8 TiB, read once, holds one page). Block ``b`` is
+Memory grows with the blocks present, never with the size a server announces: bits live in pages
+allocated on first use (a file announced as 8 TiB, read once, holds one page). Block ``b`` is
 bit ``b % 8`` of byte ``(b % PAGE_BLOCKS) // 8`` of page ``b // PAGE_BLOCKS``. The serialized
 form is a list of runs of present blocks (``runs``), as long as the cached part is fragmented.
 """

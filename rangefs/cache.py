@@ -53,7 +53,7 @@ class CacheConfig:
     # one running then, whichever is later): what a power cut can cost (a kill -9 costs at most
     # what the last save missed: see rangefs.journal.SAVE_BYTES). By time only, not also by
     # volume: a flush while a long cold read runs makes that read pay for the disk writes
-    # (docs/experiments.md, 'Checkpoint by volume'). The kernel writes back dirty pages on its
+    # (docs/experiments.md, 'Checkpoint by time only'). The kernel writes back dirty pages on its
     # own; a read that lasts longer pays one flush per interval.
     checkpoint_interval: float = 5.0
     max_request_bytes: int = 16 * 1024 * 1024  # longest Range request (a prefetch of a sequential reader)
@@ -99,7 +99,7 @@ class Cache:
         self._dirtied = trio.Event()  # set by the first unsaved write since the last checkpoint round
         self._first_unsaved: float | None = None  # trio time of that write
         self._save_due = trio.Event()  # set by the first write since the last save round
-        self._unsaved: set[CachedFile] = set()  # files with writes their state file does not claim yet
+        self._unsaved: set[CachedFile] = set()  # files with writes their state file does not record yet
         self._nursery: trio.Nursery | None = None
         self._calls: set[trio.CancelScope] = set()  # network calls in progress besides the fetches (see network)
         self.closing = False
@@ -192,7 +192,7 @@ class Cache:
                 self._nursery = None
 
     async def _save_loop(self) -> None:
-        """Save (claim without flushing) what files wrote, ``SAVE_DELAY`` after the first write."""
+        """Save (record without flushing) what files wrote, ``SAVE_DELAY`` after the first write."""
         while True:
             await self._save_due.wait()
             await trio.sleep(SAVE_DELAY)

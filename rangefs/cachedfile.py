@@ -118,7 +118,7 @@ class CachedFile:
         self._passthrough_handles -= 1
 
     def passthrough_ready(self) -> bool:
-        """Every block is cached, on disk (the state file claims it: a checkpoint flushed it) and
+        """Every block is cached, on disk (the state file records it: a checkpoint flushed it) and
         was checked in this session, and the file may not grow: the kernel may read the data file
         itself, as it stands, for as long as a handle is open (a later failed flush would drop
         pages the kernel reads). Never without a validator: every revalidation of such a file
@@ -154,7 +154,7 @@ class CachedFile:
         return self._bytes_in(self.bitmap)
 
     def saved_bytes(self) -> int:
-        """Bytes flushed and claimed by the state file: what a crash now would keep."""
+        """Bytes flushed and recorded by the state file: what a crash now would keep."""
         if self.journal.persisted is None:  # not opened in this session: as its state file says
             return self.cached_bytes()
         return self._bytes_in(self.journal.persisted)
@@ -330,7 +330,7 @@ class CachedFile:
             self.unwritable()
             return await self._read_past_cache(offset, end, generation)
         fd = self.data.fd
-        if slices and _PAGE_CACHE.cached(fd, offset, end - offset):
+        if slices and _PAGE_CACHE.resident(fd, offset, end - offset):
             self.check_version(generation)
             return fd, offset, end - offset
         try:

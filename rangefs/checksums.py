@@ -3,7 +3,7 @@
 Imports only the standard library. The sums file holds ``block_sum`` of block ``b`` as a native
 u32 at offset ``4 * b`` (a cache never leaves its machine). It is written piece by piece at the
 blocks fetched and never allocated whole, so its disk use, like this object's memory, follows
-the blocks cached rather than the size a server claims. A sum never written reads as 0 (a hole
+the blocks cached rather than the size a server announces. A sum never written reads as 0 (a hole
 or past the end), which no block is trusted with: ``block_sum`` of a block of zeros is not 0,
 so a block whose bytes never reached the disk fails its check even when its sum is lost too.
 """

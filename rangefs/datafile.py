@@ -49,9 +49,9 @@ def stamp(fd: int) -> tuple[int, ...]:
 class Loaded:
     """A saved bitmap found fit for the version being opened (``DataFile.load``)."""
 
-    bitmap: Bitmap  # the blocks claimed whose sum is on disk
+    bitmap: Bitmap  # the blocks recorded whose sum is on disk
     synced: bool  # the save was made after a flush: its blocks are on disk
-    lost: bool  # some claimed blocks had no sum and are not counted
+    lost: bool  # some recorded blocks had no sum and are not counted
     grown_from: state.Identity | None  # the smaller version it was saved for, when the file may have grown
 
 
@@ -63,7 +63,7 @@ class DataFile:
         self.path = base.with_suffix(".data")
         self.state_path = base.with_suffix(".state")
         # block_sum() of each block as received (see rangefs.checksums). Written at saves before
-        # the state file, so a block the state claims has its sum. (".sums" held CRC-32s before;
+        # the state file, so a block the state records has its sum. (".sums" held CRC-32s before;
         # such a file is deleted and its blocks refetched.)
         self.sums_path = base.with_suffix(".xxh")
         self._legacy_sums_path = base.with_suffix(".sums")
@@ -157,13 +157,13 @@ class DataFile:
                         saved.distrusted)
         return saved if saved.identity == identity else None
 
-    def with_sums(self, claimed: Bitmap) -> tuple[Bitmap, checksums.BlockSums]:
-        """The blocks of ``claimed`` whose sum is on disk, and those sums; a block without one
+    def with_sums(self, recorded: Bitmap) -> tuple[Bitmap, checksums.BlockSums]:
+        """The blocks of ``recorded`` whose sum is on disk, and those sums; a block without one
         would fail its check anyway, and must not count as cached."""
-        sums = checksums.read(self.sums_path, claimed.runs())
-        for block in sums.missing(claimed.runs()):
-            claimed.discard(block)
-        return claimed, sums
+        sums = checksums.read(self.sums_path, recorded.runs())
+        for block in sums.missing(recorded.runs()):
+            recorded.discard(block)
+        return recorded, sums
 
     def reserve_first_sums(self) -> None:
         """Room for the first page of sums now, so that the first fetches (and most of a small
@@ -176,7 +176,7 @@ class DataFile:
 
     async def reserve_sums(self, run: BlockRun) -> None:
         """Make room for the run's sums first (once per page of sums): on a disk that fills up,
-        a block written must not be left unclaimable for want of room for its sum."""
+        a block written must not be left unrecordable for want of room for its sum."""
         pages = self.sums.unreserved(run.first, run.stop)
         if pages:
             sums = self.sums  # a reset meanwhile brings new sums, which this reservation is not for

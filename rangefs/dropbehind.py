@@ -4,7 +4,7 @@ The kernel's page cache of a mounted file (filled by its readahead) and the cach
 cache hold the same bytes, so a cold read through the mount holds every byte twice. Dropping the
 mounted file's pages far behind the reader lets the kernel reuse them for the next ones instead
 of taking fresh memory, which costs time and CPU where free memory is slow to get back (measured:
-docs/experiments.md, drop-behind). Only within a sequential stretch of reads that started while
+docs/experiments.md, 'Drop-behind'). Only within a sequential stretch of reads that started while
 the file was incomplete, and while the handle is its inode's one handle served through read().
 Here "drop" always means dropping the kernel's pages of the mounted file; the cache file keeps its own.
 
@@ -57,7 +57,7 @@ class ReaderPages:
     cached: CachedFile
     readahead: Readahead
     active: bool = False  # drop the kernel's pages behind this reader
-    stretch: int = -1  # the reader's sequential stretch (Readahead.run) that ``dropped_to`` belongs to
+    stretch: int = -1  # the reader's sequential stretch (Readahead.stretch) that ``dropped_to`` belongs to
     dropped_to: int = 0  # the kernel's pages from the stretch's start to this offset were dropped
     dropping: bool = False  # a drop is under way
 
@@ -94,8 +94,8 @@ class DropBehind:
         readahead, cached = pages.readahead, pages.cached
         if readahead.expected is None or pages.dropping or self._stopped:
             return
-        if readahead.run != pages.stretch:
-            pages.stretch, pages.dropped_to = readahead.run, readahead.expected - readahead.consumed
+        if readahead.stretch != pages.stretch:
+            pages.stretch, pages.dropped_to = readahead.stretch, readahead.expected - readahead.consumed
             pages.active = cached.cached_bytes() < cached.size
         stop = (readahead.expected - _DROP_BEHIND) // mmap.PAGESIZE * mmap.PAGESIZE
         start = pages.dropped_to

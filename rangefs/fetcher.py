@@ -186,8 +186,8 @@ class SplitFetcher:
 
     A random read waits for its fetch: handing a small fetch to the helper and back costs two
     process wake-ups and messages, more than the CPU the fetch itself takes (measured:
-    docs/experiments.md). Large runs are sequential prefetches, whose body CPU belongs off the
-    FUSE thread.
+    docs/experiments.md, 'Small fetches in the daemon'). Large runs are sequential prefetches,
+    whose body CPU belongs off the FUSE thread.
     """
 
     def __init__(self, near: Fetcher, far: RunFetcher, block_size: int, max_near_bytes: int) -> None:
@@ -226,7 +226,7 @@ def block_sum(data: bytes | bytearray | memoryview) -> int:
     """The checksum of one block: the low 32 bits of its XXH3-64.
 
     XXH3 rather than CRC-32: zlib's crc32 took a large share of the fetch helper's CPU, XXH3 is
-    several times faster (measured: docs/experiments.md). 32 bits are plenty to tell a damaged
+    several times faster (measured: docs/experiments.md, 'Block checksums'). 32 bits are plenty to tell a damaged
     block from a good one (not an adversary).
     """
     return xxhash.xxh3_64_intdigest(data) & 0xFFFFFFFF

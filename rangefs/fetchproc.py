@@ -2,7 +2,7 @@
 
 pyfuse3 answers every FUSE request on one trio thread. During a cold sequential read that
 thread is busy all the time, most of it in the HTTP body path (httpcore, h11, the socket) and in
-FUSE replies (profiled: docs/experiments.md). So the daemon starts one helper
+FUSE replies (profiled: docs/experiments.md, 'Fetch helper process'). So the daemon starts one helper
 (``python -m rangefs.fetchproc``) that fetches block runs with its own Origin and writes them
 straight into the cache data files. The daemon keeps everything else (bitmap, single flight,
 readahead, checkpoints) and hears of each written piece by a message.
@@ -281,7 +281,7 @@ class _Reports:
 
     One report per socket read would make thousands of messages per GiB, each unpickled and
     applied by the daemon's one thread; grouped, a cold sequential read is faster and costs both
-    processes less CPU (measured: docs/experiments.md).
+    processes less CPU (measured: docs/experiments.md, 'Grouped written reports').
     """
 
     def __init__(self, send: Callable[[tuple[object, ...]], Awaitable[None]], rid: int, block_size: int) -> None:
@@ -294,7 +294,7 @@ class _Reports:
 
     async def add(self, first: int, stop: int, sums: list[int]) -> None:
         if self._sums and first != self._stop:
-            await self.send_now()  # not adjacent (a fetch reports in order, so never): no gap claimed
+            await self.send_now()  # not adjacent (a fetch reports in order, so never): no gap reported
         if not self._sums:
             self._first = first
             self._due.set()

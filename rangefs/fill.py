@@ -10,7 +10,7 @@ to ``_mark_written`` back on the trio thread. The rules it keeps:
 - The bitmap is looked up again on every pass and after every wait: a version switch
   replaces it. A fetch of a version that is gone claims nothing.
 - A block's bit is set only after the fetcher wrote it to the data file, and its sum is kept
-  before its bit is set (so a save that claims the bit has the sum to write first).
+  before its bit is set (so a save that records the bit has the sum to write first).
 """
 
 from __future__ import annotations

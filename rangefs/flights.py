@@ -46,7 +46,7 @@ class Flight:
 
     A waiter's Event is made when someone waits for a block, not for every block: a sequential
     read fetches far more blocks than it waits for, and an Event per block showed in the daemon's
-    profile (docs/experiments.md, 'Per-block events').
+    profile (docs/experiments.md, 'Block events only for waiters').
     """
 
     def __init__(self, run: BlockRun, generation: int, blocks: list[int] | None = None, stream: bool = False) -> None:

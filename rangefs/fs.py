@@ -1,6 +1,6 @@
-"""The FUSE operations: inodes, handles, errno and INIT; the only module that imports pyfuse3.
+"""The FUSE operations: inodes, handles, errno and INIT; the module that answers pyfuse3's requests.
 
-A thin adapter over the tree (rangefs.tree) and the cached files (rangefs.cache): each handler
+A thin adapter over the tree (rangefs.tree) and the cached files (rangefs.cachedfile): each handler
 finds its node or handle, asks the cached file, and answers. An open is served either by the
 kernel from the cache file (rangefs.passthrough) or through read(), behind which the kernel's
 pages are dropped (rangefs.dropbehind); reads whose reader went away are cancelled
@@ -279,7 +279,7 @@ class Filesystem(pyfuse3.Operations):
         # Direct I/O: the kernel hands each read() to us at the reader's size and copies our answer
         # straight into the reader's buffer, instead of filling its own page cache in readahead
         # requests. Faster for a large sequential reader, but every read costs a request, so small
-        # reads get slower (measured: docs/experiments.md, direct I/O). Hence an option, and only
+        # reads get slower (measured: docs/experiments.md, 'Direct I/O option'). Hence an option, and only
         # for files not complete yet (a complete one keeps the page cache).
         direct = self.direct_io_mmap and cached.cached_bytes() < cached.size
         handle.pages.active = self._drop_behind.available and not direct  # its first read decides

@@ -4,7 +4,7 @@ Why: a range body through httpx costs Python work per chunk in four layers (http
 h11's receive buffer, our sink), and each request costs CPU in httpcore's pool. This client
 sends the request and parses the response head with h11, then reads the body straight from
 the network stream, counting Content-Length itself, and keeps the connection for the next
-request (measured against httpx: docs/experiments.md).
+request (measured against httpx: docs/experiments.md, 'Lean HTTP/1.1 client').
 
 Only for plain GETs of a URL whose redirects are already resolved (the probe does that with
 httpx) and only when no proxy is configured; anything it does not handle (a chunked body,

@@ -1,19 +1,19 @@
-"""Durability of one cached file: when and how its progress is saved (claimed) and flushed.
+"""Durability of one cached file: when and how its progress is saved (recorded) and flushed.
 
 Imports rangefs.state, checksums and bitmap; sees its cached file (rangefs.cachedfile) only to
 reach the bitmap, the data file and the cache. The rules it keeps:
 
 - A block's bit is set only after its data is written to the data file (the fetch's sink calls
-  ``written`` after it set the bits), so whatever a save claims was written.
-- A saved bitmap never claims a block whose sum is not written before it: a save (``save``,
+  ``written`` after it set the bits), so whatever a save records was written.
+- A saved bitmap never records a block whose sum is not written before it: a save (``save``,
   every few MiB or a fraction of a second of progress) writes the new sums, then the state, in
   place, into the slot that does not hold the newest save (rangefs.state), without waiting for
-  the data to reach the disk. A block claimed but lost to a power cut fails its check before
+  the data to reach the disk. A block recorded but lost to a power cut fails its check before
   first use (rangefs.verifier) and is fetched again.
 - A checkpoint (``checkpoint``) also flushes: it snapshots the bitmap, fdatasyncs the data
   file, then saves a state marked synced when nothing was added meanwhile; only flushed blocks
   count as ``persisted`` (what passthrough may rely on). Blocks found damaged during the flush
-  (``_damaged``) are taken out of what it claims as flushed.
+  (``_damaged``) are taken out of what it records as flushed.
 - Locks: ``checkpoint_lock`` before ``_save_lock``; whoever opens, replaces or closes the files
   holds both (``files_locked``). Saves and checkpoints run shielded from cancellation: cancelled
   half way, they would have taken the marks of progress without recording it.
@@ -21,7 +21,7 @@ reach the bitmap, the data file and the cache. The rules it keeps:
 Fields, all written on the trio thread except ``persisted``, ``dirty`` and ``unsaved``, which
 the cached file's open, grow and reset also write in a worker thread while holding both locks:
 ``dirty`` (blocks written or discarded since the last flush and save), ``unsaved`` (the state
-file does not claim everything written yet), ``persisted`` (blocks the state file claims,
+file does not record everything written yet), ``persisted`` (blocks the state file records,
 flushed, less any found damaged), ``_unsaved_blocks`` and ``_added`` (blocks written since the
 last save, and in this session), ``_save_spawned`` (a save is started and waits for
 ``_save_lock``), ``_damaged`` (blocks found damaged since the running checkpoint's snapshot).
@@ -45,8 +45,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# A save claims the blocks written so far at most this long after the first unclaimed one, or
-# once this much is unclaimed: what a kill -9 can lose. A save writes a few sums and a state
+# A save records the blocks written so far at most this long after the first unrecorded one, or
+# once this much is unrecorded: what a kill -9 can lose. A save writes a few sums and a state
 # file the size of the run list, and waits for no flush, so it can come this often.
 SAVE_DELAY = 0.2
 SAVE_BYTES = 8 * 1024 * 1024
@@ -85,7 +85,7 @@ class Journal:
     def discarded(self, blocks: set[int]) -> None:
         """``blocks`` failed their check and left the bitmap: none of them counts as flushed."""
         for block in blocks:
-            self._damaged.add(block)  # a checkpoint running now must not claim it as flushed
+            self._damaged.add(block)  # a checkpoint running now must not record it as flushed
             if self.persisted is not None:
                 self.persisted.discard(block)
         self.dirty = self.unsaved = True
@@ -99,8 +99,8 @@ class Journal:
     async def save(self) -> None:
         """Claim every block written so far in the state file, without flushing the data first.
 
-        Each claimed block's sum is written before the state file, and a block is checked against
-        its sum before first use in a session: a claim that outlives the block's bytes (a power
+        Each recorded block's sum is written before the state file, and a block is checked against
+        its sum before first use in a session: a record that outlives the block's bytes (a power
         cut) costs a refetch, never a wrong byte. Survives a kill -9, not a power cut (no fsync).
         """
         async with self._save_lock:
@@ -110,8 +110,8 @@ class Journal:
                     await self._write_state(synced=False)
 
     async def _write_state(self, *, synced: bool) -> bool:
-        """Write the unwritten sums, then the state file claiming the bitmap (``_save_lock`` held).
-        ``synced``: every claimed block was flushed; the save is then made durable too."""
+        """Write the unwritten sums, then the state file recording the bitmap (``_save_lock`` held).
+        ``synced``: every recorded block was flushed; the save is then made durable too."""
         file, data = self._file, self._file.data
         snapshot, identity = file.open_bitmap().copy(), file.identity
         pieces = data.sums.take_unwritten()
@@ -132,7 +132,7 @@ class Journal:
 
     async def checkpoint(self) -> None:
         """Claim the present blocks at once, then flush them and save the state as flushed."""
-        await self.save()  # a flush after a large read takes long: claim first
+        await self.save()  # a flush after a large read takes long: record first
         async with self.checkpoint_lock:
             # Shielded: cancelled half way (the mount stopping during a flush), it would have
             # taken the dirty marks without saving the state, and the unmount's own checkpoint

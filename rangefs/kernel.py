@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 # 16 MiB of readahead: the kernel then asks for 1 MiB reads (its FUSE maximum) and keeps
 # several in flight; warm sequential reads gain at each step up to it (measured with
-# `make bench`: docs/experiments.md).
+# `make bench`: docs/experiments.md, 'Kernel readahead').
 READ_AHEAD_KB = 16 * 1024
 # Async readahead requests in flight: 64 (kernel default 12) so readahead is never starved.
 MAX_BACKGROUND = 64
@@ -194,7 +194,7 @@ class PageCacheProbe:
         self._syscall = syscall
         self._args = (ctypes.addressof(self._range), ctypes.addressof(self._stat), 0)
 
-    def cached(self, fd: int, offset: int, size: int) -> bool:
+    def resident(self, fd: int, offset: int, size: int) -> bool:
         if not self.works:
             return False
         first = offset - offset % _PAGE

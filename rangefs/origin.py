@@ -56,7 +56,7 @@ logging.getLogger("httpx").setLevel(logging.WARNING)
 logging.getLogger("httpcore").setLevel(logging.WARNING)
 
 # httpcore reads the socket 64 KiB at a time; multi-MiB range bodies cost several times the CPU
-# of 1 MiB reads (measured: docs/experiments.md). The attribute is httpcore's own knob.
+# of 1 MiB reads (measured: docs/experiments.md, 'Socket read size'). The attribute is httpcore's own knob.
 _SOCKET_READ_SIZE = 1024 * 1024
 if hasattr(httpcore_http11.AsyncHTTP11Connection, "READ_NUM_BYTES"):
     httpcore_http11.AsyncHTTP11Connection.READ_NUM_BYTES = _SOCKET_READ_SIZE

@@ -77,7 +77,7 @@ class Passthrough:
 
         A complete file whose last blocks are not flushed yet is served through read() meanwhile,
         from the page cache, rather than waiting for the flush, which a large cold read makes long
-        (see docs/experiments.md). The last close flushes it; later opens pass through.
+        (docs/experiments.md, 'Flush at last close'). The last close flushes it; later opens pass through.
         """
         backing = self._backings.get(inode)
         if backing is not None:

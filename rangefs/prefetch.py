@@ -16,7 +16,7 @@ class Readahead:
     Like mountpoint-s3's prefetcher: a read that starts near where the previous one ended is
     sequential (reads the kernel sends out of order, up to ``tolerance`` apart, still count, and
     so does a forward skip into the window being fetched). The window is half of what the reader
-    has consumed in this sequential run, from ``initial`` up to ``maximum``: it grows as fast as
+    has consumed in this sequential stretch, from ``initial`` up to ``maximum``: it grows as fast as
     the reader proves it wants the bytes, not per read, so a short read after a seek fetches little
     while a long one keeps its speed (docs/experiments.md, 'Readahead window'). "Consumed"
     includes the kernel's own readahead, which already runs ahead of the reader. Any other read
@@ -29,8 +29,8 @@ class Readahead:
     window: int = 0
     expected: int | None = None  # where the next sequential read should start
     frontier: int = 0  # prefetch has been issued up to this byte offset
-    consumed: int = 0  # bytes read in the current sequential run
-    run: int = 0  # counts the sequential runs: a read that is not sequential starts the next
+    consumed: int = 0  # bytes read in the current sequential stretch
+    stretch: int = 0  # counts the sequential stretches: a read that is not sequential starts the next
 
     def advise(self, offset: int, size: int) -> int:
         """Record a read; return the offset up to which data should be fetched ahead (0: none)."""
@@ -43,7 +43,7 @@ class Readahead:
             self.expected = max(expected, end)
             return self.expected + self.window
         self.window, self.expected, self.frontier, self.consumed = 0, end, end, size
-        self.run += 1
+        self.stretch += 1
         return 0
 
 

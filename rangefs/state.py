@@ -6,7 +6,7 @@ Layout (all integers little-endian):
     0   8 bytes   magic b"RANGEFS\\0"
     8   u32       format version (FORMAT_VERSION)
     12  u32       header length H
-    16  u32       flags (SYNCED: every block claimed was flushed to disk before this save)
+    16  u32       flags (SYNCED: every block recorded was flushed to disk before this save)
     20  u32       run count R
     24  u64       sequence number of the save
     32  H bytes   header: UTF-8 JSON {key, url, size, etag, last_modified, block_size}
@@ -14,7 +14,7 @@ Layout (all integers little-endian):
     ..  zeros     padding to a multiple of 512 bytes (room for a save in place on a full disk)
     ..  u32       CRC-32 of every byte before it
 
-The file's size follows the blocks cached, not the size the server claims. A file of format 1
+The file's size follows the blocks cached, not the size the server announces. A file of format 1
 (a dense bitmap after the header) is still read: its saves always came after a flush.
 
 A file that is short, long, of an unknown version, or whose CRC does not match is reported as
@@ -22,7 +22,7 @@ StateCorrupt and must not be trusted. A state is kept in two slots, ``<name>`` a
 ``<name>.prev``: each save overwrites, in place, the slot that does not hold the newest good
 save, with the next sequence number. A save torn by a crash leaves the slot before it whole,
 and ``read`` falls back to it. In place, because a save comes every few MiB of progress and a
-rename per save slowed cold sequential reads (see docs/performance.md).
+rename per save slowed cold sequential reads (docs/experiments.md, 'State saves in two slots').
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ class Saved:
 
     identity: Identity
     bitmap: Bitmap
-    synced: bool  # the blocks it claims were flushed (fdatasync) before it was written
+    synced: bool  # the blocks it records were flushed (fdatasync) before it was written
     sequence: int = 0  # higher in each save
     distrusted: str | None = dataclasses.field(default=None, compare=False)  # why the other slot was not used
 
@@ -206,10 +206,10 @@ def remove(path: Path) -> None:
 def save(path: Path, identity: Identity, bitmap: Bitmap, *, synced: bool = True, durable: bool = True) -> None:
     """Save a new generation into the slot that does not hold the newest good one, in place.
 
-    ``synced``: the caller flushed (fdatasync) every block the bitmap claims; a later load may
+    ``synced``: the caller flushed (fdatasync) every block in the bitmap; a later load may
     count them as on disk. ``durable``: fsync it, so that the save outlives a power cut;
-    without it a save survives the process being killed, not the machine. Either way a claimed
-    block is checked against its sum before use, so a save that claims a block whose bytes did
+    without it a save survives the process being killed, not the machine. Either way a recorded
+    block is checked against its sum before use, so a save that records a block whose bytes did
     not reach the disk costs a refetch, never a wrong byte.
 
     On a full disk (no room to grow the slot) the newest slot, when it is long enough, is

@@ -4,7 +4,7 @@ Imports rangefs.bitmap, state, errors and origin; sees its cached file (rangefs.
 reach its lock, flights, journal and data file. Runs on the trio thread. The rules it keeps:
 
 - A switch holds the file's ``lock`` (no user arrives or leaves meanwhile), sets the file's
-  ``switching`` event (readers wait for it instead of claiming fetches), stops every fetch
+  ``switching`` event (readers wait for it instead of claiming blocks), stops every fetch
   (none may write into the new version's data file), then, holding both journal locks,
   replaces the version, bumps ``generation`` and replaces the bitmap: never the old bitmap
   under the new version, even if what follows fails.
@@ -73,7 +73,7 @@ class Versions:
                                     f"open handle(s) read the cached version; open it again once they are closed")
             log.warning("%s: the remote file changed (size %d -> %d); dropping its cached blocks",
                         file.identity.url, file.remote.size, remote.size)
-            switching = file.switching = trio.Event()  # readers wait for it instead of claiming fetches
+            switching = file.switching = trio.Event()  # readers wait for it instead of claiming blocks
             try:
                 await file.flights.stop()
                 async with file.journal.files_locked():

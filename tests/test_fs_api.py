@@ -110,7 +110,7 @@ def run_mount(tmp_path: Path, body: Callable[[Mount], Awaitable[None]], origins:
             fs = Filesystem(Tree.build(files), cache, passthrough=False)
             with trio.fail_after(30):
                 async with trio.open_nursery() as nursery:
-                    await nursery.start(cache.run)
+                    await nursery.start(cache.serve)
                     await body(Mount(fs, cache, origins, nursery))
                     nursery.cancel_scope.cancel()
             for cached in cache:  # as mount's _shutdown

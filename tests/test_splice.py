@@ -85,13 +85,13 @@ def test_the_page_cache_probe_sees_which_ranges_are_cached(tmp_path: Path) -> No
     path.write_bytes(seeded_bytes(4 * MiB + 100, seed=73))
     fd = os.open(path, os.O_RDONLY)
     try:
-        assert probe.cached(fd, 0, 4 * MiB + 100)
-        assert probe.cached(fd, 4 * MiB + 50, 50)  # the last, partial page
+        assert probe.resident(fd, 0, 4 * MiB + 100)
+        assert probe.resident(fd, 4 * MiB + 50, 50)  # the last, partial page
         drop_page_cache(path)
-        assert not probe.cached(fd, 0, 4 * MiB + 100), "the file's pages stayed (tmp_path on tmpfs?)"
+        assert not probe.resident(fd, 0, 4 * MiB + 100), "the file's pages stayed (tmp_path on tmpfs?)"
         os.pread(fd, 8192, MiB + 10)  # pages 256 and 257 come back (with what readahead adds)
-        assert probe.cached(fd, MiB + 10, 8000)
-        assert not probe.cached(fd, 0, 4 * MiB + 100)
+        assert probe.resident(fd, MiB + 10, 8000)
+        assert not probe.resident(fd, 0, 4 * MiB + 100)
         assert probe.works
     finally:
         os.close(fd)

@@ -1,10 +1,11 @@
 """The registry of a mount's cached files, and the tasks that save and checkpoint them.
 
-Imports rangefs.cachedfile (the cache of one file), journal (``SAVE_DELAY``), prefetch, fetcher,
-origin and safefs; never pyfuse3. Everything here runs on the trio thread. ``Cache.serve`` hosts
-the background task group: every fetch not waited for by its reader, every save started by a
-file, and the two loops below. ``_dirtied``, ``_first_unsaved``, ``_save_due`` and ``_unsaved``
-are written by files' progress (``dirtied``) and by the loops.
+Imports rangefs.cachedfile (the cache of one file), datafile (``cache_key``), journal
+(``SAVE_DELAY``), prefetch, fetcher, origin, errors and safefs; never pyfuse3. Everything here
+runs on the trio thread. ``Cache.serve`` hosts the background task group: every fetch not
+waited for by its reader, every save started by a file, and the two loops below.
+``_dirtied``, ``_first_unsaved``, ``_save_due`` and ``_unsaved`` are written by files'
+progress (``dirtied``) and by the loops.
 """
 
 from __future__ import annotations

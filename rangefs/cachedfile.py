@@ -14,17 +14,21 @@ Concurrency rules (one trio thread; blocking disk I/O goes to worker threads):
   ``_save_lock``; whoever opens, replaces or closes the files holds both journal locks
   (``Journal.files_locked``).
 - Between testing a block and claiming it there is no ``await`` (``Filler.ensure``,
-  ``_read_ahead``): two readers that need the same block start one fetch.
+  ``_prefetch``): two readers that need the same block start one fetch.
 - A fetch runs while someone wants it: a read waiting for it, or an open handle prefetching
   it; the last one to go cancels it (``Flights.unwanted``).
 - No fetch outlives the descriptor it writes to: a version switch and the last close stop every
   fetch (``Flights.stop``) before they touch the files.
 - A version switch replaces ``bitmap``: code that waits looks it up again (``open_bitmap``) on
   every pass, and every read checks the version (``check_version``) after its last ``await``.
-- Fields written off the trio thread, all while both journal locks are held, by the worker
-  threads of ``_open_files``, ``reset``, ``Versions._grow`` and ``_close_files``: ``bitmap``,
-  ``_grown_from``, and the parts' fields named in their modules (``data.fd``, ``data.sums``,
-  ``journal.persisted``, ``journal.dirty`` and ``unsaved``, ``verifier.verified``).
+- Fields written off the trio thread, by the worker threads of ``_open_files``, ``reset``,
+  ``Versions._grow`` and ``_close_files``, with no fetch running: ``bitmap``, ``_grown_from``,
+  and the parts' fields named in their modules (``data.fd``, ``data.sums``,
+  ``journal.persisted``, ``journal.dirty`` and ``unsaved``, ``verifier.verified``). They hold
+  both journal locks, except in ``acquire`` after the files are opened, where the checks of a
+  file that grew (``Versions.adopt``) and their cleanup hold ``lock`` before the first user
+  comes, with nothing to save: no save or checkpoint touches the files then, and holding the
+  journal locks across a network check would hold up the checkpoint loop.
 """
 
 from __future__ import annotations
@@ -120,7 +124,7 @@ class CachedFile:
     def passthrough_ready(self) -> bool:
         """Every block is cached, on disk (the state file records it: a checkpoint flushed it) and
         was checked in this session, and the file may not grow: the kernel may read the data file
-        itself, as it stands, for as long as a handle is open (a later failed flush would drop
+        itself, as it stands, for as long as a handle is open (a later failed flush would lose
         pages the kernel reads). Never without a validator: every revalidation of such a file
         looks like a change."""
         persisted, verified = self.journal.persisted, self.verifier.verified
@@ -241,11 +245,11 @@ class CachedFile:
             await trio.to_thread.run_sync(self._close_files)
 
     async def save(self) -> None:
-        """Claim every block written so far in the state file (see Journal.save)."""
+        """Record every block written so far in the state file (see Journal.save)."""
         await self.journal.save()
 
     async def checkpoint(self) -> None:
-        """Claim the present blocks at once, then flush them and save the state as flushed."""
+        """Record the present blocks at once, then flush them and save the state as flushed."""
         await self.journal.checkpoint()
 
     def abort_fetches(self) -> None:
@@ -314,7 +318,7 @@ class CachedFile:
             if any(b not in self.open_bitmap() for b in range(first, stop)):
                 return await self._read_past_cache(offset, end, generation)
         elif readahead is not None and self.remote.accept_ranges:
-            self._read_ahead(readahead, offset, end)
+            self._prefetch(readahead, offset, end)
         try:
             await self.filler.ensure(first, stop, generation)
             damaged, checked = await self.verifier.verify(first, stop)
@@ -359,7 +363,7 @@ class CachedFile:
         self.check_version(generation)
         return data
 
-    def _read_ahead(self, readahead: Readahead, offset: int, end: int) -> None:
+    def _prefetch(self, readahead: Readahead, offset: int, end: int) -> None:
         wanted = prefetch.ahead(readahead, offset, end, self.size)
         if wanted is None or self.switching is not None:
             return

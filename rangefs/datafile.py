@@ -1,12 +1,16 @@
 """The files of one cached URL on disk: the sparse data file, its state file and its sums file.
 
-Imports rangefs.safefs (every file opened here goes through it), state, checksums, bitmap and
-errors; never the other cache modules. Most methods block and run in worker threads; only
-``pread``, ``read_if_in_page_cache`` and ``reserve_sums`` are called on the trio thread.
+Imports rangefs.safefs (every file opened here goes through it), state, checksums, bitmap,
+fetcher (``BlockRun``) and errors; never the other cache modules. Most methods block and run in
+worker threads. On the trio thread: ``pread``, ``read_if_in_page_cache`` and ``reserve_sums``
+(which hop to a thread when they must wait), and ``peek``, which reads the state and sums files
+of a file not opened yet, blocking, to tell its cached bytes (getattr, getxattr).
 
 Fields written off the trio thread: ``fd``, ``sums`` (the object) and ``_closed_as``, by
-``opened``, ``load``, ``reset`` and ``close``, which the cached file runs only while it holds both
-of its journal's locks (``Journal.files_locked``), with no fetch running. The sums in ``sums``
+``opened``, ``load``, ``reset`` and ``close``, which the cached file runs with no fetch running,
+while it holds both of its journal's locks (``Journal.files_locked``), or, for the checks of a
+file that grew and their cleanup in ``CachedFile.acquire``, its ``lock`` before the first user
+comes, with nothing to save (no save or checkpoint touches the files then). The sums in ``sums``
 are set on the trio thread as blocks arrive; ``grow`` (both locks held) and the journal's saves
 (``_save_lock`` held) take the unwritten ones. The trio thread reads ``fd`` without a lock: a
 descriptor it reads from may be replaced by a version switch, so every read checks the version
@@ -63,8 +67,8 @@ class DataFile:
         self.path = base.with_suffix(".data")
         self.state_path = base.with_suffix(".state")
         # block_sum() of each block as received (see rangefs.checksums). Written at saves before
-        # the state file, so a block the state records has its sum. (".sums" held CRC-32s before;
-        # such a file is deleted and its blocks refetched.)
+        # the state file, so a block the state records has its sum. A legacy ".sums" file (CRC-32s) is
+        # deleted and its blocks are fetched again.
         self.sums_path = base.with_suffix(".xxh")
         self._legacy_sums_path = base.with_suffix(".sums")
         self.sums = checksums.BlockSums()
@@ -245,9 +249,9 @@ class DataFile:
             pass  # not (all) in the page cache, or no RWF_NOWAIT here
         return None
 
-    def drop_page_cache(self) -> None:
+    def evict_page_cache(self) -> None:
         """Make the kernel forget the data file's cached pages, so the next reads come from the disk."""
         try:
             os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
         except OSError as exc:
-            log.debug("cannot drop the cached pages of a cache file: %s", exc.strerror)
+            log.debug("cannot evict a cache file's pages from the page cache: %s", exc.strerror)

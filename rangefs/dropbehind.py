@@ -29,11 +29,15 @@ import os
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import trio
 
-from rangefs.cache import Cache, CachedFile
 from rangefs.prefetch import Readahead
+
+if TYPE_CHECKING:
+    from rangefs.cache import Cache
+    from rangefs.cachedfile import CachedFile
 
 log = logging.getLogger(__name__)
 

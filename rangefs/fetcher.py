@@ -236,7 +236,7 @@ class BlockChecksums:
     """``block_sum`` of each block of an in-order byte stream, computed as the bytes go by.
 
     Stored with the cache, they let a later session tell a block that was damaged or overwritten
-    on disk from a good one (rangefs.cache verifies each block once per session before use).
+    on disk from a good one (rangefs.verifier checks each block once per session before use).
     """
 
     def __init__(self, block_size: int) -> None:

@@ -7,7 +7,7 @@ a worker thread. The rules it keeps:
 - Between testing a block and claiming it there is no ``await``: ``claim`` and
   ``claim_ahead`` take the blocks their caller found missing in the same step, so two readers
   that need the same block start one fetch, and the second waits on the first one's flight.
-- A fetch runs while someone wants it: a read waiting for it (``Flight.readers``), or an open
+- A fetch runs while someone wants it: a read waiting for it (``Flight.reads``), or an open
   handle prefetching it (``Flight.prefetchers``). The last one to go cancels it (``unwanted``);
   a stream serves every reader and runs until the file's last user goes.
 - Every fetch is counted from its claim until it ends (``_scopes``), so ``stop`` can cancel
@@ -60,7 +60,7 @@ class Flight:
         self.scope = trio.CancelScope()
         # Who wants it: the reads waiting for it, and the open handles that prefetch it (the id of
         # their Readahead, removed when they close). A fetch nobody wants is cancelled (unwanted).
-        self.readers = 0
+        self.reads = 0
         self.prefetchers: set[int] = set()
         self._waiters: dict[int, trio.Event] = {}  # blocks someone waits for, until delivered
         self._ended = trio.Event()
@@ -191,7 +191,7 @@ class Flights:
 
         Not a stream: it serves every reader of the file, and ends with the file's last user.
         """
-        if not flight.readers and not flight.prefetchers and not flight.stream:
+        if not flight.reads and not flight.prefetchers and not flight.stream:
             flight.scope.cancel()
 
     def forget_prefetcher(self, prefetcher: int) -> None:
@@ -223,14 +223,14 @@ class Flights:
                     nursery.start_soon(self._fetch, flight)
             return
         for flight in flights:
-            flight.readers += 1
+            flight.reads += 1
             self._host.spawn(self._fetch, flight)
         try:
             for flight in flights:
                 await flight.end()
         finally:
             for flight in flights:
-                flight.readers -= 1
+                flight.reads -= 1
                 self.unwanted(flight)
 
     async def wait_for(self, flights: set[Flight], blocks: list[int], bitmap: Callable[[], Bitmap]) -> None:
@@ -240,7 +240,7 @@ class Flights:
         each of ``flights`` until it is done with all of them, so that a fetch only it still wants
         goes on between the blocks it waits for."""
         for flight in flights:
-            flight.readers += 1
+            flight.reads += 1
         try:
             for flight in flights:
                 for block in blocks:
@@ -252,5 +252,5 @@ class Flights:
                             raise flight.error
         finally:
             for flight in flights:
-                flight.readers -= 1
+                flight.reads -= 1
                 self.unwanted(flight)

@@ -30,7 +30,8 @@ import pyfuse3
 import trio
 
 from rangefs import kernel
-from rangefs.cache import Cache, CachedFile
+from rangefs.cache import Cache
+from rangefs.cachedfile import CachedFile
 from rangefs.dropbehind import DropBehind, ReaderPages
 from rangefs.errors import CacheError, OriginError, RangefsError, RemoteChanged
 from rangefs.origin import RemoteFile
@@ -137,7 +138,7 @@ class Filesystem(pyfuse3.Operations):
         self.enable_direct_io_mmap = direct_io
         self.direct_io_mmap = False
         # The same: that pyfuse3 sets splice_replies when read() may answer with a FileSlice,
-        # which libfuse splices from the cache file (see rangefs.cache.FileSlice).
+        # which libfuse splices from the cache file (see rangefs.cachedfile.FileSlice).
         self.enable_splice_replies = True
         self.splice_replies = False
         self.tune_system = tune_system  # may change system-wide settings (see rangefs.kernel)

@@ -1,7 +1,8 @@
 """Durability of one cached file: when and how its progress is saved (recorded) and flushed.
 
-Imports rangefs.state, checksums and bitmap; sees its cached file (rangefs.cachedfile) only to
-reach the bitmap, the data file and the cache. The rules it keeps:
+Imports rangefs.state, checksums and bitmap; sees its cached file (rangefs.cachedfile) to reach
+the bitmap, the data file and the cache, and, after a failed flush (``_flush_failed``), to set
+the bitmap back to the persisted blocks and distrust every verified one. The rules it keeps:
 
 - A block's bit is set only after its data is written to the data file (the fetch's sink calls
   ``written`` after it set the bits), so whatever a save records was written.
@@ -97,7 +98,7 @@ class Journal:
             self._save_spawned = self._file.cache.spawn(self.save)
 
     async def save(self) -> None:
-        """Claim every block written so far in the state file, without flushing the data first.
+        """Record every block written so far in the state file, without flushing the data first.
 
         Each recorded block's sum is written before the state file, and a block is checked against
         its sum before first use in a session: a record that outlives the block's bytes (a power
@@ -131,7 +132,7 @@ class Journal:
         return True
 
     async def checkpoint(self) -> None:
-        """Claim the present blocks at once, then flush them and save the state as flushed."""
+        """Record the present blocks at once, then flush them and save the state as flushed."""
         await self.save()  # a flush after a large read takes long: record first
         async with self.checkpoint_lock:
             # Shielded: cancelled half way (the mount stopping during a flush), it would have
@@ -164,9 +165,9 @@ class Journal:
         log.warning("%s: cannot flush the cache file: %s; refetching recent blocks", file.identity.url, exc.strerror)
         file.bitmap = (self.persisted or Bitmap(file.identity.nblocks)).copy()
         # A block flushed before may have been rewritten since, and that write lost (its pages
-        # stay cached, clean, until evicted): drop the cached pages, then check every block
+        # stay cached, clean, until evicted): evict them from the page cache, then check every block
         # again, from the disk, against the sums of what was last written.
-        await trio.to_thread.run_sync(file.data.drop_page_cache)
+        await trio.to_thread.run_sync(file.data.evict_page_cache)
         file.verifier.verified = Bitmap(file.identity.nblocks)
         self.dirty = self.unsaved = True
         file.cache.dirtied(file)

@@ -2,7 +2,8 @@
 
 ``OriginLimits`` gives each origin its own share of requests; ``LowSpeed`` cuts one attempt that
 receives too few bytes per second; ``Pace`` holds the attempts of one fetch to the same limit
-together. Imports trio only: rangefs.origin applies these to its HTTP requests.
+together. Imports trio only: rangefs.origin applies them to its probes and requests, rangefs.fetcher
+bounds its range requests per origin with ``OriginLimits``.
 """
 
 from __future__ import annotations

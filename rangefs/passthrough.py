@@ -25,11 +25,14 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
 from rangefs import safefs
-from rangefs.cachedfile import CachedFile
+
+if TYPE_CHECKING:
+    from rangefs.cachedfile import CachedFile
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ class Readahead:
     the reader proves it wants the bytes, not per read, so a short read after a seek fetches little
     while a long one keeps its speed (docs/experiments.md, 'Readahead window'). "Consumed"
     includes the kernel's own readahead, which already runs ahead of the reader. Any other read
-    drops it to nothing, so random access fetches only the blocks it touches.
+    shrinks it to nothing, so random access fetches only the blocks it touches.
     """
 
     initial: int

@@ -10,9 +10,12 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from rangefs.cachedfile import CachedFile
 from rangefs.urllist import Entry
+
+if TYPE_CHECKING:
+    from rangefs.cachedfile import CachedFile
 
 # FUSE_ROOT_ID of <linux/fuse.h> (pyfuse3.ROOT_INODE): the kernel names the mount's root so.
 ROOT_INODE = 1

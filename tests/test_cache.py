@@ -577,3 +577,4 @@ def test_a_block_found_damaged_during_a_flush_is_not_claimed_flushed_by_it(
                 nursery.cancel_scope.cancel()
 
     trio.run(run)
+

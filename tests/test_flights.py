@@ -60,7 +60,7 @@ def test_a_finished_flight_leaves_the_table_and_wakes_its_waiters() -> None:
             (flight,) = flights.claim([2, 3], generation=0)
             await flights.fetch_all([flight])
             assert fetched == [flight] and flight.error is None
-            assert 2 not in flights and flight.readers == 0
+            assert 2 not in flights and flight.reads == 0
             for block in (2, 3):
                 present.add(block)
             await flights.wait_for({flight}, [2, 3], lambda: present)  # ended: returns at once
@@ -72,10 +72,10 @@ def test_a_flight_nobody_wants_is_cancelled_and_one_still_wanted_is_not() -> Non
     async def run() -> None:
         flights = _table(None, [])
         (flight,) = flights.claim([0], generation=0)
-        flight.readers, flight.prefetchers = 1, {7}
+        flight.reads, flight.prefetchers = 1, {7}
         flights.forget_prefetcher(7)
         assert not flight.scope.cancel_called  # a read still waits for it
-        flight.readers = 0
+        flight.reads = 0
         flights.unwanted(flight)
         assert flight.scope.cancel_called
 

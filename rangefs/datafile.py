@@ -124,9 +124,10 @@ class DataFile:
         size = os.fstat(self.fd).st_size
         stored = saved.identity if saved is not None else None
         if saved is not None and stored == identity and existed and size == identity.size:
+            recorded = len(saved.bitmap)  # with_sums takes the blocks without a sum out of it
             bitmap, self.sums = self.with_sums(saved.bitmap)
             log.debug("%s: cache has %d of %d blocks", identity.url, len(bitmap), bitmap.nblocks)
-            return Loaded(bitmap, saved.synced, len(bitmap) < len(saved.bitmap), None)
+            return Loaded(bitmap, saved.synced, len(bitmap) < recorded, None)
         if (saved is not None and stored is not None and growing and existed
                 and stored.url == identity.url and stored.size < identity.size and size == stored.size):
             bitmap, self.sums = self.with_sums(saved.bitmap)

@@ -578,3 +578,21 @@ def test_a_block_found_damaged_during_a_flush_is_not_claimed_flushed_by_it(
 
     trio.run(run)
 
+def test_recorded_blocks_whose_sums_are_lost_are_taken_out_of_the_state_at_the_next_checkpoint(tmp_path: Path) -> None:
+    fake = FakeOrigin(DATA)
+
+    async def first(cache: Cache, cached: CachedFile) -> None:
+        await cached.read(0, 3 * BLOCK)
+
+    async def second(cache: Cache, cached: CachedFile) -> None:
+        assert cached.cached_bytes() == 0  # no sums: none of them counts
+        assert cached.journal.dirty  # the state must be rewritten without them
+
+    with_cache(tmp_path, fake, first)
+    files = tmp_path / "files"
+    assert len(state.load(next(files.glob("*.state")))[1]) == 3
+    for sums in files.glob("*.xxh"):
+        sums.unlink()
+    with_cache(tmp_path, fake, second)
+    state_file = next(files.glob("*.state"))
+    assert len(state.load(state_file)[1]) == 0

@@ -265,7 +265,7 @@ class _Versions:
 def test_a_data_file_read_racing_a_version_switch_fails_with_remote_changed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Guards cachedfile.py ``CachedFile.read``: ``self._check_version(generation)  # the version may have
+    """Guards cachedfile.py ``CachedFile.read``: ``self.check_version(generation)  # the version may have
     switched while we waited`` after ``data = await self.data.pread(end - offset, offset)``. A reader of
     the old version waits in its pread while the file switches to a new version and the new
     version's block is fetched into the data file; its pread then reads the new bytes."""

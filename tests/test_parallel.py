@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from nginx import Nginx, Request
 from util import Mounts, Server, wait_until
 

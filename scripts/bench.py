@@ -946,6 +946,7 @@ def case_label(case: str, data: Data, cfg: Config) -> str:
         "seek": f"ffmpeg -ss {data.video_seconds // 2} -t {SEEK_SECONDS} (seek + decode), cold",
         "seq_rtt": f"cold sequential read, +{cfg.rtt_ms:g} ms RTT (proxy)",
         "proxy": "proxy check: curl -o /dev/null, source in page cache",
+        "capped": f"cold sequential read, {data.capped_size // MiB} MiB, server capped at {CAPPED_RATE}/connection",
     }[case]
 
 

@@ -16,6 +16,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trio
+import trio.testing
+
+from rangefs.limits import Slots
+from rangefs.spread import Spread
 
 from nginx import Nginx, Request
 from util import Mounts, Server, wait_until
@@ -99,3 +104,44 @@ def test_a_reader_that_closes_mid_stream_leaves_no_request_running(mounts: Mount
     late = [r for r in requests if r.end > closed + bound]
     assert not late, f"{len(late)} requests still served {bound:g} s after the close: {late[:3]}"
     assert capped.bytes_sent("slow/" + rel, since) == fetched_before_unmount
+
+
+def test_slots_never_exceed_their_total_and_serve_urgent_waiters_first() -> None:
+    slots = Slots(2)
+    order: list[str] = []
+    most = 0
+
+    async def hold(name: str, urgent: bool, seconds: float) -> None:
+        nonlocal most
+        async with slots.hold(urgent):
+            most = max(most, slots.used)
+            order.append(name)
+            await trio.sleep(seconds)
+
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            for i in range(4):
+                nursery.start_soon(hold, f"prefetch{i}", False, 1.0)
+                await trio.sleep(0.01)
+            nursery.start_soon(hold, "read", True, 0.0)
+
+    trio.run(run, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert most == 2
+    assert order == ["prefetch0", "prefetch1", "read", "prefetch2", "prefetch3"]
+
+
+def test_the_spread_doubles_while_it_pays_and_backs_off_when_it_does_not() -> None:
+    capped = Spread(8)
+    for _ in range(6):  # a try, then its verdict, per doubling
+        capped.sample(capped.pieces, 8, 1.0)  # every connection brings the same: a cap per connection
+        capped.starved = True
+        capped.plan()
+    assert capped.pieces == 8
+    shared = Spread(8)
+    shared.sample(1, 8, 1.0)
+    shared.starved = True
+    assert shared.plan() == 2
+    shared.sample(2, 4, 1.0)  # two connections share what one had
+    assert shared.plan() == 1
+    shared.starved = True
+    assert shared.plan() == 1  # held back one step before the next try

@@ -77,6 +77,10 @@ class CacheConfig:
     # would spend their time on round trips and slow-start rather than on the body, and above
     # the daemon's own fetches (mount._MAX_NEAR_BYTES), the pieces go to the helper.
     min_piece_bytes: int = 2 * 1024 * 1024
+    # More connections are tried only while one brings less than this per second: a faster one
+    # is not the reader's limit, and on loopback more of them made cold reads slower
+    # (docs/experiments.md, 'Parallel ranges on an unthrottled server').
+    spread_below_rate: int = 64 * 1024 * 1024
 
     @property
     def max_request_blocks(self) -> int:

@@ -103,7 +103,8 @@ class CachedFile:
         self.filler = Filler(self)
         config = cache.config
         self.flights = Flights(cache, self.filler.fetch, config.max_request_blocks, config.max_connections,
-                               config.min_piece_bytes // config.block_size)
+                               config.min_piece_bytes // config.block_size,
+                               config.spread_below_rate / config.block_size)
         self.bitmap: Bitmap | None = None
         self._peeked = False
         self._users = 0

@@ -21,6 +21,7 @@ waiting for a prefetch) tell the Spread how fast one connection is and whether t
 
 from __future__ import annotations
 
+import math
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
@@ -125,15 +126,16 @@ class Flights:
 
     def __init__(
         self, host: Host, fetch: Callable[[Flight], Awaitable[None]], max_blocks: int,
-        connections: int = 1, min_piece_blocks: int = 1,
+        connections: int = 1, min_piece_blocks: int = 1, spread_below: float = math.inf,
     ) -> None:
         """``max_blocks``: the most blocks one ranged fetch asks for; ``connections``: the most
-        pieces a prefetch is cut into, each at least ``min_piece_blocks`` long."""
+        pieces a prefetch is cut into, each at least ``min_piece_blocks`` long, tried only while one
+        connection brings fewer than ``spread_below`` blocks per second."""
         self._host = host
         self._fetch = fetch
         self._max_blocks = max_blocks
         self._min_piece_blocks = max(1, min_piece_blocks)
-        self.spread = Spread(connections)
+        self.spread = Spread(connections, spread_below)
         self._inflight: dict[int, Flight] = {}
         self.stream: Flight | None = None
         self._scopes: set[trio.CancelScope] = set()

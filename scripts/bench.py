@@ -57,7 +57,7 @@ MiB = 1 << 20
 GEN_CHUNK = 16 * MiB
 
 CASES = ("seq_cold", "seq_warm", "random4k", "tail", "ffprobe", "seek", "seq_rtt", "proxy", "capped")
-CAPPED_RATE = "8m"  # nginx limit_rate per connection of /slow/, for the capped case (issue 18's server)
+CAPPED_RATE = "8m"  # nginx limit_rate of /slow/ (it counts per request), for the capped case
 CAPPED_PROXY_RATE = 8 * MiB  # bytes/s: the same cap, kept per connection over time by latency_proxy.py
 CAPPED_SIZE = 128 * MiB
 ARIA2 = "aria2c -x8 -s8 -k1M"  # the capped cases' peer, also its row's label

@@ -1,4 +1,4 @@
-"""A delaying TCP proxy on 127.0.0.1: adds round-trip time without limiting throughput.
+"""A delaying TCP proxy on 127.0.0.1: adds round-trip time, and optionally caps each connection's rate.
 
 The benchmark adds latency itself rather than with a ``netem`` qdisc, which not every kernel
 has. Each direction of each connection has a reader thread and a writer thread: the reader
@@ -10,8 +10,15 @@ pipes and move with ``splice``, never through this process's memory, so that the
 in and out would not). What is in flight per direction is capped (``MAX_PIPES`` pipes), so a
 slow client pushes back on the server as TCP would.
 
+With ``rate``, the server's answers on each connection are also paced to that many bytes per
+second over the connection's whole life, as a server or CDN that caps each connection does (nginx's
+``limit_rate`` counts per request, and a request's first MiBs escape it into loopback socket
+buffers, so it barely slows a client that asks for many small ranges on one connection). The
+proxy then holds little of an answer (RATED_PIPES pipes, a small receive buffer), so the server
+still sees a slow client.
+
 Standard library and scripts/relay.py (the listener and connection lifecycle it shares with the
-tests' proxies). As a program, ``latency_proxy.py UPSTREAM_PORT [--rtt-ms 20]`` prints the port
+tests' proxies). As a program, ``latency_proxy.py UPSTREAM_PORT [--rtt-ms 20] [--rate-mbs MB/s]`` prints the port
 it listens on (one line) and serves until SIGTERM or SIGINT; ``LatencyProxy`` does the same
 in-process.
 """
@@ -37,6 +44,9 @@ PIPE_SIZE = 1 << 20  # the default /proc/sys/fs/pipe-max-size
 # Per direction: what may be in flight is at most MAX_PIPES full pipes, enough for a fast link at
 # the delays the benchmark adds (bytes in flight = rate x delay).
 MAX_PIPES = 32
+RATED_PIPES = 2  # with a rate: what a paced answer may hold in flight here, so the server waits instead
+RATED_RCVBUF = 256 * 1024  # with a rate: the receive buffer towards the server, for the same reason
+_RATE_SLICE = 64 * 1024  # with a rate: bytes sent per pacing step, so the pace is kept smoothly
 
 
 class _Direction:
@@ -52,10 +62,13 @@ class _Direction:
     flight, and a slow client pushes back on the server as TCP would.
     """
 
-    def __init__(self, conn: Connection, source: socket.socket, sink: socket.socket, delay: float) -> None:
-        self.conn, self.source, self.sink, self.delay = conn, source, sink, delay
+    def __init__(self, conn: Connection, source: socket.socket, sink: socket.socket, delay: float,
+                 rate: float | None = None) -> None:
+        self.conn, self.source, self.sink, self.delay, self.rate = conn, source, sink, delay, rate
+        self._ring = RATED_PIPES if rate else MAX_PIPES
+        self._free_at = 0.0  # with a rate: when the pace allows the next slice (monotonic)
         self._pipes: list[tuple[int, int, int]] = []  # made as needed; the connection closes them
-        self._held = [0] * MAX_PIPES  # bytes in each pipe not yet sent
+        self._held = [0] * self._ring  # bytes in each pipe not yet sent
         self._current = 0  # the pipe the reader fills
         self._move_on = False  # the current pipe took all it can
         self._queue: deque[tuple[float, int, int]] = deque()  # (release time, pipe, length); 0 = end
@@ -95,21 +108,38 @@ class _Direction:
                 while left:
                     self._writable.poll()  # as in read_loop: never wait inside splice
                     try:
-                        left -= os.splice(self._pipes[pipe][0], self.sink.fileno(), left, flags=os.SPLICE_F_NONBLOCK)
+                        sent = os.splice(self._pipes[pipe][0], self.sink.fileno(), self._allowed(left),
+                                         flags=os.SPLICE_F_NONBLOCK)
                     except BlockingIOError:
-                        pass
+                        continue
+                    left -= sent
+                    self._paced(sent)
                 self._done(pipe, length)
         except BaseException as exc:
             self._fail()
             if not isinstance(exc, OSError):
                 raise
 
+    def _allowed(self, left: int) -> int:
+        """How much of ``left`` to send now: all without a rate; with one, a slice once the pace allows."""
+        if not self.rate:
+            return left
+        if (wait := self._free_at - time.monotonic()) > 0:
+            time.sleep(wait)
+        return min(left, _RATE_SLICE)
+
+    def _paced(self, sent: int) -> None:
+        """Account ``sent`` bytes against the rate. An idle connection saves up no credit: the pace
+        restarts from now, so no answer's start escapes the cap."""
+        if self.rate:
+            self._free_at = max(self._free_at, time.monotonic()) + sent / self.rate
+
     def _next_pipe(self) -> int | None:
         """The pipe to splice into next (made if new); None once aborted."""
         with self._cond:
             pipe = self._current
             if self._pipes and (self._move_on or self._held[pipe] >= self._pipes[pipe][2] * 3 // 4):
-                pipe = (pipe + 1) % MAX_PIPES
+                pipe = (pipe + 1) % self._ring
                 while self._held[pipe] and not self.conn.aborted.is_set():
                     self._cond.wait(0.5)
                 self._current, self._move_on = pipe, False
@@ -173,11 +203,13 @@ def _close_pipe(pipe: tuple[int, int, int]) -> None:
 
 
 class LatencyProxy(Relay):
-    """``with LatencyProxy(upstream_port, rtt) as proxy:`` then connect to ``proxy.port``."""
+    """``with LatencyProxy(upstream_port, rtt) as proxy:`` then connect to ``proxy.port``;
+    ``rate``: bytes/s per connection for the server's answers (None: no cap)."""
 
-    def __init__(self, upstream_port: int, rtt: float) -> None:
+    def __init__(self, upstream_port: int, rtt: float, rate: float | None = None) -> None:
         super().__init__(upstream_port)
         self.delay = rtt / 2
+        self.rate = rate
 
     def __enter__(self) -> LatencyProxy:
         self.start()
@@ -191,8 +223,11 @@ class LatencyProxy(Relay):
             # while it waits for a socket, so a reader waiting for data (or a writer for a slow
             # client) inside splice would hold up the other side of the same pipe.
             sock.setblocking(False)
+        if self.rate:
+            server.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RATED_RCVBUF)
         self.track(conn)
-        for direction in (_Direction(conn, client, server, self.delay), _Direction(conn, server, client, self.delay)):
+        for direction in (_Direction(conn, client, server, self.delay),
+                          _Direction(conn, server, client, self.delay, self.rate)):
             self.spawn(partial(conn.run, direction.read_loop))
             self.spawn(partial(conn.run, direction.write_loop))
 
@@ -202,12 +237,14 @@ def _stop_on_signal(signum: int, frame: FrameType | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Delaying TCP proxy on 127.0.0.1 (adds RTT, not a rate limit).")
+    parser = argparse.ArgumentParser(description="Delaying TCP proxy on 127.0.0.1 (adds RTT, optionally a rate cap).")
     parser.add_argument("upstream_port", type=int)
     parser.add_argument("--rtt-ms", type=float, default=20.0, help="added round-trip time (default 20)")
+    parser.add_argument("--rate-mbs", type=float, default=0.0,
+                        help="cap each connection's answers at this many MB/s over its life (default: no cap)")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _stop_on_signal)
-    proxy = LatencyProxy(args.upstream_port, args.rtt_ms / 1000)
+    proxy = LatencyProxy(args.upstream_port, args.rtt_ms / 1000, args.rate_mbs * 1e6 or None)
     proxy.start()
     print(proxy.port, flush=True)
     try:

@@ -19,7 +19,7 @@ from util import seeded_bytes
 pytestmark = pytest.mark.timeout(60)
 
 RTT = 0.050
-Connect = Callable[[Callable[[socket.socket], None]], socket.socket]
+Connect = Callable[..., socket.socket]  # (handle, rate=None) -> the client's socket
 
 
 def open_fds() -> int:
@@ -54,9 +54,9 @@ def proxied() -> Iterator[Connect]:
     fds_before = open_fds()
     opened: list[tuple[Upstream, LatencyProxy, socket.socket]] = []
 
-    def connect(handle: Callable[[socket.socket], None]) -> socket.socket:
+    def connect(handle: Callable[[socket.socket], None], rate: float | None = None) -> socket.socket:
         upstream = Upstream(handle)
-        proxy = LatencyProxy(upstream.port, RTT)
+        proxy = LatencyProxy(upstream.port, RTT, rate)
         proxy.start()
         client = socket.create_connection(("127.0.0.1", proxy.port), timeout=20)
         opened.append((upstream, proxy, client))
@@ -116,6 +116,28 @@ def test_many_mib_pass_whole_and_in_order_to_a_slow_reader(proxied: Connect) -> 
     client.sendall(b"go")
     assert not sent.wait(1.5), "the proxy took everything from a client that read nothing"
     assert receive_all(client) == data
+
+
+def test_a_rate_capped_answer_passes_whole_and_the_server_waits(proxied: Connect) -> None:
+    """With a rate the proxy holds little of an answer: a server sending far more than the
+    socket buffers hold is still sending after a second, and every byte arrives in order."""
+    rate = 50e6
+    data = seeded_bytes(buffered_by_sockets() + int(2 * rate), seed=9)
+    sent = threading.Event()
+
+    def send(conn: socket.socket) -> None:
+        conn.recv(10)
+        conn.sendall(data)
+        sent.set()
+
+    client = proxied(send, rate)
+    client.sendall(b"go")
+    received = bytearray()
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:
+        received += client.recv(1 << 20)
+    assert not sent.is_set(), "the proxy took the whole answer in at once"
+    assert bytes(received) + receive_all(client) == data
 
 
 def test_the_request_direction_is_delayed_too(proxied: Connect) -> None:

@@ -142,20 +142,22 @@ class Flights:
                 self._inflight[block] = flight
         return flights
 
-    def claim_ahead(self, first: int, stop: int, bitmap: Bitmap, prefetcher: int, generation: int) -> None:
+    def claim_ahead(self, first: int, stop: int, bitmap: Bitmap, prefetcher: int, generation: int) -> list[Flight]:
         """Prefetch blocks ``first .. stop`` for the handle ``prefetcher`` in the background: the
-        missing ones not brought yet are claimed and started; fetches under way for the others are
-        wanted by this handle too."""
+        missing ones not brought yet are claimed and started (returned); fetches under way for the
+        others are wanted by this handle too."""
         blocks = [b for b in range(first, stop) if b not in bitmap and b not in self._inflight]
         for block in range(first, stop):
             if block in self._inflight:
                 self._inflight[block].prefetchers.add(prefetcher)
-        for flight in self.claim(blocks, generation):
+        started = self.claim(blocks, generation)
+        for flight in started:
             flight.prefetchers.add(prefetcher)
             if not self._host.spawn(self._fetch, flight):
                 self._scopes.discard(flight.scope)
                 self.forget(flight)
                 flight.finish(Abandoned("no task group for prefetching"))
+        return started
 
     async def start_stream(self, nblocks: int, present: Bitmap, generation: int) -> Flight:
         """Start the stream of the whole file, bringing the blocks not in ``present`` (a copy)
@@ -194,9 +196,11 @@ class Flights:
         if not flight.reads and not flight.prefetchers and not flight.stream:
             flight.scope.cancel()
 
-    def forget_prefetcher(self, prefetcher: int) -> None:
-        """A handle closed: the fetches only it prefetched are cancelled."""
-        for flight in {flight for flight in self._inflight.values() if prefetcher in flight.prefetchers}:
+    def forget_prefetcher(self, prefetcher: int, keep: tuple[int, int] | None = None) -> None:
+        """A handle closed, or jumped away from all but blocks ``keep`` (``first, stop``): the
+        fetches only it prefetched (outside ``keep``) are cancelled."""
+        for flight in {flight for flight in self._inflight.values() if prefetcher in flight.prefetchers
+                       and (keep is None or not (flight.run.first < keep[1] and keep[0] < flight.run.stop))}:
             flight.prefetchers.discard(prefetcher)
             self.unwanted(flight)
 

@@ -64,6 +64,7 @@ class Readahead:
     # (time, consumed) at most every RATE_SETTLE seconds of this stretch; the first is the base of
     # the rate, the newest older than RATE_INTERVAL.
     _marks: deque[tuple[float, int]] = field(default_factory=deque, repr=False)
+    _last: float = 0.0  # when the last read came
     claimed: deque[tuple[int, int]] = field(default_factory=deque, repr=False)
 
     def advise(self, offset: int, size: int) -> int:
@@ -73,13 +74,16 @@ class Readahead:
         now = self.clock()
         ahead = max(self.tolerance, self.window)  # a skip into what is already being fetched is fine
         if expected is not None and expected - self.tolerance <= offset <= expected + ahead:
+            if now - self._marks[-1][0] > RATE_INTERVAL and now - self._last > RATE_INTERVAL:
+                self._marks = deque([(now, self.consumed)])  # after a pause, what it read before says nothing
+            self._last = now
             self.consumed += max(0, end - expected)
             by_rate = int(self.rate(now) * self.horizon)
             self.window = min(self.maximum, max(self.initial, min(self.consumed // 2, by_rate)))
             self.expected = max(expected, end)
             return self.expected + self.window
         self.window, self.expected, self.frontier, self.consumed = 0, end, end, size
-        self._marks = deque([(now, 0)])
+        self._marks, self._last = deque([(now, 0)]), now
         self.stretch += 1
         return 0
 
@@ -87,8 +91,6 @@ class Readahead:
         """The stretch's consumption in bytes per second over about the last RATE_INTERVAL seconds
         (over RATE_SETTLE at least: a young stretch's burst counts as spread over that)."""
         marks = self._marks
-        if not marks:
-            return 0.0
         while len(marks) > 1 and marks[1][0] <= now - RATE_INTERVAL:
             marks.popleft()
         if now - marks[-1][0] >= RATE_SETTLE:

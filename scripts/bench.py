@@ -896,7 +896,8 @@ def case_tool(bench: Bench, case: str, rel: str, argv_for: Callable[[Path], list
     After drop_caches the command is first run with ``-version`` (untimed, the mount untouched):
     loading ffprobe's libraries from disk took 290-500 ms, varying more from run to run than
     what either mount adds (~15-30 ms), so the timed run measures the file, not the tool's start.
-    ``count``: also the bytes the command read (see ``counted``).
+    ``count``: also the bytes the command read (see ``counted``), and a row of rangefs with
+    ``--direct-io``: without the kernel's readahead, which reads ahead of the decoder (not a target's row).
     """
     def op(path: Path) -> Sample:
         argv = argv_for(path)
@@ -906,7 +907,7 @@ def case_tool(bench: Bench, case: str, rel: str, argv_for: Callable[[Path], list
             return Sample(seconds, extra={"read": read})
         return Sample(timed(argv, CMD_TIMEOUT)[0])
     measure(bench, case, 0, [(tool, partial(cold_mount_run, bench, tool, bench.nginx.base_url, rel, op))
-                             for tool in ("rangefs", "rclone")])
+                             for tool in ("rangefs", *(["rangefs --direct-io"] if count else []), "rclone")])
 
 
 def case_tail(bench: Bench) -> None:
@@ -945,7 +946,7 @@ def case_player(bench: Bench) -> None:
             total, read = total + took, read + got
         return Sample(total, extra={"read": read})
     measure(bench, "player", 0, [(tool, partial(cold_mount_run, bench, tool, bench.nginx.base_url, data.movie, op))
-                                 for tool in ("rangefs", "rclone")])
+                                 for tool in ("rangefs", "rangefs --direct-io", "rclone")])
 
 
 CASE_FUNCS: dict[str, Callable[[Bench], None]] = {

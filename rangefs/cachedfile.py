@@ -16,7 +16,8 @@ Concurrency rules (one trio thread; blocking disk I/O goes to worker threads):
 - Between testing a block and claiming it there is no ``await`` (``Filler.ensure``,
   ``_prefetch``): two readers that need the same block start one fetch.
 - A fetch runs while someone wants it: a read waiting for it, or an open handle prefetching
-  it; the last one to go cancels it (``Flights.unwanted``).
+  it; the last one to go cancels it (``Flights.unwanted``). A handle stops wanting its
+  prefetches when it closes, and those far from where it jumped to (``_abandon``).
 - No fetch outlives the descriptor it writes to: a version switch and the last close stop every
   fetch (``Flights.stop``) before they touch the files.
 - A version switch replaces ``bitmap``: code that waits looks it up again (``open_bitmap``) on

@@ -8,7 +8,8 @@ a worker thread. The rules it keeps:
   ``claim_ahead`` take the blocks their caller found missing in the same step, so two readers
   that need the same block start one fetch, and the second waits on the first one's flight.
 - A fetch runs while someone wants it: a read waiting for it (``Flight.reads``), or an open
-  handle prefetching it (``Flight.prefetchers``). The last one to go cancels it (``unwanted``);
+  handle prefetching it (``Flight.prefetchers``; a handle that closes or jumps far away goes,
+  ``forget_prefetcher``). The last one to go cancels it (``unwanted``);
   a stream serves every reader and runs until the file's last user goes.
 - Every fetch is counted from its claim until it ends (``_scopes``), so ``stop`` can cancel
   them all and wait until none runs: no fetch outlives the descriptor it writes to.

@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from faultserver import FaultServer, RequestRecord
@@ -157,53 +161,60 @@ def hung(server: FaultServer) -> list[RequestRecord]:
     return [r for r in server.requests if r.method == "GET" and not r.status]
 
 
-def read_until_a_prefetch_hangs(fd: int, data: bytes, server: FaultServer) -> list[RequestRecord]:
-    """Read sequentially, below HANG, until a prefetch of this handle hangs; the hanging GETs."""
-    for offset in range(0, HANG, 64 * 1024):
-        assert os.pread(fd, 64 * 1024, offset) == data[offset : offset + 64 * 1024], f"wrong bytes at {offset}"
-        if hung(server):
-            break
-    assert wait_until(lambda: bool(hung(server)), timeout=10), "no prefetch reached the hanging part"
-    return hung(server)
-
-
 HANG = 8 * MiB  # GETs of ranges starting there or later hang until given up; reads below it do not
 
 
-def test_a_far_jump_gives_up_the_handles_prefetches_at_the_old_place(mounts: Mounts, server: FaultServer) -> None:
-    data = seeded_bytes(128 * MiB, seed=183)
-    server.put("/far.bin", data, hang_from=HANG)
-    m = mounts.mount([server.url("/far.bin")], "--direct-io")
-    fd = os.open(m.path / "far.bin", os.O_RDONLY)
+@contextmanager
+def prefetches_hanging(mounts: Mounts, server: FaultServer, name: str, size: int, seed: int) -> Iterator[Jump]:
+    """A handle of a --direct-io mount that read sequentially until a prefetch of it hangs; then
+    the server answers again (the stuck GETs stay stuck). Closed on exit."""
+    data = seeded_bytes(size, seed=seed)
+    server.put("/" + name, data, hang_from=HANG)
+    m = mounts.mount([server.url("/" + name)], "--direct-io")
+    fd = os.open(m.path / name, os.O_RDONLY)
     try:
-        stuck = read_until_a_prefetch_hangs(fd, data, server)
-        server.set_faults("/far.bin")  # answers again; the stuck GETs stay stuck
-        far = 100 * MiB
-        assert os.pread(fd, 64 * 1024, far) == data[far : far + 64 * 1024]  # the file stays open
-        assert wait_until(lambda: all(r.closed_at is not None for r in stuck), timeout=10), \
-            "the prefetches at the old place still run after the jump"
-        assert os.pread(fd, 64 * 1024, far + 64 * 1024) == data[far + 64 * 1024 : far + 128 * 1024]
-        unused = int(os.getxattr(m.path / "far.bin", "user.rangefs.prefetch_unused_bytes"))
-        assert 0 <= unused <= HANG  # only what arrived, ahead of the reader, counts
+        for offset in range(0, HANG, 64 * 1024):
+            assert os.pread(fd, 64 * 1024, offset) == data[offset : offset + 64 * 1024], f"wrong bytes at {offset}"
+            if hung(server):
+                break
+        assert wait_until(lambda: bool(hung(server)), timeout=10), "no prefetch reached the hanging part"
+        stuck = hung(server)
+        server.set_faults("/" + name)
+        yield Jump(m.path / name, fd, data, stuck)
     finally:
         os.close(fd)
+
+
+@dataclass
+class Jump:
+    path: Path
+    fd: int
+    data: bytes
+    stuck: list[RequestRecord]
+
+    def read(self, offset: int) -> None:
+        assert os.pread(self.fd, 64 * 1024, offset) == self.data[offset : offset + 64 * 1024], \
+            f"wrong bytes at {offset}"
+
+    def given_up(self) -> bool:
+        return all(r.closed_at is not None for r in self.stuck)
+
+
+def test_a_far_jump_gives_up_the_handles_prefetches_at_the_old_place(mounts: Mounts, server: FaultServer) -> None:
+    with prefetches_hanging(mounts, server, "far.bin", 128 * MiB, seed=183) as jump:
+        jump.read(100 * MiB)  # the file stays open
+        assert wait_until(jump.given_up, timeout=10), "the prefetches at the old place still run after the jump"
+        jump.read(100 * MiB + 64 * 1024)
+        unused = int(os.getxattr(jump.path, "user.rangefs.prefetch_unused_bytes"))
+        assert 0 <= unused <= HANG  # only what arrived, ahead of the reader, counts
 
 
 def test_a_near_jump_keeps_the_prefetches_ahead(mounts: Mounts, server: FaultServer) -> None:
-    data = seeded_bytes(64 * MiB, seed=184)
-    server.put("/near.bin", data, hang_from=HANG)
-    m = mounts.mount([server.url("/near.bin")], "--direct-io")
-    fd = os.open(m.path / "near.bin", os.O_RDONLY)
-    try:
-        stuck = read_until_a_prefetch_hangs(fd, data, server)
-        server.set_faults("/near.bin")
-        near = 20 * MiB  # a skip past the window: not sequential, but within a full window of it
-        assert os.pread(fd, 64 * 1024, near) == data[near : near + 64 * 1024]
+    with prefetches_hanging(mounts, server, "near.bin", 64 * MiB, seed=184) as jump:
+        jump.read(20 * MiB)  # a skip past the window: not sequential, but within a full window of it
         time.sleep(1.0)  # a give-up would have reached the server by then (the jump's read did it)
-        assert all(r.closed_at is None for r in stuck), "a near jump gave up the prefetches ahead"
-    finally:
-        os.close(fd)
-    assert wait_until(lambda: all(r.closed_at is not None for r in stuck), timeout=10), "the close did not"
+        assert not any(r.closed_at is not None for r in jump.stuck), "a near jump gave up the prefetches ahead"
+    assert wait_until(jump.given_up, timeout=10), "the close did not give them up"
 
 
 def test_a_close_mid_stream_leaves_no_fetch_running_and_counts_what_was_not_read(

@@ -112,6 +112,7 @@ class CachedFile:
         self._passthrough_handles = 0
         # Bytes that prefetches brought and their handle abandoned unread (it closed or jumped far
         # away): what the readahead fetched for nothing, as seen by the handle that asked for it.
+        # "Read" means asked for by a FUSE read, the kernel's readahead included.
         self.prefetch_unused_bytes = 0
 
     @property

@@ -69,6 +69,15 @@ class CacheConfig:
     # the last answer (0: at every open); a change seen by a fetch forces it at the next open.
     revalidate_interval: float = 60.0
 
+    # Range requests in flight at once per origin over the whole mount (--max-connections; aria2's
+    # -x has the same default): what a sequential reader's prefetch may spread over when one
+    # connection is slower than the reader (rangefs.spread), and what protects a server from us.
+    max_connections: int = 8
+    # A prefetch cut for several connections gives each piece at least this much: smaller ones
+    # would spend their time on round trips and slow-start rather than on the body, and above
+    # the daemon's own fetches (mount._MAX_NEAR_BYTES), the pieces go to the helper.
+    min_piece_bytes: int = 2 * 1024 * 1024
+
     @property
     def max_request_blocks(self) -> int:
         return max(1, self.max_request_bytes // self.block_size)

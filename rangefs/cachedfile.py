@@ -102,7 +102,9 @@ class CachedFile:
         self.verifier = Verifier(self)
         self.versions = Versions(self)
         self.filler = Filler(self)
-        self.flights = Flights(cache, self.filler.fetch, cache.config.max_request_blocks)
+        config = cache.config
+        self.flights = Flights(cache, self.filler.fetch, config.max_request_blocks, config.max_connections,
+                               config.min_piece_bytes // config.block_size)
         self.bitmap: Bitmap | None = None
         self._peeked = False
         self._users = 0

@@ -76,6 +76,12 @@ def _count(text: str) -> int:
     return int(text)
 
 
+def _connections(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 64:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 1 to 64: '{text}'")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="rangefs", description="Mount HTTP(S) URLs as read-only files, fetched by range.")
     parser.add_argument("--version", action="version", version=f"rangefs {__version__}")
@@ -115,6 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--revalidate-interval", type=_seconds, default=60.0, metavar="SECONDS",
                    help="on open, ask the server whether a file changed if this long has passed since it "
                         "last said (0: at every open; default: 60)")
+    m.add_argument("--max-connections", type=_connections, default=8, metavar="N",
+                   help="range requests in flight at once per server (scheme://host:port) over the whole "
+                        "mount: a sequential reader's prefetch uses several when one connection is slower "
+                        "than the reader; the requests asking servers about files at mount and open are "
+                        "bounded separately (default: 8, like aria2c -x)")
     m.add_argument("--connect-timeout", type=_positive, default=10.0, metavar="SECONDS")
     m.add_argument("--read-timeout", type=_positive, default=30.0, metavar="SECONDS",
                    help="longest wait for the next bytes of an answer (default: 30)")
@@ -171,7 +182,7 @@ def _mount_options(args: argparse.Namespace) -> MountOptions:
         tune_system=args.tune_system,
         probe_timeout=args.probe_timeout,
         cache=CacheConfig(cache_dir, block_size=args.block_size, checkpoint_interval=args.checkpoint_interval,
-                          revalidate_interval=args.revalidate_interval),
+                          revalidate_interval=args.revalidate_interval, max_connections=args.max_connections),
         origin=OriginConfig(connect_timeout=args.connect_timeout, read_timeout=args.read_timeout,
                             retries=args.retries, retry_time=args.retry_time,
                             low_speed_limit=args.low_speed_limit, low_speed_time=args.low_speed_time,

@@ -4,7 +4,9 @@ Sits between the cache (above) and the origin (below); imports rangefs.origin an
 never httpx or pyfuse3. Planning (``plan_runs``) and block progress (``BlockProgress``) are pure
 logic; ``Fetcher.fetch_into`` bounds how many requests are in flight at once, per origin (a slow host
 uses its own share, never another's) and over all origins (sockets are finite). A mount runs its
-Fetcher in a helper process (rangefs.fetchproc); the cache sees either through ``BlockFetcher``.
+large fetches in a helper process (rangefs.fetchproc); the cache sees both through ``SplitFetcher``,
+which admits the helper's fetches to the daemon Fetcher's per-origin slots too: one bound per origin
+(``--max-connections``) over the whole mount, whichever process sends the request.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import trio
 import xxhash
 
 from rangefs.errors import classify_fetch_error
-from rangefs.limits import OriginLimits
+from rangefs.limits import OriginSlots
 from rangefs.origin import Origin, RemoteFile, origin_of
 from rangefs.redact import redact_url
 
@@ -83,21 +85,30 @@ class Fetcher:
     """Fetch block runs from an origin into a data file, telling which blocks are complete."""
 
     def __init__(self, origin: Origin, block_size: int, max_requests: int = 8, *, write_in_thread: bool = True) -> None:
-        """``max_requests``: requests in flight per origin (scheme, host, port).
+        """``max_requests``: requests in flight per origin (scheme, host, port), with those
+        admitted for another fetcher (``admit``).
 
         ``write_in_thread``: pwrite from a worker thread, as the FUSE thread must never block
         on the disk; a process that only fetches (rangefs.fetchproc) writes directly."""
         self.origin = origin
         self.block_size = block_size
         self.write_in_thread = write_in_thread
-        self._per_origin = OriginLimits(max_requests)
+        self._per_origin = OriginSlots(max_requests)
         self._all_origins = trio.CapacityLimiter(MAX_REQUESTS_ALL_ORIGINS)
+
+    @asynccontextmanager
+    async def admit(self, remote: RemoteFile, urgent: bool) -> AsyncIterator[None]:
+        """Hold one of the origin's request slots, for a request of this fetcher or another's
+        (the helper's, which runs far fewer origins than it has sockets for)."""
+        async with self._per_origin.of(origin_of(remote.url)).hold(urgent):
+            yield
 
     @asynccontextmanager
     async def _request_slot(self, remote: RemoteFile) -> AsyncIterator[None]:
         """Hold one of the origin's request slots, then one of all origins' (in that order, so a
-        request waiting for its busy origin holds nothing another origin could use)."""
-        async with self._per_origin.of(origin_of(remote.url)), self._all_origins:
+        request waiting for its busy origin holds nothing another origin could use). This
+        fetcher's own requests are small (see SplitFetcher): urgent."""
+        async with self.admit(remote, urgent=True), self._all_origins:
             yield
 
     async def fetch_into(self, remote: RemoteFile, run: BlockRun, fd: int, on_written: WrittenSink) -> None:
@@ -187,7 +198,9 @@ class SplitFetcher:
     A random read waits for its fetch: handing a small fetch to the helper and back costs two
     process wake-ups and messages, more than the CPU the fetch itself takes (measured:
     docs/experiments.md, 'Small fetches in the daemon'). Large runs are sequential prefetches,
-    whose body CPU belongs off the FUSE thread.
+    whose body CPU belongs off the FUSE thread. Both kinds take a slot of the near fetcher's
+    per-origin bound, the large ones not urgently (``Fetcher.admit``): that one bound counts every
+    range request of the mount, and the far fetcher's own bound never binds.
     """
 
     def __init__(self, near: Fetcher, far: RunFetcher, block_size: int, max_near_bytes: int) -> None:
@@ -195,8 +208,11 @@ class SplitFetcher:
         self.max_near_blocks = max(1, max_near_bytes // block_size)
 
     async def fetch_into(self, remote: RemoteFile, run: BlockRun, fd: int, on_written: WrittenSink) -> None:
-        fetcher = self.near if len(run) <= self.max_near_blocks else self.far
-        await fetcher.fetch_into(remote, run, fd, on_written)
+        if len(run) <= self.max_near_blocks:
+            await self.near.fetch_into(remote, run, fd, on_written)
+            return
+        async with self.near.admit(remote, urgent=False):
+            await self.far.fetch_into(remote, run, fd, on_written)
 
     async def stream_into(
         self, remote: RemoteFile, fd: int, present: Callable[[int], bool], on_written: WrittenSink

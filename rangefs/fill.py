@@ -154,6 +154,7 @@ class Filler:
                 if verified is not None:
                     verified.add(block)
                 flight.delivered(block)  # a stream also passes blocks it did not rewrite: no-op
+            file.flights.progress(flight, stop - first)
             file.journal.written(stop - first)
 
         return mark

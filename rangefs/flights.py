@@ -13,6 +13,11 @@ a worker thread. The rules it keeps:
   a stream serves every reader and runs until the file's last user goes.
 - Every fetch is counted from its claim until it ends (``_scopes``), so ``stop`` can cancel
   them all and wait until none runs: no fetch outlives the descriptor it writes to.
+
+A prefetch's window step is cut into as many pieces as the file's ``Spread`` (rangefs.spread)
+says, each its own flight and Range request, run concurrently within the origin's bound
+(rangefs.limits.Slots); ``progress`` (every run reported written) and ``wait_for`` (a read
+waiting for a prefetch) tell the Spread how fast one connection is and whether the reader starved.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import trio
 from rangefs.bitmap import Bitmap
 from rangefs.errors import FetchInterrupted, RangesIgnored
 from rangefs.fetcher import BlockRun, plan_runs
+from rangefs.spread import Spread
 
 
 class Abandoned(FetchInterrupted):
@@ -63,6 +69,11 @@ class Flight:
         # their Readahead, removed when they close). A fetch nobody wants is cancelled (unwanted).
         self.reads = 0
         self.prefetchers: set[int] = set()
+        # A prefetch's measure for the Spread: the pieces its window step was cut into (0: not a
+        # prefetch), when its first blocks were reported, and the blocks reported since.
+        self.pieces = 0
+        self.first_report: float | None = None
+        self.reported = 0
         self._waiters: dict[int, trio.Event] = {}  # blocks someone waits for, until delivered
         self._ended = trio.Event()
 
@@ -113,11 +124,17 @@ class Flights:
     (set, then replaced, whenever ``_scopes`` empties).
     """
 
-    def __init__(self, host: Host, fetch: Callable[[Flight], Awaitable[None]], max_blocks: int) -> None:
-        """``max_blocks``: the most blocks one ranged fetch asks for."""
+    def __init__(
+        self, host: Host, fetch: Callable[[Flight], Awaitable[None]], max_blocks: int,
+        connections: int = 1, min_piece_blocks: int = 1,
+    ) -> None:
+        """``max_blocks``: the most blocks one ranged fetch asks for; ``connections``: the most
+        pieces a prefetch is cut into, each at least ``min_piece_blocks`` long."""
         self._host = host
         self._fetch = fetch
         self._max_blocks = max_blocks
+        self._min_piece_blocks = max(1, min_piece_blocks)
+        self.spread = Spread(connections)
         self._inflight: dict[int, Flight] = {}
         self.stream: Flight | None = None
         self._scopes: set[trio.CancelScope] = set()
@@ -134,9 +151,10 @@ class Flights:
             return self.stream
         return flight
 
-    def claim(self, blocks: list[int], generation: int) -> list[Flight]:
-        """Flights for ``blocks`` (none of them brought by a fetch yet), in runs of at most ``max_blocks``."""
-        flights = [Flight(run, generation) for run in plan_runs(blocks, self._max_blocks)]
+    def claim(self, blocks: list[int], generation: int, max_blocks: int | None = None) -> list[Flight]:
+        """Flights for ``blocks`` (none of them brought by a fetch yet), in runs of at most
+        ``max_blocks`` (by default the longest request)."""
+        flights = [Flight(run, generation) for run in plan_runs(blocks, max_blocks or self._max_blocks)]
         for flight in flights:
             self._scopes.add(flight.scope)  # from the claim on, so stop waits for it
             for block in range(flight.run.first, flight.run.stop):
@@ -151,8 +169,11 @@ class Flights:
         for block in range(first, stop):
             if block in self._inflight:
                 self._inflight[block].prefetchers.add(prefetcher)
-        started = self.claim(blocks, generation)
+        pieces = self.spread.plan()
+        piece = min(self._max_blocks, max(self._min_piece_blocks, -(-len(blocks) // pieces)))
+        started = self.claim(blocks, generation, piece)
         for flight in started:
+            flight.pieces = pieces
             flight.prefetchers.add(prefetcher)
             if not self._host.spawn(self._fetch, flight):
                 self._scopes.discard(flight.scope)
@@ -169,6 +190,17 @@ class Flights:
         if not self._host.spawn(self._fetch, running):
             await self._fetch(running)
         return running
+
+    def progress(self, flight: Flight, blocks: int) -> None:
+        """``flight`` reported ``blocks`` more blocks written: a prefetch samples its rate."""
+        if not flight.pieces:
+            return
+        now = trio.current_time()
+        if flight.first_report is None:
+            flight.first_report = now  # from here on: the rate of the body, not of the round trip
+            return
+        flight.reported += blocks
+        self.spread.sample(flight.pieces, flight.reported, now - flight.first_report)
 
     def forget(self, flight: Flight) -> None:
         """Take ``flight`` out of the table: its blocks are no longer being brought by it."""
@@ -246,6 +278,8 @@ class Flights:
         goes on between the blocks it waits for."""
         for flight in flights:
             flight.reads += 1
+            if flight.prefetchers:
+                self.spread.starved = True  # the prefetch delivers less than the reader consumes
         try:
             for flight in flights:
                 for block in blocks:

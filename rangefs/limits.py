@@ -1,6 +1,8 @@
 """Bounds on requests to origins: how many run at once per origin, and how slow they may be.
 
-``OriginLimits`` gives each origin its own share of requests; ``LowSpeed`` cuts one attempt that
+``OriginLimits`` gives each origin its own share of requests; ``OriginSlots`` does the same for
+range requests, with urgent requests (a read waiting for a few blocks) served before queued
+prefetches when a slot frees (see ``Slots``); ``LowSpeed`` cuts one attempt that
 receives too few bytes per second; ``Pace`` holds the attempts of one fetch to the same limit
 together. Imports trio only: rangefs.origin applies them to its probes and requests, rangefs.fetcher
 bounds its range requests per origin with ``OriginLimits``.
@@ -9,6 +11,9 @@ bounds its range requests per origin with ``OriginLimits``.
 from __future__ import annotations
 
 import math
+from collections import deque
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import trio
 
@@ -29,6 +34,72 @@ class OriginLimits:
         if limiter is None:
             limiter = self._limiters[origin] = trio.CapacityLimiter(self.per_origin)
         return limiter
+
+
+class Slots:
+    """At most ``total`` holders at once; when one leaves, an urgent waiter goes before the others.
+
+    The one bound on the range requests of one origin over the whole mount (``--max-connections``),
+    whichever process runs them: the daemon's small fetches ask urgently, the helper's prefetch
+    pieces (admitted by the daemon) do not. So a read waiting for a few blocks waits for at most one
+    running request to end, never behind a queue of prefetches; and ``total == 1`` still works.
+    Trio only.
+    """
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.used = 0
+        self._urgent: deque[trio.Event] = deque()
+        self._others: deque[trio.Event] = deque()
+
+    @asynccontextmanager
+    async def hold(self, urgent: bool) -> AsyncIterator[None]:
+        """Hold one slot for the body of the ``async with``."""
+        if self.used < self.total and not self._urgent and not self._others:
+            self.used += 1
+            try:
+                await trio.lowlevel.checkpoint()
+            except BaseException:
+                self._release()
+                raise
+        else:
+            turn = trio.Event()
+            queue = self._urgent if urgent else self._others
+            queue.append(turn)
+            try:
+                await turn.wait()  # set by _release: the slot is handed over, ``used`` unchanged
+            except BaseException:
+                if turn.is_set():
+                    self._release()  # handed to us as we were cancelled: pass it on
+                else:
+                    queue.remove(turn)
+                raise
+        try:
+            yield
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        for queue in (self._urgent, self._others):
+            if queue:
+                queue.popleft().set()
+                return
+        self.used -= 1
+
+
+class OriginSlots:
+    """``Slots`` per origin, made on first use. Trio only."""
+
+    def __init__(self, per_origin: int) -> None:
+        self.per_origin = per_origin
+        self._slots: dict[str, Slots] = {}
+
+    def of(self, origin: str) -> Slots:
+        """The slots of ``origin`` (``scheme://host:port``, see rangefs.origin.origin_of)."""
+        slots = self._slots.get(origin)
+        if slots is None:
+            slots = self._slots[origin] = Slots(self.per_origin)
+        return slots
 
 
 class LowSpeed:

@@ -43,7 +43,6 @@ _FSTYPE = "fuse.rangefs"
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _ABORT_GRACE = 2.0  # seconds reads in flight get to finish after a stop signal before fetches are cancelled
 _DISCONNECT_POLL = 0.5  # seconds between checks whether the kernel ended the mount
-_MAX_REQUESTS = 8  # Range requests in flight per origin, in the daemon and in its helper each
 _MAX_NEAR_BYTES = 1024 * 1024  # fetches up to this size run in the daemon (see SplitFetcher)
 _HELPER_START_TIMEOUT = 60.0  # seconds for the fetch process to import and start
 
@@ -362,7 +361,8 @@ async def _serve(opts: MountOptions, entries: list[Entry], reporter: _Foreground
                 files = await _probe_all(origin, entries, opts, reporter.warn)
                 # Ready means a first read is fast: do not leave the helper's start-up to it.
                 await fetch_process.wait_ready(_HELPER_START_TIMEOUT)
-                near = Fetcher(origin, opts.cache.block_size, _MAX_REQUESTS)
+                # One bound per origin over both processes: the helper's fetches take the near's slots.
+                near = Fetcher(origin, opts.cache.block_size, opts.cache.max_connections)
                 fetcher = SplitFetcher(near, fetch_process, opts.cache.block_size, _MAX_NEAR_BYTES)
                 cache = Cache(opts.cache, fetcher, probe=origin.probe, direct=near.fetch_bytes)
                 await _serve_files(opts, files, cache, reporter)
@@ -378,7 +378,7 @@ def _helper_config(opts: MountOptions) -> HelperConfig:
     return HelperConfig(
         origin=opts.origin,
         block_size=opts.cache.block_size,
-        max_requests=_MAX_REQUESTS,
+        max_requests=opts.cache.max_connections,  # never binds: the daemon admits each fetch (SplitFetcher)
         log_path=str(opts.log_path),
         log_format=LOG_FORMAT,
         verbose=opts.verbose,

@@ -58,7 +58,9 @@ MB = 1_000_000  # throughput and memory are reported in decimal MB
 MiB = 1 << 20
 GEN_CHUNK = 16 * MiB
 
-CASES = ("seq_cold", "seq_warm", "random4k", "tail", "ffprobe", "seek", "seq_rtt", "proxy", "player")
+CASES = ("seq_cold", "seq_warm", "random4k", "tail", "ffprobe", "seek", "seq_rtt", "proxy", "capped", "player")
+CAPPED_RATE = "8m"  # nginx limit_rate per connection of /slow/, for the capped case (issue 18's server)
+CAPPED_SIZE = 128 * MiB
 READ_TIMEOUT = 300.0  # seconds for one read of the big file; 1 GiB at ~3.5 MB/s
 TOOL_BUDGET = 150.0  # seconds: a tool stops repeating a case after this, so a slow build stays ~10 min
 CMD_TIMEOUT = 120.0  # seconds for any other command
@@ -118,6 +120,8 @@ class Data:
     video: str
     video_size: int
     video_seconds: int
+    capped: str = ""  # the file of the capped case
+    capped_size: int = 0
     movie: str = ""  # the player case's movie, generated only when that case runs
     movie_size: int = 0
 
@@ -161,7 +165,10 @@ def prepare_data(cfg: Config) -> Data:
         if not _has_size(www / movie, _recorded_size(www, movie)):
             _generate_video(www / movie, MOVIE_SECONDS, movie=True)
             _record_size(www, movie)
-    return Data(www, big, cfg.big_size, video, (www / video).stat().st_size, cfg.video_seconds,
+    capped = f"random-{CAPPED_SIZE // MiB}M.bin"
+    if not _has_size(www / capped, CAPPED_SIZE):
+        _generate_random(www / capped, CAPPED_SIZE)
+    return Data(www, big, cfg.big_size, video, (www / video).stat().st_size, cfg.video_seconds, capped, CAPPED_SIZE,
                 movie, (www / movie).stat().st_size if movie else 0)
 
 
@@ -566,8 +573,8 @@ class Bench:
         name, *options = tool.split()
         if name == "rangefs":
             urls = run_dir / "urls.txt"
-            rels = (self.data.big, self.data.video, *([self.data.movie] if self.data.movie else []))
-            urls.write_text("".join(f"{base_url}/{rel}\n" for rel in rels))
+            listed = (self.data.big, self.data.video, self.data.capped, *([self.data.movie] if self.data.movie else []))
+            urls.write_text("".join(f"{base_url}/{rel}\n" for rel in listed))
             mnt: Mount = RangefsMount(run_dir / "mnt", urls, run_dir / "cache", self.cfg.block_size, options)
         elif self.rclone_error is not None:
             raise BenchError(self.rclone_error)
@@ -666,8 +673,10 @@ def measure(bench: Bench, case: str, size: int, tools: Sequence[tuple[str, Calla
             spent[id(result)] += time.monotonic() - started
 
 
-def cold_mount_run(bench: Bench, tool: str, base_url: str, rel: str, op: Callable[[Path], Sample]) -> Sample:
-    """Mount afresh, drop the page cache, run ``op`` on the file; add bytes fetched and peak RSS."""
+def cold_mount_run(bench: Bench, tool: str, base_url: str, rel: str, op: Callable[[Path], Sample],
+                   logged: str | None = None) -> Sample:
+    """Mount afresh, drop the page cache, run ``op`` on the file; add bytes fetched and peak RSS.
+    ``logged``: the file's path in nginx's log, when not ``rel`` (a location such as slow/)."""
     with bench.mount(tool, base_url, "mount") as mnt:
         bench.drop()
         since = bench.nginx.mark()
@@ -677,7 +686,7 @@ def cold_mount_run(bench: Bench, tool: str, base_url: str, rel: str, op: Callabl
         sample.peak_rss = mnt.peak_rss()
         if cpu_before is not None and cpu_after is not None:
             sample.extra["cpu_s"] = cpu_after - cpu_before
-    sample.fetched, sample.gets = bench.fetched(rel, since)
+    sample.fetched, sample.gets = bench.fetched(logged or rel, since)
     return sample
 
 
@@ -728,6 +737,37 @@ def case_seq(bench: Bench, case: str, base_url: str) -> None:
         cpu = m.median("cpu_s") if m.case == case else None
         if cpu is not None:
             m.note = (m.note + "; " if m.note else "") + f"CPU of its processes during the read: {cpu:.2f} s (median)"
+
+
+def case_capped(bench: Bench) -> None:
+    """Cold sequential read from a server that caps each connection (nginx limit_rate on /slow/):
+    rangefs (dd through the mount) vs aria2c -x8 -s8 and curl, each writing to a file."""
+    data = bench.data
+    base_url = f"{bench.nginx.base_url}/slow"
+    logged = f"slow/{data.capped}"
+    url = f"{base_url}/{data.capped}"
+    tools: list[tuple[str, Callable[[], Sample]]] = [
+        ("rangefs", partial(cold_mount_run, bench, "rangefs", base_url, data.capped, dd_op(data.capped_size), logged)),
+        ("aria2c -x8 -s8", partial(aria2_run, bench, url, logged, data.capped_size)),
+        ("curl -o FILE", partial(curl_run, bench, url, logged, data.capped_size, True)),
+    ]
+    measure(bench, "capped", data.capped_size, tools)
+
+
+def aria2_run(bench: Bench, url: str, logged: str, size: int) -> Sample:
+    """aria2c -x8 -s8 (8 connections, 8 pieces: its usual use) to a file in the work dir."""
+    target = bench.cfg.work_dir / "aria2-output.bin"
+    try:
+        target.unlink(missing_ok=True)
+        bench.drop()
+        since = bench.nginx.mark()
+        seconds, _ = timed(["aria2c", "-x8", "-s8", "-q", "--allow-overwrite=true", "--auto-file-renaming=false",
+                            "-d", str(target.parent), "-o", target.name, url])
+        if target.stat().st_size != size:
+            raise BenchError(f"aria2c wrote {target.stat().st_size} bytes of {size}")
+    finally:
+        target.unlink(missing_ok=True)
+    return Sample(seconds, *bench.fetched(logged, since))
 
 
 def case_seq_rtt(bench: Bench) -> None:
@@ -959,6 +999,7 @@ CASE_FUNCS: dict[str, Callable[[Bench], None]] = {
     "seq_rtt": case_seq_rtt,
     "proxy": case_proxy,
     "player": case_player,
+    "capped": case_capped,
 }
 
 
@@ -978,6 +1019,7 @@ def case_label(case: str, data: Data, cfg: Config) -> str:
         "proxy": "proxy check: curl -o /dev/null, source in page cache",
         "player": f"player: 4 jumps into a {data.movie_size / MB:.0f} MB movie, {PLAYER_SECONDS} s played "
                   "at each (ffmpeg -re), cold",
+        "capped": f"cold sequential read, {data.capped_size // MiB} MiB, server capped at {CAPPED_RATE}/connection",
     }[case]
 
 
@@ -1111,6 +1153,8 @@ def targets(bench: Bench) -> list[Target]:
         cost_target(ms, "player", "seconds", 1.0, "player, 4 jumps: time ≤ rclone"),
         read_target(ms, "player", 2.0, "player, 4 jumps: bytes fetched ≤ 2x what ffmpeg read"),
         rss_target(ms),
+        throughput_target(ms, "capped", "aria2c -x8 -s8", 1.0,
+                          f"capped ({CAPPED_RATE}/connection) cold sequential ≥ aria2c -x8 -s8"),
     ]
     return out
 
@@ -1343,7 +1387,7 @@ def main(argv: list[str]) -> int:
     try:
         data = prepare_data(cfg)
         (cfg.work_dir / "nginx").mkdir(exist_ok=True)
-        nginx = Nginx(cfg.work_dir / "nginx", data.www, autoindex=True)
+        nginx = Nginx(cfg.work_dir / "nginx", data.www, autoindex=True, slow_rate=CAPPED_RATE)
         nginx.start()
         bench = Bench(cfg, data, nginx)
         run_cases(bench)

@@ -50,7 +50,10 @@ STOP_TIMEOUT = 10.0  # seconds for the master to exit after SIGTERM before SIGKI
 SYNC_TIMEOUT = 10.0  # seconds for the log-sync probe; generous, the worker may be busy with a benchmark
 POLL_INTERVAL = 0.05
 PORT_ATTEMPTS = 5  # a port picked with port=0 may be taken before nginx binds it
-LOG_FIELDS = ("$request_method", "$request_uri", "$status", "$body_bytes_sent", "$http_range", "$http_if_range")
+LOG_FIELDS = (
+    "$request_method", "$request_uri", "$status", "$body_bytes_sent", "$http_range", "$http_if_range",
+    "$msec", "$request_time", "$connection",
+)
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,14 @@ class Request:
     body_bytes: int  # $body_bytes_sent: what was really sent, also when the client hung up
     range: str  # the Range request header, "" when absent
     if_range: str  # the If-Range request header, "" when absent
+    end: float  # $msec: when the record was written (the response's end), seconds since the epoch
+    seconds: float  # $request_time: from the request's first byte read to the record, ms resolution
+    connection: int  # $connection: the connection's serial number (the same for a keep-alive's requests)
+
+    @property
+    def start(self) -> float:
+        """When the request's first byte was read (ms resolution)."""
+        return self.end - self.seconds
 
 
 class Nginx:
@@ -330,7 +341,9 @@ def _parse_record(line: str) -> Request:
     fields = line.split("\t")
     if len(fields) != len(LOG_FIELDS):
         raise ValueError(f"unexpected access-log record {line!r}")
-    method, uri, status, body_bytes, range_, if_range = (_unescape(field) for field in fields)
+    method, uri, status, body_bytes, range_, if_range, end, seconds, connection = (
+        _unescape(field) for field in fields
+    )
     return Request(
         method=method,
         path=unquote(uri.split("?", 1)[0], errors="replace"),
@@ -338,6 +351,9 @@ def _parse_record(line: str) -> Request:
         body_bytes=int(body_bytes),
         range=range_,
         if_range=if_range,
+        end=float(end),
+        seconds=float(seconds),
+        connection=int(connection),
     )
 
 

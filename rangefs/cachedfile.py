@@ -16,7 +16,8 @@ Concurrency rules (one trio thread; blocking disk I/O goes to worker threads):
 - Between testing a block and claiming it there is no ``await`` (``Filler.ensure``,
   ``_prefetch``): two readers that need the same block start one fetch.
 - A fetch runs while someone wants it: a read waiting for it, or an open handle prefetching
-  it; the last one to go cancels it (``Flights.unwanted``).
+  it; the last one to go cancels it (``Flights.unwanted``). A handle stops wanting its
+  prefetches when it closes, and those far from where it jumped to (``_abandon``).
 - No fetch outlives the descriptor it writes to: a version switch and the last close stop every
   fetch (``Flights.stop``) before they touch the files.
 - A version switch replaces ``bitmap``: code that waits looks it up again (``open_bitmap``) on
@@ -112,6 +113,10 @@ class CachedFile:
         # Handles the kernel serves from the data file itself (FUSE passthrough, counted by fs.py).
         # While there are any, the data file must not change: a new version waits until they close.
         self._passthrough_handles = 0
+        # Bytes that prefetches brought and their handle abandoned unread (it closed or jumped far
+        # away): what the readahead fetched for nothing, as seen by the handle that asked for it.
+        # "Read" means asked for by a FUSE read, the kernel's readahead included.
+        self.prefetch_unused_bytes = 0
 
     @property
     def passthrough_handles(self) -> int:
@@ -214,7 +219,7 @@ class CachedFile:
         """
         if readahead is not None and self.remote.accept_ranges:
             # (Streamed files have no prefetches, and a stream claims every block: a long walk.)
-            self.flights.forget_prefetcher(id(readahead))
+            self._abandon(readahead, readahead.expected or 0)
         async with self.lock:
             self._users -= 1
             if self._users:
@@ -367,12 +372,40 @@ class CachedFile:
         return data
 
     def _prefetch(self, readahead: Readahead, offset: int, end: int) -> None:
+        stretch, was = readahead.stretch, readahead.expected
         wanted = prefetch.ahead(readahead, offset, end, self.size)
+        if readahead.stretch != stretch and was is not None:
+            # A jump. Prefetches far from the new position (more than a full window away: reads the
+            # kernel sends out of order land closer) are abandoned; nearer ones may still be read.
+            block, far = self.block_size, readahead.maximum
+            self._abandon(readahead, was, (max(0, offset - far) // block, -(-(end + far) // block)))
+        else:
+            passed = readahead.expected or 0
+            while readahead.claimed and readahead.claimed[0][1] * self.block_size <= passed:
+                readahead.claimed.popleft()
         if wanted is None or self.switching is not None:
             return
         start, target = wanted
         first, stop = start // self.block_size, -(-target // self.block_size)
-        self.flights.claim_ahead(first, stop, self.open_bitmap(), id(readahead), self.generation)
+        for flight in self.flights.claim_ahead(first, stop, self.open_bitmap(), id(readahead), self.generation):
+            readahead.claimed.append((flight.run.first, flight.run.stop))
+
+    def _abandon(self, readahead: Readahead, read_to: int, keep: tuple[int, int] | None = None) -> None:
+        """The handle of ``readahead`` no longer wants its prefetches outside blocks ``keep``
+        (all of them: None); cancel those nobody else wants, and count in ``prefetch_unused_bytes``
+        the blocks they brought past ``read_to`` (where its reader got to)."""
+        self.flights.forget_prefetcher(id(readahead), keep)
+        bitmap, block = self.bitmap, self.block_size
+        unread, unused = -(-read_to // block), 0
+        for first, stop in readahead.claimed:
+            if bitmap is not None and (keep is None or not (first < keep[1] and keep[0] < stop)):
+                present = [b for b in range(max(first, unread), stop) if b in bitmap]
+                unused += sum(min(block, self.size - b * block) for b in present)
+        readahead.claimed.clear()
+        if unused:
+            self.prefetch_unused_bytes += unused
+            log.debug("%s: %d prefetched bytes abandoned unread (%s)", self.identity.url, unused,
+                      "closed" if keep is None else "jumped away")
 
     async def ensure(self, first: int, stop: int, generation: int | None = None) -> None:
         """Return once blocks ``first <= b < stop`` are all present (see Filler.ensure)."""

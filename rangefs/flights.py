@@ -8,7 +8,8 @@ a worker thread. The rules it keeps:
   ``claim_ahead`` take the blocks their caller found missing in the same step, so two readers
   that need the same block start one fetch, and the second waits on the first one's flight.
 - A fetch runs while someone wants it: a read waiting for it (``Flight.reads``), or an open
-  handle prefetching it (``Flight.prefetchers``). The last one to go cancels it (``unwanted``);
+  handle prefetching it (``Flight.prefetchers``; a handle that closes or jumps far away goes,
+  ``forget_prefetcher``). The last one to go cancels it (``unwanted``);
   a stream serves every reader and runs until the file's last user goes.
 - Every fetch is counted from its claim until it ends (``_scopes``), so ``stop`` can cancel
   them all and wait until none runs: no fetch outlives the descriptor it writes to.
@@ -162,23 +163,25 @@ class Flights:
                 self._inflight[block] = flight
         return flights
 
-    def claim_ahead(self, first: int, stop: int, bitmap: Bitmap, prefetcher: int, generation: int) -> None:
+    def claim_ahead(self, first: int, stop: int, bitmap: Bitmap, prefetcher: int, generation: int) -> list[Flight]:
         """Prefetch blocks ``first .. stop`` for the handle ``prefetcher`` in the background: the
-        missing ones not brought yet are claimed and started; fetches under way for the others are
-        wanted by this handle too."""
+        missing ones not brought yet are claimed and started (returned); fetches under way for the
+        others are wanted by this handle too."""
         blocks = [b for b in range(first, stop) if b not in bitmap and b not in self._inflight]
         for block in range(first, stop):
             if block in self._inflight:
                 self._inflight[block].prefetchers.add(prefetcher)
         pieces = self.spread.plan()
         piece = min(self._max_blocks, max(self._min_piece_blocks, -(-len(blocks) // pieces)))
-        for flight in self.claim(blocks, generation, piece):
+        started = self.claim(blocks, generation, piece)
+        for flight in started:
             flight.pieces = pieces
             flight.prefetchers.add(prefetcher)
             if not self._host.spawn(self._fetch, flight):
                 self._scopes.discard(flight.scope)
                 self.forget(flight)
                 flight.finish(Abandoned("no task group for prefetching"))
+        return started
 
     async def start_stream(self, nblocks: int, present: Bitmap, generation: int) -> Flight:
         """Start the stream of the whole file, bringing the blocks not in ``present`` (a copy)
@@ -228,9 +231,11 @@ class Flights:
         if not flight.reads and not flight.prefetchers and not flight.stream:
             flight.scope.cancel()
 
-    def forget_prefetcher(self, prefetcher: int) -> None:
-        """A handle closed: the fetches only it prefetched are cancelled."""
-        for flight in {flight for flight in self._inflight.values() if prefetcher in flight.prefetchers}:
+    def forget_prefetcher(self, prefetcher: int, keep: tuple[int, int] | None = None) -> None:
+        """A handle closed, or jumped away from all but blocks ``keep`` (``first, stop``): the
+        fetches only it prefetched (outside ``keep``) are cancelled."""
+        for flight in {flight for flight in self._inflight.values() if prefetcher in flight.prefetchers
+                       and (keep is None or not (flight.run.first < keep[1] and keep[0] < flight.run.stop))}:
             flight.prefetchers.discard(prefetcher)
             self.unwanted(flight)
 

@@ -392,4 +392,5 @@ def _xattrs(cached: CachedFile) -> dict[bytes, bytes]:
         b"user.rangefs.saved_bytes": str(cached.saved_bytes()).encode(),
         b"user.rangefs.block_size": str(cached.block_size).encode(),
         b"user.rangefs.passthrough_handles": str(cached.passthrough_handles).encode(),
+        b"user.rangefs.prefetch_unused_bytes": str(cached.prefetch_unused_bytes).encode(),
     }

@@ -7,7 +7,10 @@ seek-and-decode, and the cold sequential read again through a delaying proxy (``
 that adds ``--rtt-ms`` of round-trip time, and from a server that caps each connection (nginx's
 ``limit_rate``, and the same proxy pacing each connection). Cold means a fresh cache dir and a
 dropped page cache (for ``tail``, ``ffprobe`` and ``ffmpeg``, the tool itself is then loaded once, untimed).
-Bytes fetched and GET requests come from nginx's access log; peak memory is the daemon's VmHWM plus its fetch process's.
+Only when asked for (``--cases player``, as generating its movie takes minutes): a player jumping to
+four places of a 10 min, 12 Mbit/s movie.
+Bytes fetched and GET requests come from nginx's access log; bytes a decoder read through the mount
+from its ``rchar`` (see ``counted``); peak memory is the daemon's VmHWM plus its fetch process's.
 
 It prints the command line, machine facts and a Markdown table of medians, ratios and the issue's
 targets (PASS/MISS, which never fail the run), and writes every sample to
@@ -56,7 +59,7 @@ MB = 1_000_000  # throughput and memory are reported in decimal MB
 MiB = 1 << 20
 GEN_CHUNK = 16 * MiB
 
-CASES = ("seq_cold", "seq_warm", "random4k", "tail", "ffprobe", "seek", "seq_rtt", "proxy", "capped")
+CASES = ("seq_cold", "seq_warm", "random4k", "tail", "ffprobe", "seek", "seq_rtt", "proxy", "capped", "player")
 CAPPED_RATE = "8m"  # nginx limit_rate of /slow/ (it counts per request), for the capped case
 CAPPED_PROXY_RATE = 8 * MiB  # bytes/s: the same cap, kept per connection over time by latency_proxy.py
 CAPPED_SIZE = 128 * MiB
@@ -71,6 +74,9 @@ RANDOM_READ_SIZE = 4096
 RANDOM_SEED = 4096
 TAIL_BYTES = 1000
 SEEK_SECONDS = 5
+MOVIE_SECONDS = 600  # the player case's movie: 10 min at ~12 Mbit/s, ~900 MB (the issue's was 865 MiB)
+PLAYER_JUMPS = (0.15, 0.4, 0.65, 0.9)  # where the player jumps to, as fractions of the movie
+PLAYER_SECONDS = 3  # played at each jump, in real time (-re)
 
 
 class BenchError(Exception):
@@ -119,12 +125,15 @@ class Data:
     video_seconds: int
     capped: str = ""  # the file of the capped case
     capped_size: int = 0
+    movie: str = ""  # the player case's movie, generated only when that case runs
+    movie_size: int = 0
 
 
 def parse_args(argv: Sequence[str]) -> Config:
     parser = argparse.ArgumentParser(description="Benchmark rangefs against curl, rclone and local reads.")
     parser.add_argument("--runs", type=int, default=None, help="runs per case, median reported (default 5)")
-    parser.add_argument("--cases", default=",".join(CASES), help=f"comma list, from: {', '.join(CASES)}")
+    parser.add_argument("--cases", default=",".join(c for c in CASES if c != "player"),
+                        help=f"comma list, from: {', '.join(CASES)} (default: all but player)")
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/rangefs-bench"))
     parser.add_argument("--rtt-ms", type=float, default=20.0, help="added round-trip time for seq_rtt")
     parser.add_argument("--skip-rclone", action="store_true")
@@ -153,10 +162,17 @@ def prepare_data(cfg: Config) -> Data:
     if not _has_size(www / video, _recorded_size(www, video)):
         _generate_video(www / video, cfg.video_seconds)
         _record_size(www, video)
+    movie = ""
+    if "player" in cfg.cases:
+        movie = f"movie-{MOVIE_SECONDS}s.mp4"
+        if not _has_size(www / movie, _recorded_size(www, movie)):
+            _generate_video(www / movie, MOVIE_SECONDS, movie=True)
+            _record_size(www, movie)
     capped = f"random-{CAPPED_SIZE // MiB}M.bin"
     if not _has_size(www / capped, CAPPED_SIZE):
         _generate_random(www / capped, CAPPED_SIZE)
-    return Data(www, big, cfg.big_size, video, (www / video).stat().st_size, cfg.video_seconds, capped, CAPPED_SIZE)
+    return Data(www, big, cfg.big_size, video, (www / video).stat().st_size, cfg.video_seconds, capped, CAPPED_SIZE,
+                movie, (www / movie).stat().st_size if movie else 0)
 
 
 def _has_size(path: Path, size: int | None) -> bool:
@@ -191,15 +207,19 @@ def _generate_random(path: Path, size: int) -> None:
     tmp.rename(path)
 
 
-def _generate_video(path: Path, seconds: int) -> None:
-    """testsrc2 + sine, 640x360 mpeg4 at 2.5 Mbit/s, without +faststart: the index is at the end."""
+def _generate_video(path: Path, seconds: int, movie: bool = False) -> None:
+    """testsrc2 + sine, 640x360 mpeg4 at 2.5 Mbit/s, without +faststart: the index is at the end.
+    ``movie``: 1280x720 with noise at a constant 12 Mbit/s (the noise keeps the encoder from
+    falling short of it), like the issue's movie."""
     say(f"generating {path} ({seconds} s of test video, index at the end)")
     tmp = path.with_name(path.stem + ".tmp.mp4")
+    video = (["-vf", "noise=alls=12:allf=t", "-c:v", "mpeg4", "-b:v", "12M", "-minrate", "12M", "-maxrate", "12M",
+              "-bufsize", "4M"] if movie else ["-c:v", "mpeg4", "-b:v", "2500k"])
     run(["ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error", "-y",
-         "-f", "lavfi", "-i", f"testsrc2=duration={seconds}:size=640x360:rate=25",
+         "-f", "lavfi", "-i", f"testsrc2=duration={seconds}:size={'1280x720' if movie else '640x360'}:rate=25",
          "-f", "lavfi", "-i", f"sine=frequency=440:duration={seconds}",
-         "-c:v", "mpeg4", "-b:v", "2500k", "-c:a", "aac", "-b:a", "128k", "-shortest", "-f", "mp4", str(tmp)],
-        timeout=300)
+         *video, "-c:a", "aac", "-b:a", "128k", "-shortest", "-f", "mp4", str(tmp)],
+        timeout=300 + seconds)
     tmp.rename(path)
 
 
@@ -249,6 +269,32 @@ def timed(argv: Sequence[str], timeout: float = READ_TIMEOUT) -> tuple[float, st
     start = time.monotonic()
     out = run(argv, timeout)
     return time.monotonic() - start, out
+
+
+def counted(argv: Sequence[str], timeout: float = CMD_TIMEOUT) -> tuple[float, int]:
+    """Run a command; return (elapsed seconds, bytes it read: ``rchar`` of /proc/PID/io).
+
+    Read once it has exited but before it is reaped (``waitid`` with ``WNOWAIT``), so every read
+    counts. rchar counts every ``read()`` of the process, not only of the file: ``ffmpeg
+    -version`` shows about 0.2 MB of others (``/proc``, configuration), the error of this figure.
+    Libraries are mapped, not read.
+    """
+    start = time.monotonic()
+    try:
+        proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, start_new_session=True)
+    except OSError as exc:
+        raise BenchError(f"cannot run {argv[0]}: {exc.strerror}") from None
+    try:
+        os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)  # no timeout: the read timeouts bound it
+        elapsed = time.monotonic() - start
+        io = dict(line.split(": ") for line in Path(f"/proc/{proc.pid}/io").read_text().splitlines())
+    finally:
+        _, err = _communicate(proc, argv, timeout)
+    if proc.returncode != 0:
+        lines = err.decode(errors="replace").strip().splitlines()
+        raise BenchError(f"{_short(argv)} failed: {lines[-1] if lines else f'exit status {proc.returncode}'}")
+    return elapsed, int(io["rchar"])
 
 
 def _short(argv: Sequence[str] | str) -> str:
@@ -530,7 +576,7 @@ class Bench:
         name, *options = tool.split()
         if name == "rangefs":
             urls = run_dir / "urls.txt"
-            listed = (self.data.big, self.data.video, self.data.capped)
+            listed = (self.data.big, self.data.video, self.data.capped, *([self.data.movie] if self.data.movie else []))
             urls.write_text("".join(f"{base_url}/{rel}\n" for rel in listed))
             mnt: Mount = RangefsMount(run_dir / "mnt", urls, run_dir / "cache", self.cfg.block_size, options)
         elif self.rclone_error is not None:
@@ -902,19 +948,24 @@ def random_reads(path: Path) -> list[float]:
         os.close(fd)
 
 
-def case_tool(bench: Bench, case: str, rel: str, argv_for: Callable[[Path], list[str]]) -> None:
+def case_tool(bench: Bench, case: str, rel: str, argv_for: Callable[[Path], list[str]], count: bool = False) -> None:
     """A cold run of one command on one file of the mount, rangefs then rclone.
 
     After drop_caches the command is first run with ``-version`` (untimed, the mount untouched):
     loading ffprobe's libraries from disk took 290-500 ms, varying more from run to run than
     what either mount adds (~15-30 ms), so the timed run measures the file, not the tool's start.
+    ``count``: also the bytes the command read (see ``counted``), and a row of rangefs with
+    ``--direct-io``: without the kernel's readahead, which reads ahead of the decoder (not a target's row).
     """
     def op(path: Path) -> Sample:
         argv = argv_for(path)
         run([argv[0], "-version" if argv[0] in ("ffprobe", "ffmpeg") else "--version"], CMD_TIMEOUT)
+        if count:
+            seconds, read = counted(argv)
+            return Sample(seconds, extra={"read": read})
         return Sample(timed(argv, CMD_TIMEOUT)[0])
     measure(bench, case, 0, [(tool, partial(cold_mount_run, bench, tool, bench.nginx.base_url, rel, op))
-                             for tool in ("rangefs", "rclone")])
+                             for tool in ("rangefs", *(["rangefs --direct-io"] if count else []), "rclone")])
 
 
 def case_tail(bench: Bench) -> None:
@@ -934,7 +985,26 @@ def case_seek(bench: Bench) -> None:
     def argv(path: Path) -> list[str]:
         return ["ffmpeg", "-nostdin", "-v", "error", "-ss", middle, "-t", str(SEEK_SECONDS), "-i", str(path),
                 "-f", "null", "-"]
-    case_tool(bench, "seek", bench.data.video, argv)
+    case_tool(bench, "seek", bench.data.video, argv, count=True)
+
+
+def case_player(bench: Bench) -> None:
+    """A player that jumps to four places of the movie and plays PLAYER_SECONDS at each, in real
+    time (``ffmpeg -re``): one ffmpeg per jump on one cold mount, as a player that reopens
+    the file at each seek; times, bytes read and bytes fetched summed over the four."""
+    data = bench.data
+    seconds = MOVIE_SECONDS
+
+    def op(path: Path) -> Sample:
+        run(["ffmpeg", "-version"], CMD_TIMEOUT)
+        total, read = 0.0, 0
+        for where in PLAYER_JUMPS:
+            took, got = counted(["ffmpeg", "-nostdin", "-v", "error", "-re", "-ss", str(int(seconds * where)),
+                                 "-t", str(PLAYER_SECONDS), "-i", str(path), "-f", "null", "-"])
+            total, read = total + took, read + got
+        return Sample(total, extra={"read": read})
+    measure(bench, "player", 0, [(tool, partial(cold_mount_run, bench, tool, bench.nginx.base_url, data.movie, op))
+                                 for tool in ("rangefs", "rangefs --direct-io", "rclone")])
 
 
 CASE_FUNCS: dict[str, Callable[[Bench], None]] = {
@@ -946,6 +1016,7 @@ CASE_FUNCS: dict[str, Callable[[Bench], None]] = {
     "seek": case_seek,
     "seq_rtt": case_seq_rtt,
     "proxy": case_proxy,
+    "player": case_player,
     "capped": case_capped,
 }
 
@@ -967,6 +1038,8 @@ def case_label(case: str, data: Data, cfg: Config) -> str:
         "capped": f"cold sequential read, {data.capped_size // MiB} MiB, nginx limit_rate {CAPPED_RATE} (per request)",
         "capped_proxy": f"cold sequential read, {data.capped_size // MiB} MiB, "
                         f"{CAPPED_PROXY_RATE // MiB} MiB/s per connection over time (proxy)",
+        "player": f"player: 4 jumps into a {data.movie_size / MB:.0f} MB movie, {PLAYER_SECONDS} s played "
+                  "at each (ffmpeg -re), cold",
     }[case]
 
 
@@ -1038,13 +1111,14 @@ def time_text(m: Measure) -> str:
 def table_row(m: Measure, measures: list[Measure], label: str) -> str:
     if not m.samples:
         reason = f"**FAILED**: {m.error.replace('|', '/')}" if m.error else "not measured (interrupted)"
-        cells = [label, m.tool, "0", reason, *["—"] * 5]
+        cells = [label, m.tool, "0", reason, *["—"] * 6]
     else:
         ref_tool = reference(m.case, m.tool)
         ref = find(measures, m.case, ref_tool) if ref_tool else None
         mbps = m.mbps()
         cells = [label, m.tool, str(len(m.samples)), time_text(m), "—" if mbps is None else f"{mbps:.0f}",
-                 fmt_bytes(m.median("fetched")), _fmt_int(m.median("gets")), fmt_mb(m.median("peak_rss")),
+                 fmt_bytes(m.median("read")), fmt_bytes(m.median("fetched")), _fmt_int(m.median("gets")),
+                 fmt_mb(m.median("peak_rss")),
                  ratio_text(m, ref)]
         if m.error:
             cells[3] += f" (then failed: {m.error.replace('|', '/')})"
@@ -1056,8 +1130,9 @@ def _fmt_int(value: float | None) -> str:
 
 
 def results_table(bench: Bench) -> list[str]:
-    lines = ["| case | tool | runs | time (median) | MB/s | fetched from nginx | GETs | peak RSS | rangefs ÷ this |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    lines = ["| case | tool | runs | time (median) | MB/s | read by the tool | fetched from nginx | GETs | peak RSS "
+             "| rangefs ÷ this |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     last_case = ""
     for m in bench.measures:
         label = case_label(m.case, bench.data, bench.cfg) if m.case != last_case else ""
@@ -1093,6 +1168,10 @@ def targets(bench: Bench) -> list[Target]:
         cost_target(ms, "ffprobe", "seconds", 1.0, "ffprobe: time ≤ rclone"),
         cost_target(ms, "seek", "fetched", 0.3, "seek + decode: bytes fetched ≤ 0.3x rclone"),
         cost_target(ms, "seek", "seconds", 1.0, "seek + decode: time ≤ rclone"),
+        read_target(ms, "seek", 2.0, "seek + decode: bytes fetched ≤ 2x what ffmpeg read"),
+        cost_target(ms, "player", "fetched", 0.3, "player, 4 jumps: bytes fetched ≤ 0.3x rclone"),
+        cost_target(ms, "player", "seconds", 1.0, "player, 4 jumps: time ≤ rclone"),
+        read_target(ms, "player", 2.0, "player, 4 jumps: bytes fetched ≤ 2x what ffmpeg read"),
         rss_target(ms),
         throughput_target(ms, "capped", ARIA2, 1.0, f"capped (limit_rate {CAPPED_RATE}) cold sequential ≥ {ARIA2}"),
         throughput_target(ms, "capped_proxy", ARIA2, 1.0,
@@ -1139,6 +1218,17 @@ def cost_target(ms: list[Measure], case: str, name: str, maximum: float, text: s
     if value is None:  # rclone fetched nothing: only zero passes
         return Target(text, measured, va == 0)
     return Target(text, measured, value <= maximum)
+
+
+def read_target(ms: list[Measure], case: str, maximum: float, text: str) -> Target:
+    """rangefs's bytes fetched against the bytes the tool read through it (medians)."""
+    m = find(ms, case, "rangefs")
+    if m is None or not _usable(m):
+        return Target(text, _missing(m), None)
+    fetched, read = m.median("fetched"), m.median("read")
+    value = ratio(fetched, read)
+    return Target(text, f"{fmt_ratio(value)} ({fmt_bytes(fetched)} vs {fmt_bytes(read)})",
+                  value is not None and value <= maximum)
 
 
 def tail_target(ms: list[Measure], block: int) -> Target:
@@ -1263,7 +1353,7 @@ def write_json(bench: Bench, facts: dict[str, str], command: str, items: list[Ta
 def _measure_json(m: Measure) -> dict[str, object]:
     doc = asdict(m)
     doc["median"] = {name: m.median(name) for name in ("seconds", "fetched", "gets", "peak_rss", "p50_ms", "p90_ms",
-                                                      "cpu_s")}
+                                                      "cpu_s", "read")}
     doc["mb_per_s"] = m.mbps()
     return doc
 

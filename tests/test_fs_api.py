@@ -545,7 +545,8 @@ def test_xattrs_show_the_redacted_url_and_what_is_cached(tmp_path: Path) -> None
         inode = await m.inode("big.bin")
         names = await fs.listxattr(inode, ctx)
         assert set(names) == {b"user.rangefs.url", b"user.rangefs.cached_bytes", b"user.rangefs.saved_bytes",
-                              b"user.rangefs.block_size", b"user.rangefs.passthrough_handles"}
+                              b"user.rangefs.block_size", b"user.rangefs.passthrough_handles",
+                              b"user.rangefs.prefetch_unused_bytes"}
         url = await fs.getxattr(inode, b"user.rangefs.url", ctx)
         assert url == b"http://***@origin.test/big.bin?sig=***"
         assert b"secret" not in b"".join([await fs.getxattr(inode, n, ctx) for n in names])
@@ -557,6 +558,7 @@ def test_xattrs_show_the_redacted_url_and_what_is_cached(tmp_path: Path) -> None
         assert await fs.getxattr(inode, b"user.rangefs.cached_bytes", ctx) == str(len(BIG) % BLOCK).encode()
         assert await fs.getxattr(inode, b"user.rangefs.passthrough_handles", ctx) == b"0"
         await fs.release(fh)
+        assert await fs.getxattr(inode, b"user.rangefs.prefetch_unused_bytes", ctx) == b"0"  # one read: no prefetch
         assert await fs.getxattr(inode, b"user.rangefs.saved_bytes", ctx) == str(len(BIG) % BLOCK).encode()
 
         for where, name in ((inode, b"user.other"), (pyfuse3.ROOT_INODE, b"user.rangefs.url")):

@@ -176,7 +176,8 @@ def test_kill_9_mid_copy_then_resume_fetches_only_what_was_missing(
     url = f"http://127.0.0.1:{proxy.port}/crash/k.bin"
     interval = 0.25
     margin = 4 * interval  # for a checkpoint to come round and finish (fdatasync), also on a slow disk
-    m = mounts.mount([url], "--checkpoint-interval", str(interval))
+    # One connection: the copy goes at the proxy's pace (parallel ranges would multiply it).
+    m = mounts.mount([url], "--checkpoint-interval", str(interval), "--max-connections", "1")
     state_path = m.cache_dir / "files" / f"{cache_key(url)}.state"
     first = tmp_path / "first.bin"
     copy = subprocess.Popen(["cp", str(m.path / "k.bin"), str(first)])
@@ -219,7 +220,7 @@ def test_a_fetch_process_killed_mid_fetch_costs_the_reader_nothing(
     data = seeded_bytes(12 * MiB, seed=43)
     nginx.put("crash/h.bin", data)
     proxy = throttled(4 * MiB)  # the copy takes seconds: the helper's prefetches are in flight
-    m = mounts.mount([f"http://127.0.0.1:{proxy.port}/crash/h.bin"])
+    m = mounts.mount([f"http://127.0.0.1:{proxy.port}/crash/h.bin"], "--max-connections", "1")  # at the proxy's pace
     out = tmp_path / "h.bin"
     copy = subprocess.Popen(["cp", str(m.path / "h.bin"), str(out)], stderr=subprocess.PIPE)
     try:
@@ -244,7 +245,9 @@ def test_repeated_kill_9_at_seeded_moments_never_leaves_a_wrong_block(
     nginx.put("crash/r.bin", data)
     proxy = throttled(1 * MiB)
     url = f"http://127.0.0.1:{proxy.port}/crash/r.bin"
-    interval = ("--checkpoint-interval", "0.3")
+    # One connection: the copy goes at the proxy's pace (parallel ranges would multiply it), so the
+    # kills land mid-copy.
+    interval = ("--checkpoint-interval", "0.3", "--max-connections", "1")
     m = mounts.mount([url], *interval)
     files = m.cache_dir / "files" / cache_key(url)
     rng = random.Random(2026)

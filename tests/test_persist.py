@@ -132,7 +132,7 @@ def test_a_kill_9_during_a_slow_read_loses_at_most_32_mib(
     data = seeded_bytes(96 * MiB, seed=161)
     nginx.put("persist/t.bin", data)
     proxy = throttled(8 * MiB)  # per connection: the read takes seconds
-    m = mounts.mount([f"http://127.0.0.1:{proxy.port}/persist/t.bin"])
+    m = mounts.mount([f"http://127.0.0.1:{proxy.port}/persist/t.bin"], "--max-connections", "1")  # at the proxy's pace
     processes = [m.pid(), *children(m.pid())]
     reader = subprocess.Popen(["cat", str(m.path / "t.bin")], stdout=subprocess.DEVNULL)
     try:

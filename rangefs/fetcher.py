@@ -23,7 +23,7 @@ import trio
 import xxhash
 
 from rangefs.errors import classify_fetch_error
-from rangefs.limits import OriginSlots
+from rangefs.limits import PerOrigin, Slots
 from rangefs.origin import Origin, RemoteFile, origin_of
 from rangefs.redact import redact_url
 
@@ -93,7 +93,7 @@ class Fetcher:
         self.origin = origin
         self.block_size = block_size
         self.write_in_thread = write_in_thread
-        self._per_origin = OriginSlots(max_requests)
+        self._per_origin = PerOrigin(lambda: Slots(max_requests))
         self._all_origins = trio.CapacityLimiter(MAX_REQUESTS_ALL_ORIGINS)
 
     @asynccontextmanager

@@ -1,39 +1,40 @@
 """Bounds on requests to origins: how many run at once per origin, and how slow they may be.
 
-``OriginLimits`` gives each origin its own share of requests; ``OriginSlots`` does the same for
-range requests, with urgent requests (a read waiting for a few blocks) served before queued
-prefetches when a slot frees (see ``Slots``); ``LowSpeed`` cuts one attempt that
-receives too few bytes per second; ``Pace`` holds the attempts of one fetch to the same limit
-together. Imports trio only: rangefs.origin applies them to its probes and requests, rangefs.fetcher
-bounds its range requests per origin with ``OriginLimits``.
+``PerOrigin`` gives each origin its own share of requests: a ``trio.CapacityLimiter`` each for
+probes (rangefs.origin), ``Slots`` each for range requests (rangefs.fetcher), where urgent
+requests (a read waiting for a few blocks) go before queued prefetches when a slot frees.
+``LowSpeed`` cuts one attempt that receives too few bytes per second; ``Pace`` holds the
+attempts of one fetch to the same limit together. Imports trio only.
 """
 
 from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Generic, TypeVar
 
 import trio
 
+_L = TypeVar("_L")
 _MOVES_PER_WINDOW = 8  # see LowSpeed: an attempt is cut at most an eighth of a window early
 
 
-class OriginLimits:
-    """A capacity limiter per origin, made on first use: a slow host uses its own share of
+class PerOrigin(Generic[_L]):
+    """One limit per origin, made on first use by ``make``: a slow host uses its own share of
     requests, never another host's. Trio only."""
 
-    def __init__(self, per_origin: int) -> None:
-        self.per_origin = per_origin
-        self._limiters: dict[str, trio.CapacityLimiter] = {}
+    def __init__(self, make: Callable[[], _L]) -> None:
+        self._make = make
+        self._limits: dict[str, _L] = {}
 
-    def of(self, origin: str) -> trio.CapacityLimiter:
-        """The limiter of ``origin`` (``scheme://host:port``, see rangefs.origin.origin_of)."""
-        limiter = self._limiters.get(origin)
-        if limiter is None:
-            limiter = self._limiters[origin] = trio.CapacityLimiter(self.per_origin)
-        return limiter
+    def of(self, origin: str) -> _L:
+        """The limit of ``origin`` (``scheme://host:port``, see rangefs.origin.origin_of)."""
+        limit = self._limits.get(origin)
+        if limit is None:
+            limit = self._limits[origin] = self._make()
+        return limit
 
 
 class Slots:
@@ -85,21 +86,6 @@ class Slots:
                 queue.popleft().set()
                 return
         self.used -= 1
-
-
-class OriginSlots:
-    """``Slots`` per origin, made on first use. Trio only."""
-
-    def __init__(self, per_origin: int) -> None:
-        self.per_origin = per_origin
-        self._slots: dict[str, Slots] = {}
-
-    def of(self, origin: str) -> Slots:
-        """The slots of ``origin`` (``scheme://host:port``, see rangefs.origin.origin_of)."""
-        slots = self._slots.get(origin)
-        if slots is None:
-            slots = self._slots[origin] = Slots(self.per_origin)
-        return slots
 
 
 class LowSpeed:

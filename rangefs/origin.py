@@ -35,7 +35,7 @@ import trio
 
 from rangefs.errors import BadResponse, HostUnreachable, OriginError, RemoteChanged, RemoteUnreachable
 from rangefs.http11 import DEFAULT_PORTS, RangeClient, UnsupportedResponse
-from rangefs.limits import LowSpeed, OriginLimits, Pace
+from rangefs.limits import LowSpeed, Pace, PerOrigin
 from rangefs.redact import redact_url
 from rangefs.remote import (
     Answer,
@@ -115,7 +115,8 @@ class Origin:
         self._client: httpx.AsyncClient | None = None
         self._lean: RangeClient | None = None
         self._httpx_only: set[bytes] = set()  # servers whose answers the lean client cannot read
-        self._probes = OriginLimits(self.config.max_connections)  # httpx has no cap of its own here
+        probes = self.config.max_connections  # per origin: httpx has no cap of its own here
+        self._probes = PerOrigin(lambda: trio.CapacityLimiter(probes))
 
     async def __aenter__(self) -> Origin:
         cfg = self.config

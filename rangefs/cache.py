@@ -81,6 +81,18 @@ class CacheConfig:
     # is not the reader's limit, and on loopback more of them made cold reads slower
     # (docs/experiments.md, 'Parallel ranges on an unthrottled server').
     spread_below_rate: int = 64 * 1024 * 1024
+    # Cache limits (--cache-max-size, --cache-min-free): the cache directory's allocated bytes stay
+    # under max_bytes (None: no bound), and its filesystem keeps min_free_bytes free, or, when that
+    # is None, min_free_percent of its size.
+    max_bytes: int | None = None
+    min_free_bytes: int | None = None
+    min_free_percent: float = 5.0
+
+    def min_free_for(self, filesystem_bytes: int) -> int:
+        """The free-space floor in bytes on a filesystem of this size."""
+        if self.min_free_bytes is not None:
+            return self.min_free_bytes
+        return int(filesystem_bytes * self.min_free_percent / 100)
 
     @property
     def max_request_blocks(self) -> int:

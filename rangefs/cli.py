@@ -15,8 +15,8 @@ from rangefs.errors import RangefsError, UsageError
 from rangefs.mount import MountOptions, default_cache_dir, mount, unmount
 from rangefs.origin import OriginConfig
 
-_SIZE = re.compile(r"(\d+)([KMG]?)(i?B)?", re.IGNORECASE)
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+_SIZE = re.compile(r"(\d+)([KMGT]?)(i?B)?", re.IGNORECASE)
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -32,6 +32,30 @@ def _size(text: str) -> int:
     if not match:
         raise argparse.ArgumentTypeError(f"not a size: '{text}' (e.g. 256K, 1M)")
     return int(match.group(1)) * _UNITS[match.group(2).upper()]
+
+
+def _cache_size(text: str) -> int:
+    value = _size(text)
+    if value < 1 << 20:
+        raise argparse.ArgumentTypeError(f"cache size '{text}' must be at least 1M")
+    return value
+
+
+def _free_space(text: str) -> tuple[int | None, float]:
+    """``SIZE`` (bytes, None percent) or ``PCT%`` (None bytes, the percent)."""
+    stripped = text.strip()
+    if stripped.endswith("%"):
+        try:
+            percent = float(stripped[:-1])
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a percentage: '{text}' (e.g. 5%)") from None
+        if not 0 <= percent < 100:
+            raise argparse.ArgumentTypeError(f"percentage must be from 0 to under 100: '{text}'")
+        return None, percent
+    try:
+        return _size(stripped), 0.0
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"not a size or percentage: '{text}' (e.g. 10G, 5%)") from None
 
 
 def _block_size(text: str) -> int:
@@ -126,6 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "mount: a sequential reader's prefetch uses several when one connection is slower "
                         "than the reader; the requests asking servers about files at mount and open are "
                         "bounded separately (default: 8, like aria2c -x)")
+    m.add_argument("--cache-max-size", type=_cache_size, default=None, metavar="SIZE",
+                   help="bound the cache directory's allocated bytes (K, M, G, T: powers of 1024); the least "
+                        "recently used data goes first (default: no bound but --cache-min-free)")
+    m.add_argument("--cache-min-free", type=_free_space, default=(None, 5.0), metavar="SIZE|PCT",
+                   help="keep this much of the cache's filesystem free, as a size or a percentage of it "
+                        "(default: 5%%)")
     m.add_argument("--connect-timeout", type=_positive, default=10.0, metavar="SECONDS")
     m.add_argument("--read-timeout", type=_positive, default=30.0, metavar="SECONDS",
                    help="longest wait for the next bytes of an answer (default: 30)")
@@ -182,7 +212,9 @@ def _mount_options(args: argparse.Namespace) -> MountOptions:
         tune_system=args.tune_system,
         probe_timeout=args.probe_timeout,
         cache=CacheConfig(cache_dir, block_size=args.block_size, checkpoint_interval=args.checkpoint_interval,
-                          revalidate_interval=args.revalidate_interval, max_connections=args.max_connections),
+                          revalidate_interval=args.revalidate_interval, max_connections=args.max_connections,
+                          max_bytes=args.cache_max_size, min_free_bytes=args.cache_min_free[0],
+                          min_free_percent=args.cache_min_free[1]),
         origin=OriginConfig(connect_timeout=args.connect_timeout, read_timeout=args.read_timeout,
                             retries=args.retries, retry_time=args.retry_time,
                             low_speed_limit=args.low_speed_limit, low_speed_time=args.low_speed_time,

@@ -58,9 +58,10 @@ class CacheConfig:
     # own; a read that lasts longer pays one flush per interval.
     checkpoint_interval: float = 5.0
     max_request_bytes: int = 16 * 1024 * 1024  # longest Range request (a prefetch of a sequential reader)
-    # Prefetch window of a sequential reader: mountpoint-s3's first request, 1 MiB + 128 KiB,
-    # covers the kernel's readahead; doubling to 32 MiB keeps two 16 MiB requests in flight.
-    readahead_initial: int = 1024 * 1024 + 128 * 1024
+    # Prefetch window of a sequential reader, counted from the reader (rangefs.prefetch): it starts
+    # small, as a short read after a seek should fetch little beyond the kernel's own readahead,
+    # and grows to 32 MiB, which keeps two 16 MiB requests in flight.
+    readahead_initial: int = 512 * 1024
     readahead_max: int = 32 * 1024 * 1024
     # Kernel readahead sends concurrent reads slightly out of order; this much disorder (one
     # kernel read) is still sequential, while random reads rarely land this close.

@@ -42,8 +42,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # Pages this far behind a sequential reader's latest read are dropped, in steps of at least
-# _DROP_STEP. Four times the readahead rangefs sets (kernel.READ_AHEAD_KB): the reader itself
-# has passed these pages.
+# _DROP_STEP: far beyond what the kernel's readahead (kernel.READ_AHEAD_KB) runs ahead of the
+# reader, so the reader itself has passed these pages.
 _DROP_BEHIND = 64 * 1024 * 1024
 _DROP_STEP = 32 * 1024 * 1024
 # What libfuse's fuse_lowlevel_notify_inval_inode writes to /dev/fuse: struct fuse_out_header

@@ -284,6 +284,8 @@ class Filesystem(pyfuse3.Operations):
         # for files not complete yet (a complete one keeps the page cache).
         direct = self.direct_io_mmap and cached.cached_bytes() < cached.size
         handle.pages.active = self._drop_behind.available and not direct  # its first read decides
+        if not direct:
+            readahead.lead = kernel.READAHEAD_LEAD
         return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), keep_cache=keep_cache, direct_io=direct)
 
     @_fuse_errors

@@ -26,10 +26,16 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-# 16 MiB of readahead: the kernel then asks for 1 MiB reads (its FUSE maximum) and keeps
-# several in flight; warm sequential reads gain at each step up to it (measured with
-# `make bench`: docs/experiments.md, 'Kernel readahead').
-READ_AHEAD_KB = 16 * 1024
+# The kernel's readahead on the mount. rangefs must fetch whatever the kernel asks for, and the
+# kernel grows its window to this size on any sequential stretch, however slowly the reader
+# reads: a large one makes a player or a decoder that seeks fetch several times what it reads.
+# Reading ahead of a fast reader is the job of rangefs's own readahead (rangefs.prefetch), which
+# follows the reader's rate; this much keeps one kernel read in flight ahead of the reader, and
+# cold and warm sequential reads were as fast as with 16 MiB (docs/experiments.md, 'Kernel
+# readahead'). The default FUSE readahead (128 KiB) was slower for warm reads.
+READ_AHEAD_KB = 512
+# How far ahead of a sequential reader the kernel's reads run: the window being read and the next.
+READAHEAD_LEAD = 2 * READ_AHEAD_KB * 1024
 # Async readahead requests in flight: 64 (kernel default 12) so readahead is never starved.
 MAX_BACKGROUND = 64
 CONGESTION_THRESHOLD = 48

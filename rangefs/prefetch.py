@@ -56,6 +56,10 @@ class Readahead:
     tolerance: int
     horizon: float = HORIZON
     clock: Callable[[], float] = time.monotonic
+    # How far the kernel's own readahead runs ahead of the reader (a handle read through the page
+    # cache: the kernel asks for its next window as the reader enters the current one). The
+    # window counts from the reader, so it reaches that much less past the kernel's reads.
+    lead: int = 0
     window: int = 0
     expected: int | None = None  # where the next sequential read should start
     frontier: int = 0  # prefetch has been issued up to this byte offset
@@ -65,6 +69,7 @@ class Readahead:
     # the rate, the newest older than RATE_INTERVAL.
     _marks: deque[tuple[float, int]] = field(default_factory=deque, repr=False)
     _last: float = 0.0  # when the last read came
+    _burst: bool = True  # the first mark is the stretch's start, before its first burst
     claimed: deque[tuple[int, int]] = field(default_factory=deque, repr=False)
 
     def advise(self, offset: int, size: int) -> int:
@@ -81,9 +86,9 @@ class Readahead:
             by_rate = int(self.rate(now) * self.horizon)
             self.window = min(self.maximum, max(self.initial, min(self.consumed // 2, by_rate)))
             self.expected = max(expected, end)
-            return self.expected + self.window
+            return self.expected + max(0, self.window - self.lead)
         self.window, self.expected, self.frontier, self.consumed = 0, end, end, size
-        self._marks, self._last = deque([(now, 0)]), now
+        self._marks, self._last, self._burst = deque([(now, 0)]), now, True
         self.stretch += 1
         return 0
 
@@ -95,6 +100,11 @@ class Readahead:
             marks.popleft()
         if now - marks[-1][0] >= RATE_SETTLE:
             marks.append((now, self.consumed))
+            if self._burst and len(marks) == 3:
+                # Once a settled span is timed, the stretch's first burst leaves the rate: spread
+                # over a short stretch, it made a player's rate (and window) look twice its own.
+                marks.popleft()
+                self._burst = False
         since, base = marks[0]
         return (self.consumed - base) / min(max(now - since, RATE_SETTLE), RATE_INTERVAL)
 
@@ -107,7 +117,7 @@ def ahead(readahead: Readahead, offset: int, end: int, file_size: int) -> tuple[
     """
     target = min(readahead.advise(offset, end - offset), file_size)
     start = max(readahead.frontier, end)
-    if target <= start or (target - start < readahead.window // 2 and target < file_size):
+    if target <= start or (target - start < (readahead.window - readahead.lead) // 2 and target < file_size):
         return None
     readahead.frontier = target
     return start, target

@@ -9,6 +9,7 @@ attempts of one fetch to the same limit together. Imports trio only.
 
 from __future__ import annotations
 
+import contextvars
 import math
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -19,6 +20,11 @@ import trio
 
 _L = TypeVar("_L")
 _MOVES_PER_WINDOW = 8  # see LowSpeed: an attempt is cut at most an eighth of a window early
+
+# Set in a task that fetches for nobody waiting (``rangefs prefetch``): its requests, and those
+# of the fetch tasks it starts (trio copies a task's context into the tasks it spawns), wait for
+# a slot behind every other kind (see Slots).
+BACKGROUND: contextvars.ContextVar[bool] = contextvars.ContextVar("rangefs_background", default=False)
 
 
 class PerOrigin(Generic[_L]):
@@ -44,7 +50,7 @@ class Slots:
     whichever process runs them: the daemon's small fetches ask urgently, the helper's prefetch
     pieces (admitted by the daemon) do not. So a read waiting for a few blocks waits for at most one
     running request to end, never behind a queue of prefetches; and ``total == 1`` still works.
-    Trio only.
+    Requests made in a ``BACKGROUND`` context (``rangefs prefetch``) queue behind both. Trio only.
     """
 
     def __init__(self, total: int) -> None:
@@ -52,11 +58,12 @@ class Slots:
         self.used = 0
         self._urgent: deque[trio.Event] = deque()
         self._others: deque[trio.Event] = deque()
+        self._background: deque[trio.Event] = deque()
 
     @asynccontextmanager
     async def hold(self, urgent: bool) -> AsyncIterator[None]:
         """Hold one slot for the body of the ``async with``."""
-        if self.used < self.total and not self._urgent and not self._others:
+        if self.used < self.total and not self._urgent and not self._others and not self._background:
             self.used += 1
             try:
                 await trio.lowlevel.checkpoint()
@@ -65,7 +72,7 @@ class Slots:
                 raise
         else:
             turn = trio.Event()
-            queue = self._urgent if urgent else self._others
+            queue = self._background if BACKGROUND.get() else self._urgent if urgent else self._others
             queue.append(turn)
             try:
                 await turn.wait()  # set by _release: the slot is handed over, ``used`` unchanged
@@ -81,7 +88,7 @@ class Slots:
             self._release()
 
     def _release(self) -> None:
-        for queue in (self._urgent, self._others):
+        for queue in (self._urgent, self._others, self._background):
             if queue:
                 queue.popleft().set()
                 return

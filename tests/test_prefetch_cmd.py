@@ -1,0 +1,169 @@
+"""`rangefs prefetch` through real mounts: to completion (complete, saved, exact bytes, large
+ranges), in the background, resumed after a kill -9 of the daemon (only the missing bytes
+fetched, from nginx's log), refused above --cache-max-size, a Ctrl-C that leaves the daemon
+going; and prefetch requests queued behind every other kind."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import signal
+import subprocess
+from collections.abc import Callable
+from typing import Any
+
+import trio
+import trio.testing
+from test_cli_errors import assert_one_line_error
+from test_persist import kill_9, sha256_of
+
+from rangefs import state
+from rangefs.cache import cache_key
+from rangefs.limits import BACKGROUND, Slots
+
+from proxy import ThrottleProxy
+from util import RANGEFS, Mount, Mounts, Server, children, run_rangefs, seeded_bytes, wait_until
+
+MiB = 1024 * 1024
+
+
+def files_of(m: Mount) -> dict[str, dict[str, Any]]:
+    done = run_rangefs("status", m.path, "--json")
+    assert done.returncode == 0, done.stderr
+    return {f["path"]: f for f in json.loads(done.stdout)["files"]}
+
+
+def saved_complete(m: Mount, url: str) -> bool:
+    saved = state.read(m.cache_dir / "files" / f"{cache_key(url)}.state")
+    return saved.bitmap.complete() and saved.synced
+
+
+def test_prefetch_fetches_whole_files_once_in_large_ranges_and_saves_them(mounts: Mounts, nginx: Server) -> None:
+    a, b = seeded_bytes(40 * MiB + 11, seed=200), seeded_bytes(3 * MiB, seed=201)
+    url_a, url_b = nginx.put("pre/a.bin", a), nginx.put("pre/b.bin", b)
+    m = mounts.mount([url_a, f"{url_b} dir/b.bin"])
+    mark = nginx.mark()
+    done = run_rangefs("prefetch", m.path / "a.bin", m.path / "dir")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "prefetched 2 files, 43.0M: complete and saved\n"
+    assert saved_complete(m, url_a) and saved_complete(m, url_b)  # on disk when the command returns
+    files = files_of(m)
+    assert files["a.bin"]["complete"] and files["dir/b.bin"]["complete"]
+    assert nginx.bytes_sent("pre/a.bin", since=mark) == len(a)  # every byte once
+    assert nginx.bytes_sent("pre/b.bin", since=mark) == len(b)
+    ranged = [r for r in nginx.nginx.requests(since=mark) if r.path == "/pre/a.bin"]
+    assert all(r.status == 206 and r.range.startswith("bytes=") for r in ranged)
+    assert len(ranged) <= 4  # requests of up to 16 MiB, not block by block
+    mark = nginx.mark()
+    assert sha256_of(m.path / "a.bin") == hashlib.sha256(a).hexdigest()
+    assert nginx.bytes_sent("pre/", since=mark) == 0
+    again = run_rangefs("prefetch", m.path / "a.bin")  # complete already: nothing to fetch
+    assert again.returncode == 0 and nginx.bytes_sent("pre/", since=mark) == 0
+
+
+def test_prefetch_no_wait_returns_at_once_and_the_daemon_finishes(mounts: Mounts, nginx: Server) -> None:
+    data = seeded_bytes(8 * MiB, seed=202)
+    url = nginx.put("pre/n.bin", data)
+    m = mounts.mount([url])
+    done = run_rangefs("prefetch", "--no-wait", m.path / "n.bin")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("prefetching 1 file, 8.0M, in the background")
+    assert wait_until(lambda: files_of(m)["n.bin"]["complete"], timeout=60)
+    assert wait_until(lambda: saved_complete(m, url), timeout=30)
+
+
+def test_prefetch_after_a_kill_9_mid_prefetch_fetches_only_what_is_missing(
+    mounts: Mounts, nginx: Server, throttled: Callable[[float], ThrottleProxy]
+) -> None:
+    data = seeded_bytes(96 * MiB, seed=203)
+    nginx.put("pre/k.bin", data)
+    proxy = throttled(8 * MiB)  # per connection: the prefetch takes seconds
+    m = mounts.mount([f"http://127.0.0.1:{proxy.port}/pre/k.bin"], "--max-connections", "1")
+    processes = [m.pid(), *children(m.pid())]
+    assert run_rangefs("prefetch", "--no-wait", m.path / "k.bin").returncode == 0
+    assert wait_until(lambda: proxy.forwarded >= 40 * MiB, timeout=60)
+    kill_9(m, processes)
+    assert proxy.forwarded < len(data), "the prefetch finished before the kill"
+    mounts.remount(m, "--max-connections", "1")
+    kept = files_of(m)["k.bin"]["cached_bytes"]
+    assert 0 < kept < len(data)
+    mark = nginx.mark()
+    done = run_rangefs("prefetch", m.path / "k.bin", timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert nginx.bytes_sent("pre/k.bin", since=mark) == len(data) - kept  # only the missing blocks
+    assert sha256_of(m.path / "k.bin") == hashlib.sha256(data).hexdigest()
+
+
+def test_ctrl_c_stops_waiting_but_not_the_prefetch(
+    mounts: Mounts, nginx: Server, throttled: Callable[[float], ThrottleProxy]
+) -> None:
+    data = seeded_bytes(48 * MiB, seed=204)
+    nginx.put("pre/c.bin", data)
+    proxy = throttled(16 * MiB)
+    m = mounts.mount([f"http://127.0.0.1:{proxy.port}/pre/c.bin"], "--max-connections", "1")
+    waiting = subprocess.Popen([*RANGEFS, "prefetch", str(m.path / "c.bin")], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_until(lambda: proxy.forwarded >= 8 * MiB, timeout=60)
+        waiting.send_signal(signal.SIGINT)
+        _, err = waiting.communicate(timeout=30)
+    finally:
+        if waiting.poll() is None:
+            waiting.kill()
+            waiting.wait(timeout=30)
+    assert waiting.returncode == 130
+    assert "goes on prefetching" in err and "Traceback" not in err
+    assert wait_until(lambda: files_of(m)["c.bin"]["complete"], timeout=60)
+
+
+def test_prefetch_of_a_file_larger_than_the_cache_limit_is_refused(mounts: Mounts, nginx: Server) -> None:
+    url = nginx.put("pre/big.bin", seeded_bytes(3 * MiB, seed=205))
+    small = nginx.put("pre/small.bin", seeded_bytes(1000, seed=206))
+    m = mounts.mount([url, small], "--cache-max-size", "2M")
+    mark = nginx.mark()
+    done = run_rangefs("prefetch", m.path / "small.bin", m.path / "big.bin")
+    assert_one_line_error(done, "big.bin", "larger than the cache limit", "--cache-max-size 2.0M")
+    assert nginx.bytes_sent("pre/", since=mark) == 0  # refused before anything started
+
+
+def test_prefetch_requests_queue_behind_reads_and_their_readahead() -> None:
+    slots = Slots(1)
+    order: list[str] = []
+
+    async def hold(name: str, urgent: bool, background: bool) -> None:
+        BACKGROUND.set(background)
+        async with slots.hold(urgent):
+            order.append(name)
+            await trio.sleep(1.0)
+
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(hold, "first", False, False)
+            await trio.sleep(0.01)
+            for name, urgent, background in (("background-urgent", True, True), ("background", False, True),
+                                             ("readahead", False, False), ("read", True, False)):
+                nursery.start_soon(hold, name, urgent, background)
+                await trio.sleep(0.01)
+
+    trio.run(run, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert order == ["first", "read", "readahead", "background-urgent", "background"]
+
+
+def test_the_background_mark_reaches_the_tasks_a_prefetch_spawns() -> None:
+    seen: list[bool] = []
+
+    async def child() -> None:
+        seen.append(BACKGROUND.get())
+
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+
+            async def parent() -> None:
+                BACKGROUND.set(True)
+                nursery.start_soon(child)
+
+            nursery.start_soon(parent)
+            nursery.start_soon(child)
+
+    trio.run(run)
+    assert sorted(seen) == [False, True]

@@ -43,10 +43,11 @@ def test_prefetch_fetches_whole_files_once_in_large_ranges_and_saves_them(mounts
     url_a, url_b = nginx.put("pre/a.bin", a), nginx.put("pre/b.bin", b)
     m = mounts.mount([url_a, f"{url_b} dir/b.bin"])
     mark = nginx.mark()
-    done = run_rangefs("prefetch", m.path / "a.bin", m.path / "dir")
-    assert done.returncode == 0, done.stderr
-    assert done.stdout == "prefetched 2 files, 43.0M: complete and saved\n"
-    assert saved_complete(m, url_a) and saved_complete(m, url_b)  # on disk when the command returns
+    with open(m.path / "a.bin", "rb"):  # open, so that no last close saves it: the prefetch must
+        done = run_rangefs("prefetch", m.path / "a.bin", m.path / "dir")
+        assert done.returncode == 0, done.stderr
+        assert done.stdout == "prefetched 2 files, 43.0M: complete and saved\n"
+        assert saved_complete(m, url_a) and saved_complete(m, url_b)  # on disk when the command returns
     files = files_of(m)
     assert files["a.bin"]["complete"] and files["dir/b.bin"]["complete"]
     assert nginx.bytes_sent("pre/a.bin", since=mark) == len(a)  # every byte once

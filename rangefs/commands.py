@@ -111,7 +111,7 @@ def _status(args: argparse.Namespace) -> int:
             report: dict[str, Any] = client.ask({"op": "status"})["status"]
     else:
         report = offline_report(_offline_dir(args.cache_dir))
-    print(json.dumps(report, indent=1) if args.json else status.table(report))
+    print(json.dumps(report, indent=2) if args.json else status.table(report))
     return 0
 
 

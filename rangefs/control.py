@@ -232,6 +232,8 @@ class ControlServer:
                     await self._answer(conn, request)
             except (OSError, trio.BrokenResourceError, trio.TooSlowError):
                 pass  # the client went away or was too slow: its problem, not the mount's
+            except Exception:  # a bug must fail this request, not the mount
+                log.exception("control request failed")
             finally:
                 self._clients -= 1
 
@@ -360,6 +362,10 @@ class ControlServer:
     async def _run_prefetch(self, job: Prefetch) -> None:
         try:
             await job.run()
+        except Exception:  # a bug must fail this prefetch, not the mount
+            log.exception("prefetch failed")
+            job.error = job.error or f"{job.file.identity.url}: prefetch failed (see the log)"
+            job.done.set()
         finally:
             if self._prefetches.get(job.file) is job:
                 del self._prefetches[job.file]

@@ -243,7 +243,8 @@ def table(status: dict[str, Any]) -> str:
     size = sum(f["size"] for f in files)
     cached = sum(f["cached_bytes"] for f in files)
     cache = status["cache"]
-    lines.append(f"{len(files)} files, {human(size)}, {human(cached)} cached ({_percent(cached, size)})")
+    lines.append(f"{len(files)} file{'s' * (len(files) != 1)}, {human(size)}, {human(cached)} cached "
+                 f"({_percent(cached, size)})")
     where = f"{status['cache_dir']}" + (f" (mounted at {status['mountpoint']})" if status["mountpoint"] else "")
     lines.append(f"cache {where}: {human(cache['allocated_bytes'])} allocated, limit {human(cache['max_bytes'])}, "
                  f"keeps {human(cache['min_free_bytes'])} free")

@@ -117,6 +117,23 @@ def test_ctrl_c_stops_waiting_but_not_the_prefetch(
     assert wait_until(lambda: files_of(m)["c.bin"]["complete"], timeout=60)
 
 
+def test_an_unmount_during_a_prefetch_is_prompt_and_keeps_what_was_fetched(
+    mounts: Mounts, nginx: Server, throttled: Callable[[float], ThrottleProxy]
+) -> None:
+    nginx.put("pre/u.bin", seeded_bytes(64 * MiB, seed=207))
+    proxy = throttled(8 * MiB)
+    m = mounts.mount([f"http://127.0.0.1:{proxy.port}/pre/u.bin"], "--max-connections", "1")
+    assert run_rangefs("prefetch", "--no-wait", m.path / "u.bin").returncode == 0
+    assert wait_until(lambda: proxy.forwarded >= 16 * MiB, timeout=60)
+    done = m.unmount()
+    assert done.returncode == 0, done.stderr
+    assert not m.mounted()
+    from rangefs.status import offline_files
+
+    kept = offline_files(m.cache_dir)[0]["cached_bytes"]
+    assert 8 * MiB <= kept < 64 * MiB
+
+
 def test_prefetch_of_a_file_larger_than_the_cache_limit_is_refused(mounts: Mounts, nginx: Server) -> None:
     url = nginx.put("pre/big.bin", seeded_bytes(3 * MiB, seed=205))
     small = nginx.put("pre/small.bin", seeded_bytes(1000, seed=206))

@@ -176,7 +176,7 @@ class ControlServer:
         except OSError as exc:
             self.close()
             raise UsageError(f"cache directory '{self.cache_dir}': cannot make the control socket: "
-                             f"{exc.strerror}") from None
+                             f"{exc.strerror or exc}") from None
 
     def _remove_stale(self) -> None:
         """Sockets of daemons that are gone (a kill -9 leaves its socket behind); ours, if the
@@ -313,24 +313,32 @@ class ControlServer:
             yield from self._under(self.tree.nodes[inode], f"{path}/{os.fsdecode(name)}".lstrip("/"))
 
     async def status(self) -> dict[str, Any]:
-        files = [status.file_entry(path=path, url=file.identity.url, size=file.size,
-                                   cached_bytes=file.cached_bytes(), state_name=self._state(file),
-                                   error=file.last_error)
-                 for path, file in self._files(None)]
+        listed = self._files(None)
+        # Files not looked at yet in this session: their state files are read in a worker thread
+        # (``cached_bytes()`` would read them on this thread, one by one), and not kept.
+        unread = [(file, file.identity) for _, file in listed
+                  if file.bitmap is None and file.data.fd < 0 and file.remote.if_range]
+        peeked = await trio.to_thread.run_sync(
+            lambda: {file: (identity, file.data.peek(identity)) for file, identity in unread})
+        files = []
+        for path, file in listed:
+            cached = status.bytes_in(*peeked[file]) if file in peeked else file.cached_bytes()
+            files.append(status.file_entry(path=path, url=file.identity.url, size=file.size, cached_bytes=cached,
+                                           state_name=self._state(file, cached), error=file.last_error))
         allocated, fs_bytes = await trio.to_thread.run_sync(
             lambda: (status.allocated_bytes(self.cache_dir), status.filesystem_bytes(self.cache_dir)))
         config = self.cache.config
         return status.report(mountpoint=self.mountpoint, cache_dir=self.cache_dir, max_bytes=config.max_bytes,
                              min_free_bytes=config.min_free_for(fs_bytes), allocated=allocated, files=files)
 
-    def _state(self, file: CachedFile) -> str:
+    def _state(self, file: CachedFile, cached: int) -> str:
         if file.stale:
             return "stale"
         if file.flights.busy or (file in self._prefetches and not self._prefetches[file].done.is_set()):
             return "fetching"
         if file.last_error is not None:
             return "error"
-        return "complete" if file.cached_bytes() == file.size else "partial"
+        return "complete" if cached == file.size else "partial"
 
     async def _prefetch(self, conn: trio.socket.SocketType, files: list[tuple[str, CachedFile]], wait: bool) -> None:
         limit = self.cache.config.max_bytes

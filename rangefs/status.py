@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from rangefs import safefs, state
+from rangefs.bitmap import Bitmap
 from rangefs.datafile import DataFile
 from rangefs.errors import UsageError
 from rangefs.redact import redact_url
@@ -122,10 +123,12 @@ def url_of(files_dir: Path, key: str) -> str:
         return key
 
 
-def cached_bytes_of(identity: state.Identity, blocks: int, last_present: bool) -> int:
-    """Bytes in ``blocks`` cached blocks, the last block of the file counting only its real length."""
+def bytes_in(identity: state.Identity, bitmap: Bitmap | None) -> int:
+    """Bytes in the blocks of ``bitmap``, the file's last block counting only its real length."""
+    if bitmap is None or identity.nblocks == 0:
+        return 0
     tail_short = identity.block_size * identity.nblocks - identity.size
-    return blocks * identity.block_size - (tail_short if last_present else 0)
+    return len(bitmap) * identity.block_size - (tail_short if identity.nblocks - 1 in bitmap else 0)
 
 
 def offline_files(cache_dir: Path) -> list[dict[str, Any]]:
@@ -144,9 +147,8 @@ def offline_files(cache_dir: Path) -> list[dict[str, Any]]:
             whole = safefs.lstat(data.path).st_size == identity.size
         except OSError:
             whole = False
-        if whole and identity.nblocks:  # as a mount would load it: only blocks whose sum is on disk
-            bitmap = data.with_sums(saved.bitmap)[0]
-            cached = cached_bytes_of(identity, len(bitmap), identity.nblocks - 1 in bitmap)
+        if whole:  # as a mount would load it: only blocks whose sum is on disk
+            cached = bytes_in(identity, data.with_sums(saved.bitmap)[0])
         files.append(file_entry(path=None, url=identity.url, size=identity.size, cached_bytes=cached,
                                 state_name="complete" if cached == identity.size else "partial", error=None))
     return files

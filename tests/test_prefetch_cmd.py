@@ -106,6 +106,7 @@ def test_ctrl_c_stops_waiting_but_not_the_prefetch(
                                stderr=subprocess.PIPE, text=True)
     try:
         assert wait_until(lambda: proxy.forwarded >= 8 * MiB, timeout=60)
+        assert files_of(m)["c.bin"]["state"] == "fetching"
         waiting.send_signal(signal.SIGINT)
         _, err = waiting.communicate(timeout=30)
     finally:

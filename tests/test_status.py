@@ -317,3 +317,41 @@ def test_a_second_mount_on_the_same_cache_directory_has_its_own_channel(mounts: 
     assert [f["path"] for f in status_json(first.path)["files"]] == ["s1.bin"]
     assert [f["path"] for f in status_json(second.path)["files"]] == ["s2.bin"]
     assert_one_line_error(run_rangefs("cache", "clear", "--cache-dir", first.cache_dir), "used by a mount")
+
+
+def test_a_cache_path_longer_than_a_socket_address_still_has_a_channel(mounts: Mounts, nginx: Server,
+                                                                       tmp_path: Path) -> None:
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    assert len(str(deep / socket_name(99999))) > 108  # sun_path's limit
+    m = mounts.mount([nginx.put("ctl/long.bin", b"l" * 1000)], cache_dir=deep)
+    assert status_json(m.path)["cache_dir"] == str(deep)
+
+
+def test_clear_removes_the_state_before_the_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """If the data file cannot be removed, no state is left claiming it (a crash between the two
+    leaves data no state claims, never the reverse)."""
+    from rangefs import safefs, status
+    from rangefs import state as state_file
+    from rangefs.bitmap import Bitmap
+    from rangefs.datafile import DataFile
+
+    files_dir = tmp_path / "files"
+    files_dir.mkdir()
+    data = DataFile(files_dir, "k" * 32)
+    data.path.write_bytes(b"x" * 4096)
+    identity = state_file.Identity("k" * 32, "http://h/x", 4096, '"e"', None, 4096)
+    bitmap = Bitmap(1)
+    bitmap.add(0)
+    state_file.save(data.state_path, identity, bitmap)
+    real_unlink = safefs.unlink
+
+    def failing_unlink(path: Path) -> None:
+        if path == data.path:
+            raise OSError(errno.EIO, "cannot remove")
+        real_unlink(path)
+
+    monkeypatch.setattr(safefs, "unlink", failing_unlink)
+    with pytest.raises(OSError):
+        status.drop_files(files_dir, "k" * 32)
+    assert not data.state_path.exists() and not state_file.previous(data.state_path).exists()
+    assert data.path.exists()

@@ -32,8 +32,8 @@ def add_parsers(commands: Any) -> None:
                                         "and limits.")
     s.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path, nargs="?",
                    help="a rangefs mount (its daemon answers); without it, --cache-dir is read as saved")
-    s.add_argument("--cache-dir", type=Path, help="read this cache directory without a mount (default: the default "
-                                                  "cache directory)")
+    s.add_argument("--cache-dir", type=Path, metavar="DIR",
+                   help="read this cache directory without a mount (default: the default cache directory)")
     s.add_argument("--json", action="store_true", help="print JSON")
 
     p = commands.add_parser("prefetch", help="fetch whole files into the cache",
@@ -43,13 +43,14 @@ def add_parsers(commands: Any) -> None:
     p.add_argument("--no-wait", action="store_true", help="return once started")
 
     c = commands.add_parser("cache", help="manage the cache", description="Manage the cache.")
-    cache_commands = c.add_subparsers(dest="cache_command", required=True, parser_class=type(c))
+    cache_commands = c.add_subparsers(dest="cache_command", metavar="COMMAND", required=True,
+                                      parser_class=type(c))
     clear = cache_commands.add_parser("clear", help="drop cached data of files that are not open",
                                       description="Drop the cached data of files that are not open (open ones are "
                                                   "skipped and named).")
     clear.add_argument("paths", metavar="PATH", type=Path, nargs="*",
                        help="a rangefs mount, or files (or directories) in one (default: every file of --cache-dir)")
-    clear.add_argument("--cache-dir", type=Path,
+    clear.add_argument("--cache-dir", type=Path, metavar="DIR",
                        help="clear this cache directory, used by no mount (default: the default cache directory)")
 
 

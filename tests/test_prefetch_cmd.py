@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import signal
 import subprocess
 from collections.abc import Callable
@@ -186,3 +187,33 @@ def test_the_background_mark_reaches_the_tasks_a_prefetch_spawns() -> None:
 
     trio.run(run)
     assert sorted(seen) == [False, True]
+
+
+def test_on_a_terminal_prefetch_draws_a_progress_bar(mounts: Mounts, nginx: Server) -> None:
+    import pty
+
+    data = seeded_bytes(12 * MiB, seed=208)
+    m = mounts.mount([nginx.put("pre/tty.bin", data)])
+    leader, follower = pty.openpty()
+    try:
+        done = subprocess.run([*RANGEFS, "prefetch", str(m.path / "tty.bin")], stdout=follower,
+                              stderr=subprocess.PIPE, text=True, timeout=60)
+        os.close(follower)
+        follower = -1
+        shown = b""
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # EIO: the terminal's other end is closed and drained
+                break
+            if not chunk:
+                break
+            shown += chunk
+    finally:
+        os.close(leader)
+        if follower >= 0:
+            os.close(follower)
+    assert done.returncode == 0, done.stderr
+    text = shown.decode(errors="replace")
+    assert "12.0/12.0 MiB" in text  # the bar's bytes column, drawn by rich
+    assert "prefetched 1 file, 12.0M: complete and saved" in text

@@ -419,10 +419,10 @@ async def _serve_files(
             unmount_ourselves = await _run_until_unmounted(fs, opts.mountpoint, signals, control)
         finally:
             try:
-                control.close()
                 with trio.CancelScope(shield=True):
                     await _shutdown(cache)
             finally:
+                control.close()  # after the last save: a clear without a mount must wait for it
                 pyfuse3.close(unmount=unmount_ourselves)
                 log.info("unmounted %s", opts.mountpoint)
 

@@ -40,7 +40,7 @@ import trio
 from rangefs import limits, status
 from rangefs.cache import Cache
 from rangefs.cachedfile import CachedFile
-from rangefs.errors import RangefsError, UsageError
+from rangefs.errors import OriginError, RangefsError, RemoteChanged, UsageError
 from rangefs.tree import ROOT_INODE, Node, Tree
 
 log = logging.getLogger(__name__)
@@ -82,6 +82,19 @@ class Prefetch:
     async def run(self) -> None:
         file = self.file
         limits.BACKGROUND.set(True)  # this task's fetches (and those it spawns) go last
+        try:
+            # As an open does: a file a fetch found changed (stale) moves to the new version first.
+            await file.revalidate()
+        except RemoteChanged as exc:
+            self._failed(exc)
+            self.done.set()
+            return
+        except OriginError as exc:  # the server cannot be asked now: the fetches will tell
+            log.warning("%s: cannot revalidate (%s)", file.identity.url, exc)
+        except RangefsError as exc:
+            self._failed(exc)
+            self.done.set()
+            return
         try:
             await file.acquire()
         except (RangefsError, OSError) as exc:

@@ -15,6 +15,7 @@ from typing import Any
 
 import trio
 import trio.testing
+from faultserver import FaultServer
 from test_cli_errors import assert_one_line_error
 from test_persist import kill_9, sha256_of
 
@@ -23,7 +24,7 @@ from rangefs.cache import cache_key
 from rangefs.limits import BACKGROUND, Slots
 
 from proxy import ThrottleProxy
-from util import RANGEFS, Mount, Mounts, Server, children, run_rangefs, seeded_bytes, wait_until
+from util import RANGEFS, Mount, Mounts, Server, children, pread_random, run_rangefs, seeded_bytes, wait_until
 
 MiB = 1024 * 1024
 
@@ -217,3 +218,21 @@ def test_on_a_terminal_prefetch_draws_a_progress_bar(mounts: Mounts, nginx: Serv
     text = shown.decode(errors="replace")
     assert "12.0/12.0 MiB" in text  # the bar's bytes column, drawn by rich
     assert "prefetched 1 file, 12.0M: complete and saved" in text
+
+
+def test_a_prefetch_that_finds_the_file_changed_fails_and_the_next_one_fetches_the_new_version(
+    mounts: Mounts, server: FaultServer
+) -> None:
+    old, new = seeded_bytes(3 * MiB, seed=209), seeded_bytes(3 * MiB + 17, seed=210)
+    server.put("/v.bin", old)
+    m = mounts.mount([server.url("/v.bin")])
+    assert pread_random(m.path / "v.bin", 0, 1000) == old[:1000]
+    server.change("/v.bin", new)
+    first = run_rangefs("prefetch", m.path / "v.bin")  # its first fetch learns of the change
+    assert_one_line_error(first, "v.bin", "If-Range")
+    assert files_of(m)["v.bin"]["state"] in ("stale", "error")  # a switch in the background may be done
+    second = run_rangefs("prefetch", m.path / "v.bin")  # moves to the new version first
+    assert second.returncode == 0, second.stderr
+    status = files_of(m)["v.bin"]
+    assert status["size"] == len(new) and status["complete"]
+    assert (m.path / "v.bin").read_bytes() == new

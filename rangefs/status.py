@@ -61,7 +61,11 @@ def filesystem_bytes(cache_dir: Path) -> int:
 
 def allocated_bytes(cache_dir: Path) -> int:
     """What `du` counts of the cache directory: the blocks allocated to everything under it."""
-    total, pending = 0, [str(cache_dir)]
+    try:
+        total = os.lstat(cache_dir).st_blocks * 512  # du counts the directory itself too
+    except OSError:
+        return 0
+    pending = [str(cache_dir)]
     while pending:
         directory = pending.pop()
         try:

@@ -53,6 +53,11 @@ _SEND_TIMEOUT = 10.0
 _ANSWER_TIMEOUT = 60.0
 _PROGRESS_EVERY = 0.5
 _MAX_STALE_SCAN = 1000  # leftover sockets looked at when a daemon starts
+# Files prefetched at once; the others wait their turn. Each job holds its cache files open and
+# revalidates first: a prefetch of a large directory must not open every file or probe the server
+# for each at once (descriptors, a burst of HEADs). The slots bound the requests anyway.
+_MAX_PREFETCH_FILES = 4
+_ACCEPT_RETRY = 0.5  # after accept() failed (no descriptor left, say): the mount goes on
 
 
 def socket_name(pid: int) -> str:
@@ -156,6 +161,7 @@ class ControlServer:
         self._prefetches: dict[CachedFile, Prefetch] = {}
         self._clients = 0
         self._nursery: trio.Nursery | None = None
+        self._job_slots = trio.CapacityLimiter(_MAX_PREFETCH_FILES)
 
     def open(self) -> None:
         """Take the mount lock, remove dead daemons' sockets, bind ours (before mounting).
@@ -224,7 +230,12 @@ class ControlServer:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             while True:
-                conn, _ = await self._sock.accept()
+                try:
+                    conn, _ = await self._sock.accept()
+                except OSError as exc:  # EMFILE, ENOBUFS...: that client is not served, the mount goes on
+                    log.warning("control channel: cannot accept a client: %s", exc.strerror or exc)
+                    await trio.sleep(_ACCEPT_RETRY)
+                    continue
                 nursery.start_soon(self._client, conn)
 
     async def _client(self, conn: trio.socket.SocketType) -> None:
@@ -263,7 +274,7 @@ class ControlServer:
                     return None
         try:
             request = json.loads(buffer.split(b"\n", 1)[0])
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: deeply nested arrays
             request = None
         if not isinstance(request, dict) or not isinstance(request.get("op"), str):
             await self._send(conn, {"ok": False, "error": "not a request"})
@@ -311,7 +322,11 @@ class ControlServer:
         for path in paths:
             node = self.tree.nodes[ROOT_INODE]
             for part in [p for p in path.split("/") if p not in ("", ".")]:
-                inode = node.children.get(os.fsencode(part)) if node.children is not None else None
+                try:
+                    name = os.fsencode(part)
+                except UnicodeError:  # a lone surrogate that no file name can hold
+                    name = b""
+                inode = node.children.get(name) if node.children is not None and name else None
                 if inode is None:
                     raise UsageError(f"'{path}' is not a file of the mount at {self.mountpoint}")
                 node = self.tree.nodes[inode]
@@ -327,15 +342,10 @@ class ControlServer:
 
     async def status(self) -> dict[str, Any]:
         listed = self._files(None)
-        # Files not looked at yet in this session: their state files are read in a worker thread
-        # (``cached_bytes()`` would read them on this thread, one by one), and not kept.
-        unread = [(file, file.identity) for _, file in listed
-                  if file.bitmap is None and file.data.fd < 0 and file.remote.if_range]
-        peeked = await trio.to_thread.run_sync(
-            lambda: {file: (identity, file.data.peek(identity)) for file, identity in unread})
+        peeked = await _peek([file for _, file in listed])
         files = []
         for path, file in listed:
-            cached = status.bytes_in(*peeked[file]) if file in peeked else file.cached_bytes()
+            cached = _cached_bytes(file, peeked)
             files.append(status.file_entry(path=path, url=file.identity.url, size=file.size, cached_bytes=cached,
                                            state_name=self._state(file, cached), error=file.last_error))
         allocated, fs_bytes = await trio.to_thread.run_sync(
@@ -368,21 +378,23 @@ class ControlServer:
                 self._nursery.start_soon(self._run_prefetch, job)
             jobs.append(job)
         total = sum(file.size for _, file in files)
+        peeked = await _peek([job.file for job in jobs])  # files still waiting their turn: as saved
         if wait:
             while not all(job.done.is_set() for job in jobs):
-                await self._send(conn, {"progress": {"done": sum(j.file.cached_bytes() for j in jobs),
+                await self._send(conn, {"progress": {"done": sum(_cached_bytes(j.file, peeked) for j in jobs),
                                                      "total": total}})
                 with trio.move_on_after(_PROGRESS_EVERY):
                     for job in jobs:
                         await job.done.wait()
         errors = [job.error for job in jobs if job.error is not None]
-        done = sum(job.file.cached_bytes() for job in jobs)
+        done = sum(_cached_bytes(job.file, peeked) for job in jobs)
         await self._send(conn, {"ok": not errors, "error": "; ".join(errors) or None, "files": len(jobs),
                                 "done": done, "total": total, "waited": wait})
 
     async def _run_prefetch(self, job: Prefetch) -> None:
         try:
-            await job.run()
+            async with self._job_slots:
+                await job.run()
         except Exception:  # a bug must fail this prefetch, not the mount
             log.exception("prefetch failed")
             job.error = job.error or f"{job.file.identity.url}: prefetch failed (see the log)"
@@ -398,7 +410,7 @@ class ControlServer:
         for path, file in files:
             async with file.lock:  # no user can open the files while they go
                 if file.data.fd >= 0 or file in self._prefetches:
-                    skipped.append({"path": path, "reason": "open"})
+                    skipped.append({"path": path, "reason": "prefetching" if file in self._prefetches else "open"})
                     continue
                 try:
                     freed += await trio.to_thread.run_sync(status.drop_files, self.cache.files_dir, file.key)
@@ -413,6 +425,26 @@ class ControlServer:
                 file.last_error = None
                 cleared.append(path)
         return {"cleared": cleared, "skipped": skipped, "freed_bytes": freed}
+
+
+def _unread(file: CachedFile) -> bool:
+    """Whether ``file.cached_bytes()`` would read its state file (on the calling thread)."""
+    return file.bitmap is None and file.data.fd < 0 and bool(file.remote.if_range)
+
+
+async def _peek(files: list[CachedFile]) -> dict[CachedFile, int]:
+    """The saved bytes of the files not looked at yet in this session, read in a worker thread
+    (``cached_bytes()`` would read them on the trio thread, one by one), and not kept: a file
+    opened meanwhile has its own bitmap, which a peek must not replace."""
+    unread = [(file, file.identity) for file in files if _unread(file)]
+    if not unread:
+        return {}
+    return await trio.to_thread.run_sync(
+        lambda: {file: status.bytes_in(identity, file.data.peek(identity)) for file, identity in unread})
+
+
+def _cached_bytes(file: CachedFile, peeked: dict[CachedFile, int]) -> int:
+    return peeked.get(file, 0) if _unread(file) else file.cached_bytes()
 
 
 # -- the client -----------------------------------------------------------------------------
@@ -464,7 +496,12 @@ class Client:
         while True:
             while b"\n" in self._buffer:
                 line, self._buffer = self._buffer.split(b"\n", 1)
-                reply = json.loads(line)
+                try:
+                    reply = json.loads(line)
+                except (ValueError, RecursionError):
+                    reply = None
+                if not isinstance(reply, dict):  # not our daemon, or a bug: one line, no traceback
+                    raise UsageError("the daemon's answer is not understood")
                 yield reply
                 if "ok" in reply:
                     return

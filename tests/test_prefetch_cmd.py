@@ -236,3 +236,84 @@ def test_a_prefetch_that_finds_the_file_changed_fails_and_the_next_one_fetches_t
     status = files_of(m)["v.bin"]
     assert status["size"] == len(new) and status["complete"]
     assert (m.path / "v.bin").read_bytes() == new
+
+
+class _FakeFile:
+    """What ControlServer._prefetch looks at of a CachedFile (hashable, as CachedFile is)."""
+
+    def __init__(self) -> None:
+        self.size = 1
+        self.bitmap = None
+        self.data = type("Data", (), {"fd": -1})()
+        self.remote = type("Remote", (), {"if_range": None})()
+
+    def cached_bytes(self) -> int:
+        return 0
+
+
+class _FakeConn:
+    async def send(self, data: bytes) -> int:
+        await trio.lowlevel.checkpoint()
+        return len(data)
+
+
+def _server() -> Any:
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from rangefs.control import ControlServer
+
+    cache = SimpleNamespace(config=SimpleNamespace(cache_dir=Path("/nonexistent"), max_bytes=None))
+    return ControlServer(cache, None, "/m")  # type: ignore[arg-type]
+
+
+def test_a_prefetch_of_many_files_runs_a_few_at_a_time(monkeypatch: Any) -> None:
+    """Each job opens its cache files and revalidates: a directory of many files must not open them all at once."""
+    from rangefs import control
+
+    running, peak = 0, 0
+
+    async def fake_run(self: control.Prefetch) -> None:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await trio.sleep(1.0)
+        running -= 1
+        self.done.set()
+
+    monkeypatch.setattr(control.Prefetch, "run", fake_run)
+    server = _server()
+
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            server._nursery = nursery
+            files = [(f"f{i}", _FakeFile()) for i in range(20)]
+            await server._prefetch(_FakeConn(), files, True)
+
+    trio.run(run, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert peak == control._MAX_PREFETCH_FILES
+
+
+def test_a_failed_accept_does_not_stop_the_control_channel() -> None:
+    """accept() failing (no descriptor left) must not end the server's task, which would end the mount."""
+    import errno
+
+    server = _server()
+    calls = 0
+
+    class FailingSocket:
+        async def accept(self) -> Any:
+            nonlocal calls
+            calls += 1
+            if calls <= 2:
+                raise OSError(errno.EMFILE, "Too many open files")
+            await trio.sleep_forever()
+
+    server._sock = FailingSocket()
+
+    async def run() -> None:
+        with trio.move_on_after(10):
+            await server.serve()
+
+    trio.run(run, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert calls == 3

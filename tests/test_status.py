@@ -356,3 +356,34 @@ def test_clear_removes_the_state_before_the_data(tmp_path: Path, monkeypatch: py
         status.drop_files(files_dir, "k" * 32)
     assert not data.state_path.exists() and not state_file.previous(data.state_path).exists()
     assert data.path.exists()
+
+
+def ask_raw(m: Mount, request: bytes) -> list[dict[str, Any]]:
+    """Send ``request`` as is to the mount's control socket; the daemon's reply lines."""
+    import socket
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(30)
+        s.connect(str(m.cache_dir / socket_name(m.pid())))
+        s.sendall(request)
+        replies = s.makefile("rb").read()
+    return [json.loads(line) for line in replies.splitlines()]
+
+
+def test_hostile_requests_get_one_refusal_each_and_the_mount_goes_on(mounts: Mounts, nginx: Server) -> None:
+    data = seeded_bytes(100_000, seed=199)
+    m = mounts.mount([nginx.put("ctl/h.bin", data)])
+    refused = {
+        b"[" * 60_000 + b"\n": "not a request",  # deeper than the JSON parser recurses
+        b'{"op": "clear", "paths": ["\\ud800"]}\n': "is not a file of the mount",  # no name can hold it
+        b'{"op": "prefetch", "paths": ["../../etc/passwd"]}\n': "is not a file of the mount",
+        b'{"op": "clear", "paths": "h.bin"}\n': "paths must be a list",
+        b'{"op": "nope"}\n': "unknown request",
+        b"x" * (65 * 1024): "request longer than",
+        b"\xff\xfe\n": "not a request",
+    }
+    for request, error in refused.items():
+        replies = ask_raw(m, request)
+        assert len(replies) == 1 and replies[0]["ok"] is False and error in replies[0]["error"], (request[:40], replies)
+    assert ask_raw(m, b'{"op": "status"}\n')[0]["ok"] is True
+    assert (m.path / "h.bin").read_bytes() == data

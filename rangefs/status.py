@@ -43,7 +43,7 @@ def file_entry(*, path: str | None, url: str, size: int, cached_bytes: int, stat
                error: str | None) -> dict[str, Any]:
     """One file of the report; ``url`` is redacted again here, whatever the caller passed."""
     return {"path": path, "url": redact_url(url), "size": size, "cached_bytes": cached_bytes,
-            "complete": cached_bytes == size, "state": state_name, "error": error}
+            "complete": cached_bytes == size and state_name != "error", "state": state_name, "error": error}
 
 
 def report(*, mountpoint: str | None, cache_dir: Path, max_bytes: int | None, min_free_bytes: int,
@@ -141,6 +141,10 @@ def offline_files(cache_dir: Path) -> list[dict[str, Any]]:
     for key in state_keys(cache_dir):
         data = DataFile(cache_dir / safefs.FILES, key)
         try:
+            # Opening a name rangefs did not make removes it (safefs): look without opening first.
+            foreign = _foreign((data.state_path, state.previous(data.state_path), data.sums_path))
+            if foreign is not None:
+                raise state.StateCorrupt(f"{foreign.name} was not made by rangefs (a mount removes it)")
             saved = state.read(data.state_path)
         except (OSError, state.StateCorrupt) as exc:
             files.append(file_entry(path=None, url="", size=0, cached_bytes=0, state_name="error",
@@ -156,6 +160,19 @@ def offline_files(cache_dir: Path) -> list[dict[str, Any]]:
         files.append(file_entry(path=None, url=identity.url, size=identity.size, cached_bytes=cached,
                                 state_name="complete" if cached == identity.size else "partial", error=None))
     return files
+
+
+def _foreign(paths: tuple[Path, ...]) -> Path | None:
+    """The first of ``paths`` that is something rangefs does not make (a link, a FIFO, a file with
+    another name), seen without opening it."""
+    for path in paths:
+        try:
+            st = safefs.lstat(path)
+        except FileNotFoundError:
+            continue
+        if not (stat.S_ISREG(st.st_mode) and st.st_nlink <= 1):
+            return path
+    return None
 
 
 def drop_files(files_dir: Path, key: str) -> int:

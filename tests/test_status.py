@@ -106,14 +106,19 @@ def test_status_without_a_mount_changes_nothing_in_the_cache_directory(mounts: M
     m = mounts.mount([url])
     (m.path / "c.bin").read_bytes()
     assert m.unmount().returncode == 0
+    # Names rangefs did not make: a mount removes them when it opens them; a status must not.
+    (m.cache_dir / "files" / f"{'1' * 32}.state").symlink_to("/etc/hostname")
+    os.mkfifo(m.cache_dir / "files" / f"{'2' * 32}.state")
 
     def snapshot() -> dict[str, tuple[int, int, int]]:
         return {str(p): (p.lstat().st_mtime_ns, p.lstat().st_size, p.lstat().st_ino) for p in m.cache_dir.rglob("*")}
 
     before = snapshot()
-    status_json("--cache-dir", m.cache_dir)
+    report = status_json("--cache-dir", m.cache_dir)
     assert run_rangefs("status", "--cache-dir", m.cache_dir).returncode == 0
     assert snapshot() == before
+    states = sorted((f["state"], f["complete"]) for f in report["files"])
+    assert states == [("complete", True), ("error", False), ("error", False)]
 
 
 def test_status_shows_urls_without_credentials_or_secret_query_values(mounts: Mounts, nginx: Server) -> None:

@@ -50,7 +50,10 @@ class Slots:
     whichever process runs them: the daemon's small fetches ask urgently, the helper's prefetch
     pieces (admitted by the daemon) do not. So a read waiting for a few blocks waits for at most one
     running request to end, never behind a queue of prefetches; and ``total == 1`` still works.
-    Requests made in a ``BACKGROUND`` context (``rangefs prefetch``) queue behind both. Trio only.
+    Requests made in a ``BACKGROUND`` context (``rangefs prefetch``) queue behind both, and hold
+    at most ``total - 1`` slots (all of them only when ``total == 1``): a prefetch takes large
+    runs, and a read arriving while it runs must find a slot free, not wait for one of them to end.
+    Trio only.
     """
 
     def __init__(self, total: int) -> None:
@@ -59,39 +62,52 @@ class Slots:
         self._urgent: deque[trio.Event] = deque()
         self._others: deque[trio.Event] = deque()
         self._background: deque[trio.Event] = deque()
+        self._background_used = 0
+        self._background_max = max(1, total - 1)
 
     @asynccontextmanager
     async def hold(self, urgent: bool) -> AsyncIterator[None]:
         """Hold one slot for the body of the ``async with``."""
-        if self.used < self.total and not self._urgent and not self._others and not self._background:
+        background = BACKGROUND.get()
+        # Background waiters while a slot is free are waiting for their share, not for the slot:
+        # they do not hold up the others.
+        if self.used < self.total and not self._urgent and not self._others and (
+            not background or (not self._background and self._background_used < self._background_max)
+        ):
             self.used += 1
+            self._background_used += background
             try:
                 await trio.lowlevel.checkpoint()
             except BaseException:
-                self._release()
+                self._release(background)
                 raise
         else:
             turn = trio.Event()
-            queue = self._background if BACKGROUND.get() else self._urgent if urgent else self._others
+            queue = self._background if background else self._urgent if urgent else self._others
             queue.append(turn)
             try:
                 await turn.wait()  # set by _release: the slot is handed over, ``used`` unchanged
             except BaseException:
                 if turn.is_set():
-                    self._release()  # handed to us as we were cancelled: pass it on
+                    self._release(background)  # handed to us as we were cancelled: pass it on
                 else:
                     queue.remove(turn)
                 raise
         try:
             yield
         finally:
-            self._release()
+            self._release(background)
 
-    def _release(self) -> None:
-        for queue in (self._urgent, self._others, self._background):
+    def _release(self, background: bool) -> None:
+        self._background_used -= background
+        for queue in (self._urgent, self._others):
             if queue:
                 queue.popleft().set()
                 return
+        if self._background and self._background_used < self._background_max:
+            self._background_used += 1
+            self._background.popleft().set()
+            return
         self.used -= 1
 
 

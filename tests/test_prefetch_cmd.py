@@ -317,3 +317,27 @@ def test_a_failed_accept_does_not_stop_the_control_channel() -> None:
 
     trio.run(run, clock=trio.testing.MockClock(autojump_threshold=0))
     assert calls == 3
+
+
+def test_prefetch_requests_leave_a_slot_free_for_reads() -> None:
+    """With two slots, a prefetch holds one: a read arriving meanwhile starts at once, and the
+    prefetch's next request waits for its own share, not for the read."""
+    slots = Slots(2)
+    started: dict[str, float] = {}
+
+    async def hold(name: str, urgent: bool, background: bool, seconds: float) -> None:
+        BACKGROUND.set(background)
+        async with slots.hold(urgent):
+            started[name] = trio.current_time()
+            await trio.sleep(seconds)
+
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(hold, "prefetch-1", False, True, 10.0)
+            nursery.start_soon(hold, "prefetch-2", False, True, 10.0)
+            await trio.sleep(1.0)
+            nursery.start_soon(hold, "read", True, False, 1.0)
+
+    trio.run(run, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert started == {"prefetch-1": 0.0, "read": 1.0, "prefetch-2": 10.0}
+    assert slots.used == 0

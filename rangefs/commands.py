@@ -95,9 +95,11 @@ def _one_mount(paths: list[Path]) -> tuple[Path, int, list[str]]:
 
 
 def _offline_dir(cache_dir: Path | None) -> Path:
+    """The cache directory, its links resolved: a mount follows a link to it (the path is the
+    user's to name), and the cache files are then opened relative to the directory itself."""
     directory = (cache_dir or default_cache_dir()).absolute()
     status.check_cache_dir(directory)
-    return directory
+    return Path(os.path.realpath(directory))
 
 
 # -- status ---------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from typing import Any
 
 from rangefs import kernel, status
 from rangefs.cache import CacheConfig
-from rangefs.control import Client
+from rangefs.control import Client, bounded
 from rangefs.errors import UsageError
 from rangefs.mount import daemon_pid, default_cache_dir
 
@@ -71,7 +71,7 @@ def find_mount_of(path: Path) -> tuple[Path, int, str]:
     """
     absolute = Path(os.path.abspath(path))
     try:
-        real = Path(os.path.realpath(absolute, strict=True))
+        real = Path(bounded(absolute, lambda: os.path.realpath(absolute, strict=True)))
     except OSError as exc:
         raise UsageError(f"'{path}': {exc.strerror or 'no such file or directory'}") from None
     for candidate in (real, *real.parents):

@@ -31,9 +31,10 @@ import logging
 import os
 import socket
 import struct
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
@@ -44,6 +45,7 @@ from rangefs.errors import OriginError, RangefsError, RemoteChanged, UsageError
 from rangefs.tree import ROOT_INODE, Node, Tree
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 XATTR_CACHE_DIR = "user.rangefs.cache_dir"  # on the mount's root: where the socket is
 _MAX_REQUEST = 64 * 1024
@@ -58,6 +60,7 @@ _MAX_STALE_SCAN = 1000  # leftover sockets looked at when a daemon starts
 # for each at once (descriptors, a burst of HEADs). The slots bound the requests anyway.
 _MAX_PREFETCH_FILES = 4
 _ACCEPT_RETRY = 0.5  # after accept() failed (no descriptor left, say): the mount goes on
+_MOUNT_TIMEOUT = 15.0  # the client's look at the mount itself (a path's stat, the root's xattr)
 
 
 def socket_name(pid: int) -> str:
@@ -450,12 +453,40 @@ def _cached_bytes(file: CachedFile, peeked: dict[CachedFile, int]) -> int:
 # -- the client -----------------------------------------------------------------------------
 
 
+def bounded(mountpoint: Path, call: Callable[[], _T]) -> _T:
+    """``call()``, which asks the mount (a stat, an xattr), given up on after ``_MOUNT_TIMEOUT``:
+    the request waits for the daemon, and a stopped or hung daemon would hang the command for
+    good, Ctrl-C included. It runs in a daemon thread, which the process's exit ends.
+
+    Raises:
+        UsageError: no answer in time; else what ``call`` raises.
+    """
+    outcome: list[tuple[bool, Any]] = []
+
+    def run() -> None:
+        try:
+            outcome.append((True, call()))
+        except BaseException as exc:  # handed to the caller's thread
+            outcome.append((False, exc))
+
+    thread = threading.Thread(target=run, name="rangefs-mount-look", daemon=True)
+    thread.start()
+    thread.join(_MOUNT_TIMEOUT)
+    if not outcome:
+        raise UsageError(f"'{mountpoint}': the mount does not answer (its daemon is stopped or hung)")
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    result: _T = value
+    return result
+
+
 class Client:
     """One request to the daemon serving a mount, and its replies."""
 
     def __init__(self, mountpoint: Path, pid: int, timeout: float = 60.0) -> None:
         try:
-            cache_dir = os.fsdecode(os.getxattr(mountpoint, XATTR_CACHE_DIR))
+            cache_dir = os.fsdecode(bounded(mountpoint, lambda: os.getxattr(mountpoint, XATTR_CACHE_DIR)))
         except OSError as exc:
             raise UsageError(f"'{mountpoint}': cannot find its cache directory: {exc.strerror}") from None
         self.cache_dir = Path(cache_dir)

@@ -394,3 +394,19 @@ def test_hostile_requests_get_one_refusal_each_and_the_mount_goes_on(mounts: Mou
         assert len(replies) == 1 and replies[0]["ok"] is False and error in replies[0]["error"], (request[:40], replies)
     assert ask_raw(m, b'{"op": "status"}\n')[0]["ok"] is True
     assert (m.path / "h.bin").read_bytes() == data
+
+
+def test_a_stopped_daemon_gets_one_line_not_a_hang(mounts: Mounts, nginx: Server) -> None:
+    """The commands ask the mount (a stat, the root's xattr) before the socket: a daemon that
+    does not answer must not hang them for good (Ctrl-C cannot interrupt a FUSE request)."""
+    import signal
+
+    m = mounts.mount([nginx.put("ctl/stop.bin", b"s" * 1000)])
+    pid = m.pid()
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        done = run_rangefs("status", m.path, timeout=120)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert_one_line_error(done, str(m.path), "does not answer")
+    assert status_json(m.path)["files"][0]["size"] == 1000

@@ -341,3 +341,56 @@ def test_prefetch_requests_leave_a_slot_free_for_reads() -> None:
     trio.run(run, clock=trio.testing.MockClock(autojump_threshold=0))
     assert started == {"prefetch-1": 0.0, "read": 1.0, "prefetch-2": 10.0}
     assert slots.used == 0
+
+
+class _FakeCachedFile:
+    """What a Prefetch job uses of its CachedFile; ``ensure`` records the priority it runs at."""
+
+    def __init__(self, saves_complete: bool) -> None:
+        from types import SimpleNamespace
+
+        self.identity = SimpleNamespace(url="http://h/f", nblocks=5)
+        self.generation = 1
+        self.cache = SimpleNamespace(config=SimpleNamespace(max_request_blocks=2, max_connections=2))
+        self.journal = SimpleNamespace(persisted=None)
+        self.saves_complete = saves_complete
+        self.ensured: list[tuple[int, int, bool]] = []
+
+    async def revalidate(self) -> bool:
+        return False
+
+    async def acquire(self) -> None:
+        pass
+
+    async def release(self) -> None:
+        pass
+
+    async def ensure(self, first: int, stop: int, generation: int) -> None:
+        await trio.lowlevel.checkpoint()
+        self.ensured.append((first, stop, BACKGROUND.get()))
+
+    async def checkpoint(self) -> None:
+        complete = self.saves_complete
+        self.journal.persisted = type("Saved", (), {"complete": lambda self: complete})()
+
+
+def test_a_prefetch_job_fetches_every_chunk_in_the_background_and_checks_the_save() -> None:
+    from rangefs.control import Prefetch
+
+    outside: list[bool] = []
+
+    async def run(file: _FakeCachedFile) -> Prefetch:
+        job = Prefetch(file)  # type: ignore[arg-type]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(job.run)
+        outside.append(BACKGROUND.get())  # the mark stays in the job's task
+        return job
+
+    saved = _FakeCachedFile(saves_complete=True)
+    job = trio.run(run, saved)
+    assert job.done.is_set() and job.error is None
+    assert sorted(saved.ensured) == [(0, 2, True), (2, 4, True), (4, 5, True)]
+    unsaved = _FakeCachedFile(saves_complete=False)
+    job = trio.run(run, unsaved)
+    assert job.error is not None and "not all of it could be saved" in job.error
+    assert outside == [False, False]

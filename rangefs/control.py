@@ -42,7 +42,7 @@ from rangefs import limits, status
 from rangefs.cache import Cache
 from rangefs.cachedfile import CachedFile
 from rangefs.errors import OriginError, RangefsError, RemoteChanged, UsageError
-from rangefs.tree import ROOT_INODE, Node, Tree
+from rangefs.tree import ROOT_INODE, Tree
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -322,26 +322,38 @@ class ControlServer:
         if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
             raise UsageError("paths must be a list of strings")
         found: dict[CachedFile, str] = {}
+        seen: set[int] = set()  # each directory walked once, however many paths name it or what is above it
         for path in paths:
-            node = self.tree.nodes[ROOT_INODE]
-            for part in [p for p in path.split("/") if p not in ("", ".")]:
+            inode = ROOT_INODE
+            parts = [p for p in path.split("/") if p not in ("", ".")]
+            for part in parts:
+                node = self.tree.nodes[inode]
                 try:
                     name = os.fsencode(part)
                 except UnicodeError:  # a lone surrogate that no file name can hold
                     name = b""
-                inode = node.children.get(name) if node.children is not None and name else None
-                if inode is None:
+                child = node.children.get(name) if node.children is not None and name else None
+                if child is None:
                     raise UsageError(f"'{path}' is not a file of the mount at {self.mountpoint}")
-                node = self.tree.nodes[inode]
-            for file_path, cached in self._under(node, path.strip("/")):
+                inode = child
+            for file_path, cached in self._under(inode, "/".join(parts), seen):
                 found.setdefault(cached, file_path)
         return [(path, file) for file, path in found.items()]
 
-    def _under(self, node: Node, path: str) -> Iterator[tuple[str, CachedFile]]:
-        if node.cached is not None:
-            yield path, node.cached
-        for name, inode in sorted((node.children or {}).items()):
-            yield from self._under(self.tree.nodes[inode], f"{path}/{os.fsdecode(name)}".lstrip("/"))
+    def _under(self, inode: int, path: str, seen: set[int]) -> Iterator[tuple[str, CachedFile]]:
+        """The files at and under ``inode``, in path order, skipping what ``seen`` has (walked
+        with a stack: a deep tree must not exhaust the recursion limit)."""
+        pending = [(inode, path)]
+        while pending:
+            inode, path = pending.pop()
+            if inode in seen:
+                continue
+            seen.add(inode)
+            node = self.tree.nodes[inode]
+            if node.cached is not None:
+                yield path, node.cached
+            children = sorted((node.children or {}).items(), reverse=True)
+            pending.extend((child, f"{path}/{os.fsdecode(name)}".lstrip("/")) for name, child in children)
 
     async def status(self) -> dict[str, Any]:
         listed = self._files(None)

@@ -117,6 +117,8 @@ class CachedFile:
         # away): what the readahead fetched for nothing, as seen by the handle that asked for it.
         # "Read" means asked for by a FUSE read, the kernel's readahead included.
         self.prefetch_unused_bytes = 0
+        # The last fetch's failure (redacted, as logged), until a fetch succeeds: `rangefs status`.
+        self.last_error: str | None = None
 
     @property
     def passthrough_handles(self) -> int:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from rangefs import __version__
+from rangefs import commands as commands_for_the_cache
 from rangefs.cache import DEFAULT_BLOCK_SIZE, CacheConfig
 from rangefs.errors import RangefsError, UsageError
 from rangefs.mount import MountOptions, default_cache_dir, mount, unmount
@@ -180,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path)
     u.add_argument("-z", "--lazy", action="store_true", help="detach now even if files are open")
     u.add_argument("--timeout", type=_positive, default=60.0, metavar="SECONDS")
+    commands_for_the_cache.add_parsers(commands)
     return parser
 
 
@@ -232,8 +234,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "mount":
             mount(_mount_options(args))
-        else:
+        elif args.command == "unmount":
             unmount(_canonical(args.mountpoint), lazy=args.lazy, timeout=args.timeout)
+        else:
+            return commands_for_the_cache.run(args)
     except (RangefsError, UsageError) as exc:
         print(f"rangefs: {exc}", file=sys.stderr)
         return 1

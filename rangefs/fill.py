@@ -127,7 +127,7 @@ class Filler:
                     await file.cache.fetcher.fetch_into(
                         file.remote, flight.run, file.data.fd, self._mark_written(flight)
                     )
-                error = None
+                error = file.last_error = None
         except RangesIgnored as exc:
             error = exc
             self._ranges_ignored()
@@ -169,4 +169,5 @@ class Filler:
 
     def _log_failure(self, exc: RangefsError) -> None:
         url, message = self._file.identity.url, str(exc)
-        log.warning("%s", message if message.startswith(url) else f"{url}: {message}")
+        self._file.last_error = message if message.startswith(url) else f"{url}: {message}"
+        log.warning("%s", self._file.last_error)

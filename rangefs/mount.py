@@ -26,6 +26,7 @@ import trio
 
 from rangefs import kernel
 from rangefs.cache import DEFAULT_BLOCK_SIZE, Cache, CacheConfig
+from rangefs.control import ControlServer
 from rangefs.errors import CacheError, HostUnreachable, OriginError, RangefsError, UsageError
 from rangefs.fetcher import Fetcher, SplitFetcher
 from rangefs.fetchproc import FetchProcess, HelperConfig
@@ -402,19 +403,26 @@ async def _serve_files(
                     tune_system=opts.tune_system, mountpoint=os.path.realpath(opts.mountpoint))
     # Stop signals stay caught until the very end, so a second Ctrl-C cannot cut the shutdown short;
     # caught from before the mount, so that one sent as it is made (the mount command dying) unmounts.
+    control = ControlServer(cache, tree, str(opts.mountpoint))
     with trio.open_signal_receiver(*_STOP_SIGNALS) as signals:
-        _mount_fuse(fs, opts)
+        control.open()  # before the mount: a cache directory being cleared fails it cleanly
+        try:
+            _mount_fuse(fs, opts)
+        except BaseException:
+            control.close()
+            raise
         # From here on the mount exists: every path out goes through the finally clauses.
         unmount_ourselves = True
         try:
             reporter.ready()
             log.info("serving %d files at %s", len(files), opts.mountpoint)
-            unmount_ourselves = await _run_until_unmounted(fs, opts.mountpoint, signals)
+            unmount_ourselves = await _run_until_unmounted(fs, opts.mountpoint, signals, control)
         finally:
             try:
                 with trio.CancelScope(shield=True):
                     await _shutdown(cache)
             finally:
+                control.close()  # after the last save: a clear without a mount must wait for it
                 pyfuse3.close(unmount=unmount_ourselves)
                 log.info("unmounted %s", opts.mountpoint)
 
@@ -429,7 +437,9 @@ def _mount_fuse(fs: Filesystem, opts: MountOptions) -> None:
         raise UsageError(f"cannot mount at '{opts.mountpoint}': {exc}") from None
 
 
-async def _run_until_unmounted(fs: Filesystem, mountpoint: Path, signals: AsyncIterator[int]) -> bool:
+async def _run_until_unmounted(
+    fs: Filesystem, mountpoint: Path, signals: AsyncIterator[int], control: ControlServer
+) -> bool:
     """Serve until the kernel unmounts us (False) or a signal asks us to stop (True: we unmount)."""
     stopped_by_signal = False
 
@@ -457,6 +467,7 @@ async def _run_until_unmounted(fs: Filesystem, mountpoint: Path, signals: AsyncI
         nursery.start_soon(_tune_kernel, fs, mountpoint)
         nursery.start_soon(_abort_when_disconnected, fs, mountpoint)
         nursery.start_soon(fs.watch_readers)
+        nursery.start_soon(control.serve)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
     return stopped_by_signal

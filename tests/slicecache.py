@@ -22,10 +22,12 @@ SLICE_SIZE = 1024 * 1024  # the test's slice: 1 MiB, a multiple of rangefs's 64 
 class SliceCache(Nginx):
     """An nginx (1 worker) on 127.0.0.1 caching ``origin_port``'s answers in slices of ``slice_size``."""
 
-    def __init__(self, root_dir: Path, origin_port: int, slice_size: int = SLICE_SIZE) -> None:
+    def __init__(self, root_dir: Path, origin_port: int, slice_size: int = SLICE_SIZE, valid: str = "1h") -> None:
+        """``valid``: how long a cached slice is used without asking the origin (nginx time syntax)."""
         super().__init__(root_dir, root_dir)
         self.origin_port = origin_port
         self.slice_size = slice_size
+        self.valid = valid
         self.cache_dir = self.root_dir / "cache"
 
     def slice_path(self, uri: str, start: int) -> Path:
@@ -46,6 +48,7 @@ class SliceCache(Nginx):
                 port=self.port,
                 origin_port=self.origin_port,
                 slice=self.slice_size,
+                valid=self.valid,
                 token=self._token,
                 log_format="\\t".join(LOG_FIELDS),
             )
@@ -99,7 +102,7 @@ http {{
             proxy_cache fleet;
             proxy_cache_key $uri$is_args$args$slice_range;
             proxy_set_header Range $slice_range;
-            proxy_cache_valid 200 206 1h;
+            proxy_cache_valid 200 206 {valid};
             proxy_cache_lock on;
             proxy_cache_lock_timeout 60s;
             proxy_cache_lock_age 60s;

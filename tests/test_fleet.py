@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from random import Random
@@ -114,5 +115,33 @@ def test_a_file_changed_under_cached_slices_is_never_read_mixed(
     second = mounts.mount([url], cache_dir=tmp_path / "second")
     got = read_until_error(second.path / "changing.bin")
     print(f"read {len(got)} of {size} bytes before the first error")
-    assert got in (old[: len(got)], new[: len(got)]), "bytes of two versions mixed"
+    whole = got in (old[: len(got)], new[: len(got)])  # bytes of one version, whichever
+    assert whole, f"the {len(got)} bytes read mix the two versions"
     assert len(got) == size or "etag mismatch in slice response" in slice_cache.error_log.read_text()
+
+
+@pytest.mark.timeout(120)
+def test_with_a_short_validity_a_change_reaches_the_fleet_whole_and_an_unchanged_file_costs_304s(
+    mounts: Mounts, nginx: Server, tmp_path: Path
+) -> None:
+    size = 8 * SLICE_SIZE
+    old, new = seeded_bytes(size, seed=3), seeded_bytes(size, seed=4)
+    path = nginx.www / "fleet" / "revalidated.bin"
+    with SliceCache(tmp_path / "slicecache", nginx.nginx.port, valid="1s") as cache:
+        url = cache.url("fleet/revalidated.bin")
+        nginx.put("fleet/revalidated.bin", old)
+        m = mounts.mount([url], "--revalidate-interval", "0", cache_dir=tmp_path / "machine")
+        assert read_until_error(m.path / "revalidated.bin") == old
+
+        time.sleep(1.5)  # every slice expired: the next use asks the origin
+        other = mounts.mount([url], cache_dir=tmp_path / "other")
+        mark = nginx.mark()
+        assert read_until_error(other.path / "revalidated.bin") == old
+        asked = [r for r in nginx.nginx.requests(mark) if r.path == "/fleet/revalidated.bin"]
+        assert asked and all(r.status == 304 and r.body_bytes == 0 for r in asked)  # revalidated, not sent again
+
+        stat = path.stat()
+        nginx.put("fleet/revalidated.bin", new)
+        os.utime(path, (stat.st_atime, stat.st_mtime + 100))
+        time.sleep(1.5)
+        assert read_until_error(m.path / "revalidated.bin") == new  # the reopen sees the change, reads it whole

@@ -12,11 +12,18 @@ would.
 from __future__ import annotations
 
 import hashlib
+import subprocess
 from pathlib import Path
 
-from nginx import LOG_FIELDS, Nginx
+from nginx import LOG_FIELDS, NGINX_BIN, Nginx
 
 SLICE_SIZE = 1024 * 1024  # the test's slice: 1 MiB, a multiple of rangefs's 64 KiB block
+
+
+def has_slice_module() -> bool:
+    """Whether this machine's nginx was built with the slice module (``nginx -V`` says so)."""
+    done = subprocess.run([NGINX_BIN, "-V"], capture_output=True, text=True, timeout=30)
+    return "--with-http_slice_module" in done.stderr + done.stdout
 
 
 class SliceCache(Nginx):

@@ -38,7 +38,7 @@ from typing import Any, TypeVar
 
 import trio
 
-from rangefs import limits, status
+from rangefs import kernel, limits, status
 from rangefs.cache import Cache
 from rangefs.cachedfile import CachedFile
 from rangefs.errors import OriginError, RangefsError, RemoteChanged, UsageError
@@ -519,6 +519,14 @@ class Client:
                 raise UsageError(f"'{mountpoint}': its daemon does not answer (no control socket in "
                                  f"'{cache_dir}')") from None
             raise UsageError(f"'{mountpoint}': cannot reach its daemon: {exc.strerror}") from None
+        # The pid and the cache directory come from the mount itself, which anyone can make: the
+        # socket's peer must be the daemon the mount table names and run as the user who mounted
+        # it, so that a mount made to look like rangefs cannot steer a command to another's daemon.
+        peer_pid, peer_uid, _ = struct.unpack("3i", self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+        entry = kernel.find_mount(mountpoint)
+        if peer_pid != pid or entry is None or entry.user_id is None or peer_uid != entry.user_id:
+            self.sock.close()
+            raise UsageError(f"'{mountpoint}': the control socket in '{cache_dir}' is not this mount's daemon's")
         self._buffer = b""
 
     def __enter__(self) -> Client:

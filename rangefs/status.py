@@ -4,7 +4,8 @@ The report (``report``) has the shape `rangefs status --json` prints. A running 
 from its files in memory (rangefs.control); without one, ``offline_files`` builds it from the
 state files, read only: nothing in a cache directory that no mount uses is created or changed.
 The URL of each cached file is the one its state file records (``state.Identity.url``, redacted
-when saved); the path in a mount is not on disk, so it is None there.
+when saved). The lists' paths are not on disk: without a mount, a file's path is the name its URL
+gives (the last segment of its path, as a URL list line without a path names it).
 
 ``drop_files`` removes one URL's cache files, the state first, so that no state file ever claims
 data that is gone; ``mount_lock`` is how a clear without a mount knows that none uses the
@@ -19,6 +20,7 @@ import fcntl
 import os
 import stat
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 from typing import Any
 
 from rangefs import safefs, state
@@ -147,7 +149,8 @@ def offline_files(cache_dir: Path) -> list[dict[str, Any]]:
                 raise state.StateCorrupt(f"{foreign.name} was not made by rangefs (a mount removes it)")
             saved = state.read(data.state_path)
         except (OSError, state.StateCorrupt) as exc:
-            files.append(file_entry(path=None, url="", size=0, cached_bytes=0, state_name="error",
+            files.append(file_entry(path=f"{safefs.FILES}/{data.state_path.name}", url="", size=0, cached_bytes=0,
+                                    state_name="error",
                                     error=f"state file {data.state_path.name} not trusted: {exc}"))
             continue
         identity, cached = saved.identity, 0
@@ -157,9 +160,15 @@ def offline_files(cache_dir: Path) -> list[dict[str, Any]]:
             whole = False
         if whole:  # as a mount would load it: only blocks whose sum is on disk
             cached = bytes_in(identity, data.with_sums(saved.bitmap)[0])
-        files.append(file_entry(path=None, url=identity.url, size=identity.size, cached_bytes=cached,
+        files.append(file_entry(path=_name_of(identity.url), url=identity.url, size=identity.size, cached_bytes=cached,
                                 state_name="complete" if cached == identity.size else "partial", error=None))
     return files
+
+
+def _name_of(url: str) -> str:
+    """The file name a URL gives (its path's last segment, decoded), else the URL, redacted."""
+    name = unquote(urlsplit(url).path.rpartition("/")[2])
+    return name if name and name not in (".", "..") and "\x00" not in name else redact_url(url)
 
 
 def _foreign(paths: tuple[Path, ...]) -> Path | None:

@@ -48,6 +48,7 @@ from rangefs.errors import (
     CacheUnwritable,
     RemoteChanged,
 )
+from rangefs.evict import Reading
 from rangefs.fill import Filler
 from rangefs.flights import Flights
 from rangefs.journal import Journal
@@ -113,6 +114,9 @@ class CachedFile:
         # Handles the kernel serves from the data file itself (FUSE passthrough, counted by fs.py).
         # While there are any, the data file must not change: a new version waits until they close.
         self._passthrough_handles = 0
+        # Once passed through, a mapping may read the data file for as long as it lives: never evicted.
+        self.passed_through = False
+        self.reading = Reading()  # the blocks reads are using right now: never evicted
         # Bytes that prefetches brought and their handle abandoned unread (it closed or jumped far
         # away): what the readahead fetched for nothing, as seen by the handle that asked for it.
         # "Read" means asked for by a FUSE read, the kernel's readahead included.
@@ -125,6 +129,7 @@ class CachedFile:
 
     def passthrough_opened(self) -> None:
         self._passthrough_handles += 1
+        self.passed_through = True
 
     def passthrough_closed(self) -> None:
         self._passthrough_handles -= 1
@@ -297,6 +302,21 @@ class CachedFile:
     # -- the read path --------------------------------------------------------------------
 
     async def read(
+        self,
+        offset: int,
+        size: int,
+        readahead: Readahead | None = None,
+        generation: int | None = None,
+        *,
+        slices: bool = False,
+    ) -> bytes | bytearray | FileSlice:
+        """``_read``, with its blocks held from eviction until it returns (see rangefs.evict)."""
+        first, stop = offset // self.block_size, -(-(offset + size) // self.block_size)
+        self.cache.evictor.used(self, first, stop)
+        with self.reading.hold(first, stop):
+            return await self._read(offset, size, readahead, generation, slices=slices)
+
+    async def _read(
         self,
         offset: int,
         size: int,

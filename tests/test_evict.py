@@ -1,0 +1,280 @@
+"""Cache limits and eviction (rangefs.evict): the limit held during reads larger than it, LRU
+order, what is never evicted, and a cache left consistent by a kill -9 in the middle of eviction."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from procs import alive, children
+
+from rangefs import state
+from rangefs.bitmap import Bitmap
+from rangefs.evict import Lru, Reading, allocated_bytes, evictable, order, punch
+
+from util import Mounts, Server, seeded_bytes, wait_until
+
+pytestmark = pytest.mark.timeout(300)
+
+MiB = 1024 * 1024
+
+
+def big_bytes(size: int, seed: int) -> bytes:
+    """``size`` seeded random bytes (randbytes takes at most 256 MiB at once)."""
+    piece = 64 * MiB
+    return b"".join(seeded_bytes(min(piece, size - at), seed * 1000 + at // piece) for at in range(0, size, piece))
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(4 * MiB):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class Sampler:
+    """The largest allocated size of a cache directory seen every ~50 ms, from a thread."""
+
+    def __init__(self, cache_dir: Path) -> None:
+        self.cache_dir = cache_dir
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, allocated_bytes(self.cache_dir))
+            time.sleep(0.05)
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
+def cached_bytes(path: Path) -> int:
+    return int(os.getxattr(path, "user.rangefs.cached_bytes"))
+
+
+def recorded_blocks_correct(cache_dir: Path, originals: dict[str, bytes]) -> int:
+    """Check every block the state files on disk record against the original bytes (by URL):
+    the number of blocks checked. A recorded block that reads otherwise fails the test."""
+    checked = 0
+    files = cache_dir / "files"
+    for state_path in files.glob("*.state"):
+        saved = state.read(state_path)
+        data = originals[saved.identity.url]
+        block = saved.identity.block_size
+        with open(state_path.with_suffix(".data"), "rb") as f:
+            for first, stop in saved.bitmap.runs():
+                f.seek(first * block)
+                got = f.read(min(stop * block, len(data)) - first * block)
+                assert got == data[first * block : first * block + len(got)], \
+                    f"recorded blocks {first}..{stop} of {saved.identity.url} are wrong on disk"
+                checked += stop - first
+    return checked
+
+
+# -- pure parts -----------------------------------------------------------------------------
+
+
+def test_lru_orders_chunks_by_last_use_and_forgets_the_oldest_past_its_bound() -> None:
+    lru = Lru(entries=4)
+    lru.touch("a", 0, 2, 1.0)
+    lru.touch("b", 0, 1, 2.0)
+    lru.touch("a", 0, 1, 3.0)  # a's chunk 0 used again: now the newest
+    assert [(key, chunk) for _, key, chunk in lru.oldest()] == [("a", 1), ("b", 0), ("a", 0)]
+    lru.touch("c", 0, 2, 4.0)  # five entries for four places: the oldest goes
+    assert len(lru) == 4
+    assert ("a", 1) not in {(key, chunk) for _, key, chunk in lru.oldest()}
+    assert lru.tracked("a") == {0}
+
+
+def test_order_puts_chunks_cached_before_the_mount_first_by_persisted_use() -> None:
+    lru = Lru()
+    lru.touch("new", 0, 1, 100.0)
+    units = order(lru, {"old": 10.0, "older": 5.0, "new": 99.5}, started=50.0)
+    assert [(u.key, u.chunk) for u in units] == [("older", None), ("old", None), ("new", None), ("new", 0)]
+
+
+def test_chunk_selection_skips_busy_and_absent_blocks() -> None:
+    present = Bitmap(10)
+    for block in (0, 1, 2, 3, 5, 6):
+        present.add(block)
+    busy = {2, 6}
+    assert evictable(range(0, 8), present, busy.__contains__) == [0, 1, 3, 5]
+
+
+def test_reading_holds_ranges_until_the_read_returns() -> None:
+    reading = Reading()
+    with reading.hold(10, 20):
+        assert reading.overlaps(19, 30)
+        assert reading.overlaps(0, 11)
+        assert not reading.overlaps(20, 30)
+        with reading.hold(40, 41):
+            assert reading.overlaps(40, 41)
+        assert not reading.overlaps(40, 41)
+    assert not reading.overlaps(0, 100)
+
+
+def test_allocated_bytes_counts_like_du_and_never_follows_a_link(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    (cache / "files").mkdir(parents=True)
+    (cache / "files" / "a.data").write_bytes(b"x" * MiB)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "big").write_bytes(b"y" * (8 * MiB))
+    (cache / "files" / "link").symlink_to(outside)
+    (cache / "files" / "filelink").symlink_to(outside / "big")
+    du = int(subprocess.run(["du", "-s", "-B1", str(cache)], capture_output=True, text=True,
+                            check=True).stdout.split()[0])
+    assert allocated_bytes(cache) == du
+    assert allocated_bytes(cache) < 2 * MiB
+
+
+def test_punch_frees_the_range_and_keeps_the_size(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(os.urandom(8 * MiB))
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.fsync(fd)
+        before = os.fstat(fd).st_blocks
+        punch(fd, 2 * MiB, 4 * MiB)
+        assert os.fstat(fd).st_size == 8 * MiB
+        assert os.fstat(fd).st_blocks * 512 <= before * 512 - 4 * MiB
+        assert os.pread(fd, 4 * MiB, 2 * MiB) == bytes(4 * MiB)
+    finally:
+        os.close(fd)
+
+
+# -- through real mounts ----------------------------------------------------------------------
+
+
+def test_a_file_five_times_the_limit_streams_with_the_cache_under_it(mounts: Mounts, nginx: Server) -> None:
+    data = big_bytes(512 * MiB, seed=1901)
+    url = nginx.put("evict/big.bin", data)
+    m = mounts.mount([url], "--cache-max-size", "100M")
+    with Sampler(m.cache_dir) as sampler:
+        assert sha256_of(m.path / "big.bin") == hashlib.sha256(data).hexdigest()
+    print("PEAK", sampler.peak / MiB)
+    assert sampler.peak <= 132 * MiB, f"the cache reached {sampler.peak / MiB:.1f} MiB"
+    assert allocated_bytes(m.cache_dir) <= 100 * MiB + 32 * MiB
+    assert 0 < cached_bytes(m.path / "big.bin") <= 100 * MiB
+    assert m.unmount().returncode == 0
+    # Evicted ranges come back from the server, byte-exact, after a remount.
+    mounts.remount(m, "--cache-max-size", "100M")
+    assert sha256_of(m.path / "big.bin") == hashlib.sha256(data).hexdigest()
+    assert recorded_blocks_correct(m.cache_dir, {url: data}) > 0
+
+
+def test_the_least_recently_read_file_goes_first(mounts: Mounts, nginx: Server) -> None:
+    files = {name: seeded_bytes(40 * MiB, seed=1910 + i) for i, name in enumerate("abc")}
+    urls = [nginx.put(f"evict/lru-{name}.bin", data) for name, data in files.items()]
+    m = mounts.mount(urls, "--cache-max-size", "100M")
+
+    def read(name: str) -> None:
+        assert (m.path / f"lru-{name}.bin").read_bytes() == files[name]
+
+    read("a")
+    read("b")
+    time.sleep(1.1)  # use times a clock tick apart
+    read("a")
+    assert cached_bytes(m.path / "lru-b.bin") == 40 * MiB
+    read("c")  # 120 MiB read: some 30 MiB must go, B's first
+    assert wait_until(lambda: allocated_bytes(m.cache_dir) <= 100 * MiB, timeout=20)
+    assert cached_bytes(m.path / "lru-a.bin") == 40 * MiB, "the most recently read file lost data"
+    assert cached_bytes(m.path / "lru-c.bin") == 40 * MiB
+    assert cached_bytes(m.path / "lru-b.bin") < 40 * MiB
+
+
+def test_a_passthrough_file_is_never_evicted(mounts: Mounts, nginx: Server) -> None:
+    kept = seeded_bytes(48 * MiB, seed=1920)
+    other = seeded_bytes(160 * MiB, seed=1921)
+    url_kept, url_other = nginx.put("evict/pt.bin", kept), nginx.put("evict/pt-other.bin", other)
+    m = mounts.mount([url_kept, url_other], "--cache-max-size", "100M")
+    assert (m.path / "pt.bin").read_bytes() == kept  # complete, checked; its last close flushes it
+    assert wait_until(lambda: int(os.getxattr(m.path / "pt.bin", "user.rangefs.saved_bytes")) == len(kept))
+    f = open(m.path / "pt.bin", "rb")
+    try:
+        if int(os.getxattr(m.path / "pt.bin", "user.rangefs.passthrough_handles")) < 1:
+            pytest.fail("no passthrough on this kernel: the guarantee cannot be shown here")
+        assert sha256_of(m.path / "pt-other.bin") == hashlib.sha256(other).hexdigest()
+        assert cached_bytes(m.path / "pt.bin") == len(kept)
+        assert f.read() == kept
+    finally:
+        f.close()
+
+
+def test_a_kill_9_in_the_middle_of_eviction_leaves_every_recorded_block_correct(
+    mounts: Mounts, nginx: Server
+) -> None:
+    data = big_bytes(400 * MiB, seed=1930)
+    url = nginx.put("evict/kill.bin", data)
+    m = mounts.mount([url], "--cache-max-size", "40M")
+    processes = [m.pid(), *children(m.pid())]
+    reader = subprocess.Popen(["dd", f"if={m.path / 'kill.bin'}", "of=/dev/null", "bs=1M"],
+                              stderr=subprocess.DEVNULL)
+    try:
+        assert wait_until(lambda: nginx.bytes_sent("evict/kill.bin") >= 150 * MiB, timeout=120)
+        for pid in processes:
+            os.kill(pid, signal.SIGKILL)
+        for pid in processes:
+            assert wait_until(lambda pid=pid: not alive(pid), timeout=10)
+    finally:
+        reader.kill()
+        reader.wait(timeout=30)
+        subprocess.run(["fusermount3", "-u", "-z", str(m.path)], capture_output=True, timeout=30)
+    assert recorded_blocks_correct(m.cache_dir, {url: data}) > 0
+    mounts.remount(m, "--cache-max-size", "40M")
+    assert sha256_of(m.path / "kill.bin") == hashlib.sha256(data).hexdigest()
+
+
+@contextlib.contextmanager
+def small_tmpfs(mounts: Mounts, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` for the cache; the mounts are cleaned up before it is unmounted."""
+    where = mounts.tmp / "floor"
+    where.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], check=True, timeout=30)
+    try:
+        yield where
+    finally:
+        mounts.cleanup()
+        subprocess.run(["umount", "-l", str(where)], capture_output=True, timeout=30)
+
+
+def test_the_free_space_floor_holds_on_a_small_filesystem(mounts: Mounts, nginx: Server) -> None:
+    data = big_bytes(300 * MiB, seed=1940)
+    url = nginx.put("evict/floor.bin", data)
+    with small_tmpfs(mounts, "200M") as fs_dir:
+        m = mounts.mount([url], "--cache-min-free", "120M", cache_dir=fs_dir / "cache")
+        low = [10**12]
+
+        def sample() -> None:
+            while not done.is_set():
+                st = os.statvfs(fs_dir)
+                low[0] = min(low[0], st.f_bavail * st.f_frsize)
+                time.sleep(0.05)
+
+        done = threading.Event()
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        try:
+            assert sha256_of(m.path / "floor.bin") == hashlib.sha256(data).hexdigest()
+        finally:
+            done.set()
+            sampler.join(timeout=10)
+        assert low[0] >= 120 * MiB - 32 * MiB, f"free space fell to {low[0] / MiB:.1f} MiB"
+        assert wait_until(lambda: os.statvfs(fs_dir).f_bavail * os.statvfs(fs_dir).f_frsize >= 120 * MiB,
+                          timeout=10)

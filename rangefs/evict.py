@@ -241,7 +241,7 @@ class Evictor:
                 self.allocated, synced = await trio.to_thread.run_sync(allocated_bytes, cache_dir), now
             need = await self._need()
             if need > 0:
-                await self._evict(need)
+                await self.evict(need)
                 if await self._need() > 0:  # not enough: recount from the disk, in case the count drifted
                     self.allocated, synced = await trio.to_thread.run_sync(allocated_bytes, cache_dir), now
             await self._touch_used()
@@ -266,7 +266,8 @@ class Evictor:
         need = max(over, free_short)
         return need + self._margin if need > 0 else 0
 
-    async def _evict(self, need: int) -> None:
+    async def evict(self, need: int) -> int:
+        """Free at least ``need`` bytes if possible, least recently used first; the bytes freed."""
         files_dir = self._cache.files_dir
         disk = await trio.to_thread.run_sync(_scan, files_dir)
         open_files = {f.key: f for f in self._cache if f.data.fd >= 0}
@@ -274,7 +275,7 @@ class Evictor:
         persisted = {d.key: d.used for d in disk}
         units = order(self.lru, persisted, self._started)
         done: set[str] = set()  # files whose untracked chunks were tried
-        i = 0
+        i, total = 0, 0
         while need > 0 and i < len(units):
             unit = units[i]
             # Consecutive units of the same file go together: one save and one thread for them all.
@@ -292,8 +293,10 @@ class Evictor:
             else:
                 freed = await self._evict_closed(unit.key, known.get(unit.key), chunks)
             need -= freed
+            total += freed
             if self.allocated is not None:
                 self.allocated -= freed
+        return total
 
     # -- open files -----------------------------------------------------------------------
 

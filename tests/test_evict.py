@@ -10,15 +10,20 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
+import trio
+from fakeorigin import FakeOrigin
 from procs import alive, children
 
 from rangefs import state
 from rangefs.bitmap import Bitmap
-from rangefs.evict import Lru, Reading, allocated_bytes, evictable, order, punch
+from rangefs.cache import Cache, CacheConfig, CachedFile
+from rangefs.evict import CHUNK_BYTES, Lru, Reading, allocated_bytes, evictable, order, punch
+from rangefs.fetcher import Fetcher
+from rangefs.origin import Origin
 
 from util import Mounts, Server, seeded_bytes, wait_until
 
@@ -278,3 +283,94 @@ def test_the_free_space_floor_holds_on_a_small_filesystem(mounts: Mounts, nginx:
         assert low[0] >= 120 * MiB - 32 * MiB, f"free space fell to {low[0] / MiB:.1f} MiB"
         assert wait_until(lambda: os.statvfs(fs_dir).f_bavail * os.statvfs(fs_dir).f_frsize >= 120 * MiB,
                           timeout=10)
+
+
+# -- against an in-memory origin: what is evicted, and in which order ---------------------------
+
+BLOCK = 64 * 1024
+PER_CHUNK = CHUNK_BYTES // BLOCK
+DATA = os.urandom(4 * CHUNK_BYTES + 1234)  # four whole chunks and a short one
+URL = "http://origin.test/e.bin"
+
+
+def with_file(tmp_path: Path, body: Callable[[Cache, CachedFile, FakeOrigin], Awaitable[None]]) -> None:
+    """Run ``body`` against an opened CachedFile of DATA that has been read whole once."""
+    fake = FakeOrigin(DATA)
+
+    async def run() -> None:
+        Cache.prepare(tmp_path)
+        async with Origin(transport=fake.transport()) as origin:
+            cache = Cache(CacheConfig(tmp_path, block_size=BLOCK), Fetcher(origin, BLOCK))
+            cached = cache.file(URL, await origin.probe(URL))
+            await cached.acquire()
+            try:
+                assert bytes(await cached.read(0, len(DATA))) == DATA
+                await body(cache, cached, fake)
+            finally:
+                await cached.release()
+
+    trio.run(run)
+
+
+def recorded(cached: CachedFile) -> Bitmap:
+    return state.read(cached.state_path).bitmap
+
+
+@pytest.fixture
+def punched(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int, Bitmap]]:
+    """Every hole punched: ``(offset, length, the state on disk at that moment)``, taken just before."""
+    import rangefs.evict as evict_module
+
+    holes: list[tuple[int, int, Bitmap]] = []
+    real = evict_module.punch
+
+    def spy(fd: int, offset: int, length: int) -> None:
+        path = Path(os.readlink(f"/proc/self/fd/{fd}")).with_suffix(".state")
+        holes.append((offset, length, state.read(path).bitmap))
+        real(fd, offset, length)
+
+    monkeypatch.setattr(evict_module, "punch", spy)
+    return holes
+
+
+def test_the_state_on_disk_no_longer_records_a_block_when_its_hole_is_punched(
+    tmp_path: Path, punched: list[tuple[int, int, Bitmap]]
+) -> None:
+    async def body(cache: Cache, cached: CachedFile, fake: FakeOrigin) -> None:
+        await cached.checkpoint()
+        assert len(recorded(cached)) == cached.identity.nblocks
+        assert await cache.evictor.evict(2 * CHUNK_BYTES) >= 2 * CHUNK_BYTES
+        assert punched
+        for offset, length, on_disk in punched:
+            blocks = range(offset // BLOCK, -(-(offset + length) // BLOCK))
+            assert not any(b in on_disk for b in blocks), "a punched block was still recorded"
+        fetched = len(fake.requests)
+        assert bytes(await cached.read(0, len(DATA))) == DATA  # the evicted ranges come back
+        assert len(fake.requests) > fetched
+
+    with_file(tmp_path, body)
+
+
+def test_blocks_being_read_in_flight_or_passed_through_are_never_evicted(
+    tmp_path: Path, punched: list[tuple[int, int, Bitmap]]
+) -> None:
+    async def body(cache: Cache, cached: CachedFile, fake: FakeOrigin) -> None:
+        claimed = cached.flights.claim(list(range(PER_CHUNK, 2 * PER_CHUNK)), cached.generation)
+        with cached.reading.hold(0, 1):  # a read of chunk 0 in progress
+            await cache.evictor.evict(len(DATA))
+        for flight in claimed:
+            cached.flights.finish(flight, None)
+        bitmap = cached.open_bitmap()
+        assert all(b in bitmap for b in range(0, 2 * PER_CHUNK)), "a block read or in flight was evicted"
+        assert not any(b in bitmap for b in range(2 * PER_CHUNK, cached.identity.nblocks))
+        holes = {offset // CHUNK_BYTES for offset, _, _ in punched}
+        assert holes.isdisjoint({0, 1})
+        assert bytes(await cached.read(0, len(DATA))) == DATA
+        cached.passthrough_opened()
+        try:
+            assert await cache.evictor.evict(len(DATA)) == 0
+        finally:
+            cached.passthrough_closed()
+        assert cached.cached_bytes() == len(DATA)
+
+    with_file(tmp_path, body)

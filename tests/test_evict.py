@@ -187,10 +187,13 @@ def test_a_file_five_times_the_limit_streams_with_the_cache_under_it(mounts: Mou
 def test_the_least_recently_read_file_goes_first(mounts: Mounts, nginx: Server) -> None:
     files = {name: seeded_bytes(40 * MiB, seed=1910 + i) for i, name in enumerate("abc")}
     urls = [nginx.put(f"evict/lru-{name}.bin", data) for name, data in files.items()]
-    m = mounts.mount(urls, "--cache-max-size", "100M")
+    # No passthrough: a file read through it is never evicted, whatever its last use.
+    m = mounts.mount(urls, "--cache-max-size", "100M", "--no-passthrough")
 
     def read(name: str) -> None:
-        assert (m.path / f"lru-{name}.bin").read_bytes() == files[name]
+        with open(m.path / f"lru-{name}.bin", "rb") as f:
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # the reads must reach the daemon
+            assert f.read() == files[name]
 
     read("a")
     read("b")
@@ -372,5 +375,36 @@ def test_blocks_being_read_in_flight_or_passed_through_are_never_evicted(
         finally:
             cached.passthrough_closed()
         assert cached.cached_bytes() == len(DATA)
+
+    with_file(tmp_path, body)
+
+
+def test_a_read_past_its_check_keeps_its_blocks_until_it_returns(tmp_path: Path) -> None:
+    """A read whose blocks are present goes on to read them from the data file: an eviction
+    meanwhile must not punch them under it."""
+
+    async def body(cache: Cache, cached: CachedFile, fake: FakeOrigin) -> None:
+        reading, evicted = trio.Event(), trio.Event()
+        real = cached.data.pread
+
+        async def slow_pread(size: int, offset: int) -> bytes | bytearray:
+            reading.set()
+            await evicted.wait()
+            return await real(size, offset)
+
+        cached.data.pread = slow_pread  # type: ignore[method-assign]
+        got: list[bytes] = []
+
+        async def read() -> None:
+            got.append(bytes(await cached.read(CHUNK_BYTES, CHUNK_BYTES)))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read)
+            await reading.wait()
+            await cache.evictor.evict(len(DATA))
+            evicted.set()
+        cached.data.pread = real  # type: ignore[method-assign]
+        assert got == [DATA[CHUNK_BYTES : 2 * CHUNK_BYTES]]
+        assert cached.cached_bytes() < len(DATA)  # the other chunks went
 
     with_file(tmp_path, body)

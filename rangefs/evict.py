@@ -175,6 +175,19 @@ def evictable(blocks: range, present: Bitmap, busy: Callable[[int], bool]) -> li
     return [b for b in blocks if b in present and not busy(b)]
 
 
+def untracked_chunks(present: Bitmap, per: int, tracked: set[int], limit: int) -> list[int]:
+    """Up to ``limit`` chunks (of ``per`` blocks) holding present blocks and not in ``tracked``, in
+    file order."""
+    found: list[int] = []
+    for first, stop in present.runs():
+        for chunk in range(first // per, (stop - 1) // per + 1):
+            if chunk not in tracked and (not found or found[-1] != chunk):
+                found.append(chunk)
+                if len(found) >= limit:
+                    return found
+    return found
+
+
 @dataclass
 class _DiskFile:
     key: str
@@ -221,9 +234,11 @@ class Evictor:
         self._since_statvfs += added
         if self.allocated is not None:
             self.allocated += added
-        over = self._max is not None and self.allocated is not None and self.allocated > self._max - self._margin
-        if over or self._since_statvfs >= _STATVFS_BYTES:
+        if self._over() or self._since_statvfs >= _STATVFS_BYTES:
             self._wake.set()
+
+    def _over(self) -> bool:
+        return self._max is not None and self.allocated is not None and self.allocated > self._max - self._margin
 
     # -- the task -------------------------------------------------------------------------
 
@@ -237,13 +252,13 @@ class Evictor:
                 await self._wake.wait()
             self._wake = trio.Event()
             now = trio.current_time()
-            if now - synced >= _RESYNC_INTERVAL:
+            if now - synced >= _RESYNC_INTERVAL or self._over():
+                # Counted from the disk before any eviction: the running count is an estimate (it
+                # misses fetches in flight and counts rewritten blocks again).
                 self.allocated, synced = await trio.to_thread.run_sync(allocated_bytes, cache_dir), now
             need = await self._need()
             if need > 0:
                 await self.evict(need)
-                if await self._need() > 0:  # not enough: recount from the disk, in case the count drifted
-                    self.allocated, synced = await trio.to_thread.run_sync(allocated_bytes, cache_dir), now
             await self._touch_used()
             if now - summary >= _SUMMARY_INTERVAL and self._evicted_chunks:
                 log.info("evicted %.1f MiB (%d chunks) from the cache; it holds %.1f MiB",
@@ -274,24 +289,26 @@ class Evictor:
         known = {f.key: f for f in self._cache}
         persisted = {d.key: d.used for d in disk}
         units = order(self.lru, persisted, self._started)
-        done: set[str] = set()  # files whose untracked chunks were tried
         i, total = 0, 0
         while need > 0 and i < len(units):
             unit = units[i]
-            # Consecutive units of the same file go together: one save and one thread for them all.
-            chunks: list[int | None] = []
-            while i < len(units) and units[i].key == unit.key and len(chunks) < 64:
-                chunks.append(units[i].chunk)
+            # Consecutive chunks of the same file go together (one save, one thread), as many as
+            # the need calls for; a file's untracked chunks go alone, as many as the need calls for.
+            chunks: list[int] = []
+            untracked = 0
+            if unit.chunk is None:
+                untracked, i = -(-need // CHUNK_BYTES), i + 1
+            while not untracked and i < len(units) and units[i].key == unit.key and len(chunks) * CHUNK_BYTES < need:
+                chunk = units[i].chunk
+                if chunk is None:
+                    break
+                chunks.append(chunk)
                 i += 1
-            if None in chunks:
-                if unit.key in done:
-                    continue
-                done.add(unit.key)
             file = open_files.get(unit.key)
             if file is not None:
-                freed = await self._evict_open(file, chunks)
+                freed = await self._evict_open(file, chunks, untracked)
             else:
-                freed = await self._evict_closed(unit.key, known.get(unit.key), chunks)
+                freed = await self._evict_closed(unit.key, known.get(unit.key), chunks, untracked)
             need -= freed
             total += freed
             if self.allocated is not None:
@@ -300,18 +317,16 @@ class Evictor:
 
     # -- open files -----------------------------------------------------------------------
 
-    async def _evict_open(self, file: CachedFile, chunks: list[int | None]) -> int:
+    async def _evict_open(self, file: CachedFile, chunks: list[int], untracked: int) -> int:
+        """Evict ``chunks`` of an open file, and up to ``untracked`` of those not tracked."""
         bitmap = file.bitmap
         if bitmap is None or not _evictable(file) or self._punch_failed:
             return 0
         per = max(1, CHUNK_BYTES // file.block_size)
         nblocks = file.identity.nblocks
-        wanted = {c for c in chunks if c is not None}
-        if None in chunks:
-            tracked = self.lru.tracked(file.key)
-            wanted |= {b // per for first, stop in bitmap.runs() for b in range(first, stop, per)
-                       if b // per not in tracked}
-            wanted |= {(stop - 1) // per for first, stop in bitmap.runs() if (stop - 1) // per not in tracked}
+        wanted = set(chunks)
+        if untracked:
+            wanted.update(untracked_chunks(bitmap, per, self.lru.tracked(file.key), untracked))
         reading, flights = file.reading, file.flights
         blocks: list[int] = []
         gone: list[int] = []  # chunks left with nothing cached: no longer tracked
@@ -374,25 +389,26 @@ class Evictor:
 
     # -- files not open -------------------------------------------------------------------
 
-    async def _evict_closed(self, key: str, file: CachedFile | None, chunks: list[int | None]) -> int:
-        tracked = self.lru.tracked(key) if None in chunks else set()
-        wanted = {c for c in chunks if c is not None}
+    async def _evict_closed(self, key: str, file: CachedFile | None, chunks: list[int], untracked: int) -> int:
+        """Evict ``chunks`` of a file not open here, and up to ``untracked`` of those not tracked."""
+        tracked = self.lru.tracked(key) if untracked else set()
+        wanted = set(chunks)
         if file is None:
-            freed = await trio.to_thread.run_sync(_evict_closed, self._cache.files_dir, key, wanted,
-                                                  tracked, None in chunks)
+            freed, gone = await trio.to_thread.run_sync(_evict_closed, self._cache.files_dir, key, wanted,
+                                                        tracked, untracked)
         else:
             if file.passed_through or file.lock.locked():
                 return 0
             async with file.lock:
                 if file.data.fd >= 0:
                     return 0  # opened meanwhile: the next round sees it open
-                freed = await trio.to_thread.run_sync(_evict_closed, self._cache.files_dir, key, wanted,
-                                                      tracked, None in chunks)
+                freed, gone = await trio.to_thread.run_sync(_evict_closed, self._cache.files_dir, key, wanted,
+                                                            tracked, untracked)
                 file.unload()  # its cached bytes are read from the state file again
-        self.lru.forget(key, sorted(wanted | tracked) if None in chunks else sorted(wanted))
+        self.lru.forget(key, gone)
         if freed:
             self._evicted_bytes += freed
-            self._evicted_chunks += max(1, len(wanted))
+            self._evicted_chunks += max(1, len(gone))
             log.debug("cache file %s (closed): evicted %d bytes", key, freed)
         return freed
 
@@ -441,46 +457,48 @@ def _scan(files_dir: Path) -> list[_DiskFile]:
     return list(found.values())
 
 
-def _evict_closed(files_dir: Path, key: str, chunks: set[int], tracked: set[int], untracked: bool) -> int:
-    """Evict ``chunks`` (and, with ``untracked``, every chunk not in ``tracked``) of a file no
-    one here has open: under its flock, clear them in its state, save it, then punch; a file left
-    with nothing goes whole, state first. The allocated bytes freed (worker thread)."""
+def _evict_closed(
+    files_dir: Path, key: str, chunks: set[int], tracked: set[int], untracked: int
+) -> tuple[int, list[int]]:
+    """Evict ``chunks``, and up to ``untracked`` chunks not in ``tracked``, of a file no one here
+    has open: under its flock, clear them in its state, save it, then punch; a file left with
+    nothing goes whole, state first. The allocated bytes freed, and the chunks evicted (worker thread)."""
     base = files_dir / key
     data_path, state_path, sums_path = base.with_suffix(".data"), base.with_suffix(".state"), base.with_suffix(".xxh")
     try:
         fd = safefs.open(data_path, os.O_RDWR | os.O_CLOEXEC)
     except OSError:  # gone (removed under us), or not ours: the state alone may remain
-        return _remove(state_path, sums_path, None)
+        return _remove(state_path, sums_path, None), []
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            return 0  # another rangefs process has it open
+            return 0, []  # another rangefs process has it open
         try:
             saved = state.read(state_path)
         except (OSError, state.StateCorrupt):
             saved = None
         before = os.fstat(fd).st_blocks * 512
         if saved is None or saved.identity.nblocks == 0:
-            return _remove(state_path, sums_path, data_path) + before
+            return _remove(state_path, sums_path, data_path) + before, []
         identity, bitmap = saved.identity, saved.bitmap
         per = max(1, CHUNK_BYTES // identity.block_size)
-        drop = [b for first, stop in bitmap.runs() for b in range(first, stop)
-                if b // per in chunks or (untracked and b // per not in tracked)]
+        wanted = chunks | set(untracked_chunks(bitmap, per, tracked, untracked)) if untracked else chunks
+        drop = [b for first, stop in bitmap.runs() for b in range(first, stop) if b // per in wanted]
         for block in drop:
             bitmap.discard(block)
         if not len(bitmap):
-            return _remove(state_path, sums_path, data_path) + before
+            return _remove(state_path, sums_path, data_path) + before, sorted(wanted)
         if not drop:
-            return 0
+            return 0, sorted(wanted)
         state.save(state_path, identity, bitmap, synced=saved.synced, durable=False)  # before any hole
         for run in plan_runs(drop, math.inf):  # type: ignore[arg-type]
             start = run.first * identity.block_size
             punch(fd, start, min(run.stop * identity.block_size, identity.size) - start)
-        return max(0, before - os.fstat(fd).st_blocks * 512)
+        return max(0, before - os.fstat(fd).st_blocks * 512), sorted(wanted)
     except OSError as exc:
         log.debug("cannot evict from cache file %s: %s", key, exc.strerror)
-        return 0
+        return 0, []
     finally:
         os.close(fd)  # drops the flock
 

@@ -4,7 +4,9 @@ order, what is never evicted, and a cache left consistent by a kill -9 in the mi
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
+import mmap
 import os
 import signal
 import subprocess
@@ -21,7 +23,7 @@ from procs import alive, children
 from rangefs import state
 from rangefs.bitmap import Bitmap
 from rangefs.cache import Cache, CacheConfig, CachedFile
-from rangefs.evict import CHUNK_BYTES, Lru, Reading, allocated_bytes, evictable, order, punch
+from rangefs.evict import CHUNK_BYTES, Lru, Reading, allocated_bytes, evictable, order, punch, untracked_chunks
 from rangefs.fetcher import Fetcher
 from rangefs.origin import Origin
 
@@ -122,6 +124,15 @@ def test_chunk_selection_skips_busy_and_absent_blocks() -> None:
     assert evictable(range(0, 8), present, busy.__contains__) == [0, 1, 3, 5]
 
 
+def test_untracked_chunks_are_those_cached_not_tracked_in_file_order_up_to_a_limit() -> None:
+    present = Bitmap(40)
+    for block in (*range(0, 3), *range(9, 21), 39):
+        present.add(block)
+    # chunks of 4 blocks: present in 0, 2, 3, 4, 5, 9; 3 is tracked
+    assert untracked_chunks(present, 4, {3}, 10) == [0, 2, 4, 5, 9]
+    assert untracked_chunks(present, 4, {3}, 2) == [0, 2]
+
+
 def test_reading_holds_ranges_until_the_read_returns() -> None:
     reading = Reading()
     with reading.hold(10, 20):
@@ -207,7 +218,7 @@ def test_the_least_recently_read_file_goes_first(mounts: Mounts, nginx: Server) 
     assert cached_bytes(m.path / "lru-b.bin") < 40 * MiB
 
 
-def test_a_passthrough_file_is_never_evicted(mounts: Mounts, nginx: Server) -> None:
+def test_a_passthrough_file_is_never_evicted_even_once_only_a_mapping_reads_it(mounts: Mounts, nginx: Server) -> None:
     kept = seeded_bytes(48 * MiB, seed=1920)
     other = seeded_bytes(160 * MiB, seed=1921)
     url_kept, url_other = nginx.put("evict/pt.bin", kept), nginx.put("evict/pt-other.bin", other)
@@ -218,11 +229,19 @@ def test_a_passthrough_file_is_never_evicted(mounts: Mounts, nginx: Server) -> N
     try:
         if int(os.getxattr(m.path / "pt.bin", "user.rangefs.passthrough_handles")) < 1:
             pytest.fail("no passthrough on this kernel: the guarantee cannot be shown here")
-        assert sha256_of(m.path / "pt-other.bin") == hashlib.sha256(other).hexdigest()
-        assert cached_bytes(m.path / "pt.bin") == len(kept)
-        assert f.read() == kept
+        mapping = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
     finally:
         f.close()
+    try:
+        # The file is closed; the mapping still reads the data file itself (this kernel counts its
+        # handle until munmap; the next test covers a kernel that does not).
+        assert sha256_of(m.path / "pt-other.bin") == hashlib.sha256(other).hexdigest()
+        assert cached_bytes(m.path / "pt-other.bin") < len(other)  # eviction ran
+        assert cached_bytes(m.path / "pt.bin") == len(kept)
+        mapping.madvise(mmap.MADV_DONTNEED)  # the next touch reads the data file again
+        assert mapping[:] == kept
+    finally:
+        mapping.close()
 
 
 def test_a_kill_9_in_the_middle_of_eviction_leaves_every_recorded_block_correct(
@@ -374,6 +393,8 @@ def test_blocks_being_read_in_flight_or_passed_through_are_never_evicted(
             assert await cache.evictor.evict(len(DATA)) == 0
         finally:
             cached.passthrough_closed()
+        # Its handles are closed, but a mapping made through one may still read the data file.
+        assert await cache.evictor.evict(len(DATA)) == 0
         assert cached.cached_bytes() == len(DATA)
 
     with_file(tmp_path, body)
@@ -408,3 +429,39 @@ def test_a_read_past_its_check_keeps_its_blocks_until_it_returns(tmp_path: Path)
         assert cached.cached_bytes() < len(DATA)  # the other chunks went
 
     with_file(tmp_path, body)
+
+
+def test_a_closed_file_is_evicted_state_first_and_removed_whole_when_nothing_is_left(
+    tmp_path: Path, punched: list[tuple[int, int, Bitmap]]
+) -> None:
+    fake = FakeOrigin(DATA)
+
+    async def run() -> None:
+        Cache.prepare(tmp_path)
+        async with Origin(transport=fake.transport()) as origin:
+            cache = Cache(CacheConfig(tmp_path, block_size=BLOCK), Fetcher(origin, BLOCK))
+            cached = cache.file(URL, await origin.probe(URL))
+            await cached.acquire()
+            assert bytes(await cached.read(0, len(DATA))) == DATA
+            await cached.release()  # closed: evicted from its files on disk, under their flock
+            assert cached.data.fd < 0
+            held = os.open(cached.data_path, os.O_RDONLY)  # as another rangefs process holds it
+            try:
+                fcntl.flock(held, fcntl.LOCK_EX)
+                assert await cache.evictor.evict(len(DATA)) == 0
+            finally:
+                os.close(held)
+            assert await cache.evictor.evict(CHUNK_BYTES) >= CHUNK_BYTES
+            assert punched
+            for offset, length, on_disk in punched:
+                assert not any(b in on_disk for b in range(offset // BLOCK, -(-(offset + length) // BLOCK)))
+            assert 0 < cached.cached_bytes() < len(DATA)  # read again from the state file
+            await cache.evictor.evict(len(DATA))
+            assert not list((tmp_path / "files").iterdir()), "a file with nothing left is removed whole"
+            await cached.acquire()
+            try:
+                assert bytes(await cached.read(0, len(DATA))) == DATA
+            finally:
+                await cached.release()
+
+    trio.run(run)

@@ -465,3 +465,22 @@ def test_a_closed_file_is_evicted_state_first_and_removed_whole_when_nothing_is_
                 await cached.release()
 
     trio.run(run)
+
+
+def test_a_closed_file_once_passed_through_is_not_evicted(tmp_path: Path) -> None:
+    fake = FakeOrigin(DATA)
+
+    async def run() -> None:
+        Cache.prepare(tmp_path)
+        async with Origin(transport=fake.transport()) as origin:
+            cache = Cache(CacheConfig(tmp_path, block_size=BLOCK), Fetcher(origin, BLOCK))
+            cached = cache.file(URL, await origin.probe(URL))
+            await cached.acquire()
+            assert bytes(await cached.read(0, len(DATA))) == DATA
+            cached.passthrough_opened()  # a mapping made through it may outlive every handle
+            cached.passthrough_closed()
+            await cached.release()
+            assert await cache.evictor.evict(len(DATA)) == 0
+            assert cached.cached_bytes() == len(DATA)
+
+    trio.run(run)

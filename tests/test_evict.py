@@ -484,3 +484,23 @@ def test_a_closed_file_once_passed_through_is_not_evicted(tmp_path: Path) -> Non
             assert cached.cached_bytes() == len(DATA)
 
     trio.run(run)
+
+
+def test_planted_links_and_stray_files_are_handled_without_touching_anything_outside(tmp_path: Path) -> None:
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes(b"precious" * 100_000)
+    cache_dir = tmp_path / "cache"
+    Cache.prepare(cache_dir)
+    files = cache_dir / "files"
+    (files / ("a" * 32 + ".data")).symlink_to(outside)  # a planted link as a data file
+    (files / ("a" * 32 + ".state")).symlink_to(outside)
+    (files / ("b" * 32 + ".state")).write_bytes(b"a state whose data file was removed")
+
+    async def run() -> None:
+        async with Origin(transport=FakeOrigin(DATA).transport()) as origin:
+            cache = Cache(CacheConfig(cache_dir, block_size=BLOCK), Fetcher(origin, BLOCK))
+            await cache.evictor.evict(10 * MiB)
+
+    trio.run(run)
+    assert outside.read_bytes() == b"precious" * 100_000
+    assert not list(files.iterdir())

@@ -395,7 +395,7 @@ class Evictor:
         wanted = set(chunks)
         if file is None:
             freed, gone = await trio.to_thread.run_sync(_evict_closed, self._cache.files_dir, key, wanted,
-                                                        tracked, untracked)
+                                                        tracked, untracked, self._punch_failed)
         else:
             if file.passed_through or file.lock.locked():
                 return 0
@@ -403,7 +403,7 @@ class Evictor:
                 if file.data.fd >= 0:
                     return 0  # opened meanwhile: the next round sees it open
                 freed, gone = await trio.to_thread.run_sync(_evict_closed, self._cache.files_dir, key, wanted,
-                                                            tracked, untracked)
+                                                            tracked, untracked, self._punch_failed)
                 file.unload()  # its cached bytes are read from the state file again
         self.lru.forget(key, gone)
         if freed:
@@ -458,11 +458,12 @@ def _scan(files_dir: Path) -> list[_DiskFile]:
 
 
 def _evict_closed(
-    files_dir: Path, key: str, chunks: set[int], tracked: set[int], untracked: int
+    files_dir: Path, key: str, chunks: set[int], tracked: set[int], untracked: int, whole_only: bool = False
 ) -> tuple[int, list[int]]:
     """Evict ``chunks``, and up to ``untracked`` chunks not in ``tracked``, of a file no one here
     has open: under its flock, clear them in its state, save it, then punch; a file left with
-    nothing goes whole, state first. The allocated bytes freed, and the chunks evicted (worker thread)."""
+    nothing goes whole, state first. ``whole_only``: only that (holes cannot be punched). The
+    allocated bytes freed, and the chunks evicted (worker thread)."""
     base = files_dir / key
     data_path, state_path, sums_path = base.with_suffix(".data"), base.with_suffix(".state"), base.with_suffix(".xxh")
     try:
@@ -489,8 +490,8 @@ def _evict_closed(
             bitmap.discard(block)
         if not len(bitmap):
             return _remove(state_path, sums_path, data_path) + before, sorted(wanted)
-        if not drop:
-            return 0, sorted(wanted)
+        if not drop or whole_only:
+            return 0, sorted(wanted) if not drop else []
         state.save(state_path, identity, bitmap, synced=saved.synced, durable=False)  # before any hole
         for run in plan_runs(drop, math.inf):  # type: ignore[arg-type]
             start = run.first * identity.block_size

@@ -4,6 +4,7 @@ order, what is never evicted, and a cache left consistent by a kill -9 in the mi
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import mmap
@@ -504,3 +505,24 @@ def test_planted_links_and_stray_files_are_handled_without_touching_anything_out
     trio.run(run)
     assert outside.read_bytes() == b"precious" * 100_000
     assert not list(files.iterdir())
+
+
+@pytest.mark.parametrize("err", [errno.EIO, errno.ENOSPC, errno.EOPNOTSUPP])
+def test_a_failing_punch_is_logged_once_and_every_read_stays_correct(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, err: int
+) -> None:
+    import rangefs.evict as evict_module
+
+    def failing(fd: int, offset: int, length: int) -> None:
+        raise OSError(err, os.strerror(err))
+
+    monkeypatch.setattr(evict_module, "punch", failing)
+
+    async def body(cache: Cache, cached: CachedFile, fake: FakeOrigin) -> None:
+        for _ in range(3):
+            assert await cache.evictor.evict(CHUNK_BYTES) == 0
+            assert bytes(await cached.read(0, len(DATA))) == DATA
+
+    with_file(tmp_path, body)
+    warnings = [r for r in caplog.records if "cannot free cache space" in r.getMessage()]
+    assert len(warnings) == 1

@@ -526,3 +526,32 @@ def test_a_failing_punch_is_logged_once_and_every_read_stays_correct(
     with_file(tmp_path, body)
     warnings = [r for r in caplog.records if "cannot free cache space" in r.getMessage()]
     assert len(warnings) == 1
+
+
+def test_after_a_remount_files_go_in_the_order_of_their_persisted_last_use(tmp_path: Path) -> None:
+    fake = FakeOrigin(DATA)
+    url_old, url_new = "http://origin.test/old.bin", "http://origin.test/new.bin"
+
+    async def run() -> None:
+        Cache.prepare(tmp_path)
+        async with Origin(transport=fake.transport()) as origin:
+            first = Cache(CacheConfig(tmp_path, block_size=BLOCK), Fetcher(origin, BLOCK))
+            for url in (url_old, url_new):
+                cached = first.file(url, await origin.probe(url))
+                await cached.acquire()
+                assert bytes(await cached.read(0, len(DATA))) == DATA
+                await cached.release()
+            now = time.time()
+            for url, age in ((url_old, 1000), (url_new, 10)):
+                cached = first.file(url, await origin.probe(url))
+                for path in (cached.data_path, cached.state_path):
+                    os.utime(path, (now - age, now - age))
+            # A new mount: nothing tracked in memory; the files' mtimes order them.
+            second = Cache(CacheConfig(tmp_path, block_size=BLOCK), Fetcher(origin, BLOCK))
+            old = second.file(url_old, await origin.probe(url_old))
+            new = second.file(url_new, await origin.probe(url_new))
+            assert await second.evictor.evict(CHUNK_BYTES) >= CHUNK_BYTES
+            assert old.cached_bytes() < len(DATA)
+            assert new.cached_bytes() == len(DATA)
+
+    trio.run(run)

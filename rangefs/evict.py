@@ -258,7 +258,9 @@ class Evictor:
                 self.allocated, synced = await trio.to_thread.run_sync(allocated_bytes, cache_dir), now
             need = await self._need()
             if need > 0:
-                await self.evict(need)
+                started = time.monotonic()
+                freed = await self.evict(need)
+                log.debug("eviction round: %d of %d bytes freed in %.3fs", freed, need, time.monotonic() - started)
             await self._touch_used()
             if now - summary >= _SUMMARY_INTERVAL and self._evicted_chunks:
                 log.info("evicted %.1f MiB (%d chunks) from the cache; it holds %.1f MiB",

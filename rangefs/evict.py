@@ -191,7 +191,6 @@ def untracked_chunks(present: Bitmap, per: int, tracked: set[int], limit: int) -
 @dataclass
 class _DiskFile:
     key: str
-    allocated: int  # of its data, state and sums files
     used: float  # persisted last use
 
 
@@ -203,6 +202,9 @@ class Evictor:
         config = cache.config
         self._max = config.max_bytes
         self._margin = _MAX_MARGIN if self._max is None else min(_MAX_MARGIN, self._max // 8)
+        # Room kept for fetches in flight: written to the disk before they are counted (at most
+        # a reader's prefetch window each), they would otherwise pass the limit by that much.
+        self._reserve = 0 if self._max is None else min(config.readahead_max, self._max // 4)
         self.allocated: int | None = None  # bytes the cache directory holds (None: not counted yet)
         self.lru = Lru()
         self._started = time.time()
@@ -214,6 +216,7 @@ class Evictor:
         self._punch_failed = False  # the filesystem cannot punch holes
         self._punch_warned = False
         self._save_failed = False
+        self._failed = False
 
     # -- hooks of the read path: cheap, on the trio thread --------------------------------
 
@@ -238,7 +241,8 @@ class Evictor:
             self._wake.set()
 
     def _over(self) -> bool:
-        return self._max is not None and self.allocated is not None and self.allocated > self._max - self._margin
+        return (self._max is not None and self.allocated is not None
+                and self.allocated + self._reserve > self._max - self._margin)
 
     # -- the task -------------------------------------------------------------------------
 
@@ -256,12 +260,18 @@ class Evictor:
                 # Counted from the disk before any eviction: the running count is an estimate (it
                 # misses fetches in flight and counts rewritten blocks again).
                 self.allocated, synced = await trio.to_thread.run_sync(allocated_bytes, cache_dir), now
-            need = await self._need()
-            if need > 0:
-                started = time.monotonic()
-                freed = await self.evict(need)
-                log.debug("eviction round: %d of %d bytes freed in %.3fs", freed, need, time.monotonic() - started)
-            await self._touch_used()
+            try:
+                need = await self._need()
+                if need > 0:
+                    started = time.monotonic()
+                    freed = await self.evict(need)
+                    log.debug("eviction round: %d of %d bytes freed in %.3fs", freed, need,
+                              time.monotonic() - started)
+                await self._touch_used()
+            except Exception:  # a bug must not stop the mount: the cache only grows past its limits
+                if not self._failed:
+                    self._failed = True
+                    log.exception("cache eviction failed; the cache limits may be passed")
             if now - summary >= _SUMMARY_INTERVAL and self._evicted_chunks:
                 log.info("evicted %.1f MiB (%d chunks) from the cache; it holds %.1f MiB",
                          self._evicted_bytes / 2**20, self._evicted_chunks, (self.allocated or 0) / 2**20)
@@ -279,7 +289,9 @@ class Evictor:
         else:
             floor = self._cache.config.min_free_for(st.f_blocks * st.f_frsize)
             free_short = floor - st.f_bavail * st.f_frsize
-        over = 0 if self._max is None or self.allocated is None else self.allocated - (self._max - self._margin)
+        over = 0
+        if self._max is not None and self.allocated is not None:
+            over = self.allocated + self._reserve - (self._max - self._margin)
         need = max(over, free_short)
         return need + self._margin if need > 0 else 0
 
@@ -437,7 +449,7 @@ def _evictable(file: CachedFile, *, punching: bool = False) -> bool:
 
 
 def _scan(files_dir: Path) -> list[_DiskFile]:
-    """The cache files on disk, by key: their allocated bytes and persisted last use (worker thread)."""
+    """The cache files on disk, by key, with their persisted last use (worker thread)."""
     found: dict[str, _DiskFile] = {}
     try:
         with safefs.directory(files_dir) as dir_fd:
@@ -450,8 +462,7 @@ def _scan(files_dir: Path) -> list[_DiskFile]:
                     st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
                 except OSError:
                     continue
-                entry = found.setdefault(key, _DiskFile(key, 0, 0.0))
-                entry.allocated += st.st_blocks * 512
+                entry = found.setdefault(key, _DiskFile(key, 0.0))
                 if suffix in ("data", "state"):
                     entry.used = max(entry.used, st.st_mtime)
     except OSError as exc:

@@ -195,6 +195,19 @@ def test_a_file_five_times_the_limit_streams_with_the_cache_under_it(mounts: Mou
     assert recorded_blocks_correct(m.cache_dir, {url: data}) > 0
 
 
+def test_a_limit_smaller_than_the_prefetch_window_still_streams_every_byte(mounts: Mounts, nginx: Server) -> None:
+    data = seeded_bytes(96 * MiB, seed=1905)
+    url = nginx.put("evict/tiny.bin", data)
+    m = mounts.mount([url], "--cache-max-size", "4M")
+    mark = nginx.mark()
+    with Sampler(m.cache_dir) as sampler:
+        assert sha256_of(m.path / "tiny.bin") == hashlib.sha256(data).hexdigest()
+    # Over the limit: what is in flight (the prefetch window, 32 MiB) and what lands during a round.
+    assert sampler.peak <= 4 * MiB + 32 * MiB + 4 * MiB, f"the cache reached {sampler.peak / MiB:.1f} MiB"
+    # Prefetched blocks may go before they are read, and come again: bounded, not a loop.
+    assert nginx.bytes_sent("evict/tiny.bin", since=mark) < 4 * len(data)
+
+
 def test_the_least_recently_read_file_goes_first(mounts: Mounts, nginx: Server) -> None:
     files = {name: seeded_bytes(24 * MiB, seed=1910 + i) for i, name in enumerate("abc")}
     urls = [nginx.put(f"evict/lru-{name}.bin", data) for name, data in files.items()]

@@ -4,9 +4,9 @@ Imports rangefs.safefs (every path), state, bitmap, flights (``Abandoned``) and 
 (``plan_runs``); sees rangefs.cache and cachedfile for typing only; never pyfuse3. ``Evictor.run``
 is a task of ``Cache.serve``; everything here runs on the trio thread except the blocking work
 (``allocated_bytes``, ``_scan``, ``_punch``, ``_evict_closed``, ``_touch``), which runs in worker
-threads and touches no field.
+threads and touches no field but ``_punch``'s two flags (single bools, read on the trio thread).
 
-Eviction frees the least recently used chunks (``CHUNK_BLOCKS`` blocks, a few MiB) first:
+Eviction frees the least recently used chunks (``CHUNK_BYTES``, 4 MiB of a file) first:
 
 - Use is tracked per chunk in memory (``Lru``: reads and writes of this mount, bounded); chunks
   cached before this mount count as used at the file's persisted last use (the newest mtime of

@@ -567,3 +567,14 @@ def test_after_a_remount_files_go_in_the_order_of_their_persisted_last_use(tmp_p
             assert new.cached_bytes() == len(DATA)
 
     trio.run(run)
+
+
+def test_a_read_moves_the_files_persisted_last_use_forward(tmp_path: Path) -> None:
+    async def body(cache: Cache, cached: CachedFile, fake: FakeOrigin) -> None:
+        long_ago = time.time() - 10_000
+        os.utime(cached.state_path, (long_ago, long_ago))
+        cache.evictor._used_keys[cached.key] = time.time() - 60  # read a minute ago, not yet persisted
+        await cache.evictor._touch_used()
+        assert os.stat(cached.state_path).st_mtime > time.time() - 10
+
+    with_file(tmp_path, body)

@@ -403,8 +403,8 @@ class CachedFile:
             passed = readahead.expected or 0
             while readahead.claimed and readahead.claimed[0][1] * self.block_size <= passed:
                 readahead.claimed.popleft()
-        if wanted is None or self.switching is not None:
-            return
+        if wanted is None or self.switching is not None or self.cache.evictor.full():
+            return  # (full: eviction lags behind the fetches; reads fetch what they need meanwhile)
         start, target = wanted
         first, stop = start // self.block_size, -(-target // self.block_size)
         for flight in self.flights.claim_ahead(first, stop, self.open_bitmap(), id(readahead), self.generation):

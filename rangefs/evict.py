@@ -61,7 +61,7 @@ _RESYNC_INTERVAL = 10.0  # seconds between counts of the cache directory's alloc
 _STATVFS_BYTES = 16 * 1024 * 1024  # written bytes after which free space is checked again
 _TOUCH_INTERVAL = 30.0  # seconds between moves of a used file's persisted last use
 _SUMMARY_INTERVAL = 60.0  # seconds between info lines about what was evicted
-_MAX_MARGIN = 8 * 1024 * 1024
+_MAX_MARGIN = 16 * 1024 * 1024  # fewer, larger rounds: each costs a state save, a punch and a count of the directory
 _PUNCH = 0x02 | 0x01  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
 
 _libc = ctypes.CDLL(None, use_errno=True)  # Python has no fallocate(2) with flags
@@ -239,6 +239,12 @@ class Evictor:
             self.allocated += added
         if self._over() or self._since_statvfs >= _STATVFS_BYTES:
             self._wake.set()
+
+    def full(self) -> bool:
+        """The cache holds more than its limit: eviction lags behind the fetches, and prefetches
+        wait for it (a read still fetches what it needs), so that what passes the limit stays
+        bounded by what is in flight."""
+        return self._max is not None and self.allocated is not None and self.allocated > self._max
 
     def _over(self) -> bool:
         return (self._max is not None and self.allocated is not None

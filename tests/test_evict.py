@@ -202,10 +202,12 @@ def test_a_limit_smaller_than_the_prefetch_window_still_streams_every_byte(mount
     mark = nginx.mark()
     with Sampler(m.cache_dir) as sampler:
         assert sha256_of(m.path / "tiny.bin") == hashlib.sha256(data).hexdigest()
-    # Over the limit: what is in flight (the prefetch window, 32 MiB) and what lands during a round.
-    assert sampler.peak <= 4 * MiB + 32 * MiB + 4 * MiB, f"the cache reached {sampler.peak / MiB:.1f} MiB"
+    # Over the limit: what is in flight (the prefetch window, 32 MiB, in requests of 16 MiB that
+    # stay claimed until they end); prefetches wait while eviction lags behind (Evictor.full).
+    assert sampler.peak <= 4 * MiB + 32 * MiB, f"the cache reached {sampler.peak / MiB:.1f} MiB"
     # Prefetched blocks may go before they are read, and come again: bounded, not a loop.
-    assert nginx.bytes_sent("evict/tiny.bin", since=mark) < 4 * len(data)
+    sent = nginx.bytes_sent("evict/tiny.bin", since=mark)
+    assert sent < 4 * len(data), f"{sent / MiB:.0f} MiB fetched for a {len(data) / MiB:.0f} MiB file"
 
 
 def test_the_least_recently_read_file_goes_first(mounts: Mounts, nginx: Server) -> None:
@@ -225,7 +227,8 @@ def test_the_least_recently_read_file_goes_first(mounts: Mounts, nginx: Server) 
     read("a")
     assert cached_bytes(m.path / "lru-b.bin") == 24 * MiB
     read("c")  # past what the limit leaves (the limit less room for fetches in flight): B goes first
-    assert wait_until(lambda: allocated_bytes(m.cache_dir) <= 100 * MiB, timeout=20)
+    assert wait_until(lambda: cached_bytes(m.path / "lru-b.bin") < 24 * MiB, timeout=20)  # a round ran
+    assert allocated_bytes(m.cache_dir) <= 100 * MiB
     assert cached_bytes(m.path / "lru-a.bin") == 24 * MiB, "the most recently read file lost data"
     assert cached_bytes(m.path / "lru-c.bin") == 24 * MiB
     assert cached_bytes(m.path / "lru-b.bin") < 24 * MiB

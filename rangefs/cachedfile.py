@@ -22,6 +22,8 @@ Concurrency rules (one trio thread; blocking disk I/O goes to worker threads):
   fetch (``Flights.stop``) before they touch the files.
 - A version switch replaces ``bitmap``: code that waits looks it up again (``open_bitmap``) on
   every pass, and every read checks the version (``check_version``) after its last ``await``.
+- A read holds its blocks (``reading``) from before it makes sure they are present until it
+  returns: eviction (rangefs.evict) never frees them, nor any block of a file passed through.
 - Fields written off the trio thread, by the worker threads of ``_open_files``, ``reset``,
   ``Versions._grow`` and ``_close_files``, with no fetch running: ``bitmap``, ``_grown_from``,
   and the parts' fields named in their modules (``data.fd``, ``data.sums``,

@@ -156,6 +156,7 @@ class Filler:
                 flight.delivered(block)  # a stream also passes blocks it did not rewrite: no-op
             file.flights.progress(flight, stop - first)
             file.journal.written(stop - first)
+            file.cache.evictor.wrote(file, first, stop)
 
         return mark
 

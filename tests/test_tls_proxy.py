@@ -117,6 +117,14 @@ def test_the_proxy_option_replaces_the_variables(
         m = mounts.mount([nginx.url("px/f.bin")], "--proxy", proxy.url)
         _read(m)
         assert {"HEAD", "GET"} <= set(proxy.methods()) and unused.requests == []
+        m.unmount()
+
+        # NO_PROXY still holds with --proxy (as curl)
+        no_proxy_env.setenv("no_proxy", "example.org,127.0.0.1")
+        before = len(proxy.requests)
+        direct = mounts.mount([nginx.url("px/f.bin")], "--proxy", proxy.url, cache_dir=mounts.tmp / "cache2")
+        _read(direct)
+        assert len(proxy.requests) == before and unused.requests == []
 
 
 def test_https_through_a_connect_tunnel_with_proxy_credentials(

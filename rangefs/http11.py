@@ -244,9 +244,11 @@ class _Body:
 
 
 def _request_headers(target: httpx.URL, headers: dict[str, str]) -> list[tuple[str, str]]:
-    """Host, basic auth from the URL's user info (as httpx sends it), then ``headers``."""
+    """Host, basic auth from the URL's user info (as httpx sends it, unless ``headers`` has its own
+    Authorization), then ``headers``."""
     lines = [("Host", target.netloc.decode("ascii"))]
-    if target.username or target.password:
+    own = any(name.lower() == "authorization" for name in headers)
+    if (target.username or target.password) and not own:
         credentials = f"{target.username}:{target.password}".encode()
         lines.append(("Authorization", f"Basic {base64.b64encode(credentials).decode('ascii')}"))
     return lines + list(headers.items())

@@ -19,6 +19,7 @@ proxies come from rangefs.netconfig, the same for both clients.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import random
@@ -165,6 +166,12 @@ class Origin:
     def headers_for(self, url: str) -> Headers:
         """The user's headers for a listed URL: --header, then netrc's login, then the entry's own."""
         return self.config.headers + netrc_authorization(url, self.config.netrc) + self.entry_headers.get(url, ())
+
+    def with_user_headers(self, listed: str, remote: RemoteFile) -> RemoteFile:
+        """``remote`` (of the listed URL ``listed``, e.g. read back from the cache directory, where
+        headers are never saved) with the user's headers its range GETs need: those of
+        ``headers_for(listed)`` when ``remote.url`` is on the listed URL's origin, else none."""
+        return dataclasses.replace(remote, headers=_user_headers_for(listed, remote.url, self.headers_for(listed)))
 
     def _is_direct(self, url: httpx.URL) -> bool:
         """Whether httpx reaches ``url`` without a proxy (then the lean client may take its ranges)."""
@@ -377,7 +384,7 @@ class Origin:
         origin = target.netloc
         if self._lean is not None and origin not in self._httpx_only and self._is_direct(target):
             try:
-                async with self._lean.get(url, {**dict(user), **headers}) as resp:
+                async with self._lean.get(url, {**headers, **dict(user)}) as resp:  # a user's User-Agent wins
                     yield resp
                 return
             except UnsupportedResponse:  # raised before the response is handed out
@@ -472,15 +479,19 @@ _TRANSPORT_WORDS = {
 }
 
 
+def _user_headers_for(listed: str, final: str | httpx.URL, user: Headers) -> Headers:
+    """The user's headers for the listed URL go to its own origin only: none after a redirect elsewhere."""
+    return user if _origin_key(httpx.URL(listed)) == _origin_key(httpx.URL(final)) else ()
+
+
 def _remote_from(listed: str, resp: httpx.Response, size: int, accept_ranges: bool, user: Headers) -> RemoteFile:
-    same = _origin_key(httpx.URL(listed)) == _origin_key(resp.url)
     return RemoteFile(
         url=_with_credentials(listed, resp.url),
         size=size,
         etag=resp.headers.get("ETag"),
         last_modified=resp.headers.get("Last-Modified"),
         accept_ranges=accept_ranges,
-        headers=user if same else (),  # redirected to another origin: the user's headers stay behind
+        headers=_user_headers_for(listed, resp.url, user),
     )
 
 

@@ -164,3 +164,46 @@ def test_url_list_header_options() -> None:
             parse_url_list(line + "\n", "urls")
         assert "urls line 1" in str(caught.value) and reason in str(caught.value), str(caught.value)
         assert SECRET not in str(caught.value)
+
+
+def test_headers_for_a_url_and_for_what_its_probe_found() -> None:
+    from rangefs.auth import NetrcLogin
+    from rangefs.origin import Origin, OriginConfig
+    from rangefs.remote import RemoteFile
+
+    logins = (NetrcLogin("h", "me", "pw"), NetrcLogin(None, "any", "one"))
+    origin = Origin(OriginConfig(headers=(("X-A", "1"),), netrc=logins))
+    origin.entry_headers["http://h/a"] = (("X-E", "2"),)
+    basic = "Basic " + base64.b64encode(b"me:pw").decode()
+    assert origin.headers_for("http://h/a") == (("X-A", "1"), ("Authorization", basic), ("X-E", "2"))
+    assert origin.headers_for("http://u:p@h/b") == (("X-A", "1"),)  # the URL's own user info wins over netrc
+    default = "Basic " + base64.b64encode(b"any:one").decode()
+    assert origin.headers_for("http://other/b") == (("X-A", "1"), ("Authorization", default))
+    same = origin.with_user_headers("http://h/a", RemoteFile("http://h:80/moved", 1, None, None))
+    assert same.headers == origin.headers_for("http://h/a")
+    assert origin.with_user_headers("http://h/a", RemoteFile("https://h/a", 1, None, None)).headers == ()
+    assert SECRET not in repr(OriginConfig(headers=(("A", SECRET),), proxy=f"http://u:{SECRET}@p:1"))
+
+
+def test_the_lean_client_sends_one_authorization() -> None:
+    import httpx
+
+    from rangefs.http11 import _request_headers
+
+    lines = _request_headers(httpx.URL("http://u:p@h/x"), {"Authorization": "Bearer t"})
+    assert [value for name, value in lines if name == "Authorization"] == ["Bearer t"]
+
+
+def test_the_proxy_map_follows_curls_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    from rangefs.netconfig import proxy_map
+
+    for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+    assert proxy_map(None) == {}
+    monkeypatch.setenv("HTTPS_PROXY", "http://p:1")
+    monkeypatch.setenv("no_proxy", "a.example")
+    assert proxy_map(None) == {"https://": "http://p:1", "all://*a.example": None}
+    assert proxy_map("http://q:2") == {"all://": "http://q:2", "all://*a.example": None}
+    monkeypatch.setenv("no_proxy", "*")
+    assert proxy_map("http://q:2") == {} and proxy_map(None) == {}

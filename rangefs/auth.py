@@ -23,9 +23,10 @@ from rangefs.errors import UsageError
 
 Headers = tuple[tuple[str, str], ...]
 
-# RFC 9110 5.1 token; 5.5 field value: visible ASCII, obs-text, space and tab inside (no CR, LF, NUL).
+# RFC 9110 5.1 token; 5.5 field value, ASCII only (both clients send headers as ASCII): visible
+# characters, with spaces and tabs inside; no CR, LF, NUL or other control byte.
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-_VALUE = re.compile(r"[\x21-\x7e\x80-\xff]([\x20-\x7e\x80-\xff\t]*[\x21-\x7e\x80-\xff])?|")
+_VALUE = re.compile(r"[\x21-\x7e]([\x20-\x7e\t]*[\x21-\x7e])?|")
 # Headers rangefs sets itself: a user's value would break ranges or the connection.
 RESERVED = frozenset({"host", "range", "if-range", "accept-encoding", "content-length", "transfer-encoding",
                       "connection", "te", "upgrade", "proxy-authorization"})
@@ -41,7 +42,7 @@ def check_header(name: str, value: str, where: str) -> tuple[str, str]:
         raise UsageError(f"{where}: header {name} is set by rangefs itself and cannot be given")
     value = value.strip(" \t")
     if not _VALUE.fullmatch(value):
-        raise UsageError(f"{where}: the value of header {name} holds a line break or a control character")
+        raise UsageError(f"{where}: the value of header {name} holds a line break, a control character or non-ASCII")
     return name, value
 
 

@@ -143,3 +143,16 @@ def test_https_through_a_connect_tunnel_with_proxy_credentials(
         assert PROXY_SECRET.encode() not in _text_under(m.cache_dir)  # the log included
         assert PROXY_SECRET.encode() not in Path(f"/proc/{m.pid()}/cmdline").read_bytes()
     assert os.environ["https_proxy"]  # (the daemon's environment is the user's own, as given)
+
+
+def test_a_proxy_that_refuses_the_credentials_fails_the_mount_without_showing_them(
+    mounts: Mounts, nginx: Server, no_proxy_env: pytest.MonkeyPatch
+) -> None:
+    nginx.put("px/f.bin", DATA)
+    with ForwardProxy(credentials=f"user:{PROXY_SECRET}") as proxy:
+        wrong = proxy.url.replace(PROXY_SECRET, "wrong-" + PROXY_SECRET[::-1])
+        m = mounts.mount([nginx.url("px/f.bin")], "--retries", "0", "-v", "--proxy", wrong, check=False)
+        assert m.result is not None and m.result.returncode != 0 and proxy.refused >= 1
+        assert "proxy" in m.result.stderr and "Traceback" not in m.result.stderr, m.result.stderr
+        assert PROXY_SECRET[::-1] not in m.result.stderr
+        assert PROXY_SECRET[::-1].encode() not in _text_under(m.cache_dir)

@@ -2,7 +2,7 @@
 
 Imports httpx and rangefs.http11, the only other module that imports httpx; raises
 rangefs.errors exceptions, never httpx ones. Probes go through httpx (redirects); range GETs
-through the lean client of rangefs.http11 unless a proxy is configured. Every ranged GET
+through the lean client of rangefs.http11 unless the URL goes through a proxy. Every ranged GET
 carries ``If-Range`` with the file's validator and ``Accept-Encoding: identity`` (ranges count
 bytes of the encoded body), and every answer passes the checks of rangefs.remote before a byte
 of it is handed on.

@@ -94,6 +94,18 @@ def test_netrc_logs_in_with_basic_auth_and_shows_nowhere(mounts: Mounts, nginx: 
     assert _leaks(m, basic.decode()) == []
 
 
+def test_netrc_without_a_file_name_reads_the_homes(
+    mounts: Mounts, nginx: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    nginx.put("h/f.bin", DATA)
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".netrc").write_text(f"default login {AUTH_LOGIN} password {SECRET}\n")
+    monkeypatch.setenv("HOME", str(home))
+    m = mounts.mount([nginx.url("auth/h/f.bin")], "--netrc")
+    _read_and_check(m)
+
+
 def test_the_users_headers_do_not_follow_a_redirect_to_another_origin(mounts: Mounts, nginx: Server) -> None:
     with FaultServer() as listed, FaultServer() as other:
         other.put("/f.bin", DATA)

@@ -7,8 +7,8 @@ the network stream, counting Content-Length itself, and keeps the connection for
 request (measured against httpx: docs/experiments.md, 'Lean HTTP/1.1 client').
 
 Only for plain GETs of a URL whose redirects are already resolved (the probe does that with
-httpx) and only for URLs reached without a proxy (rangefs.origin decides); anything it does not handle (a chunked body,
-a 1xx other than 100, HTTP/1.0 keep-alive) is read to completion or closed with the connection.
+httpx), reached without a proxy (rangefs.origin decides); anything it does not handle (a chunked
+body, a 1xx other than 100, HTTP/1.0 keep-alive) is read to completion or closed with the connection.
 Imports h11, httpcore and httpx (for its URL and exception types) and nothing of rangefs; only
 rangefs.origin uses it. Errors are raised as the httpx exceptions of the same meaning, so
 rangefs.origin sees one family.

@@ -1,6 +1,6 @@
 """Probe a URL, fetch byte ranges, retry: what rangefs asks of HTTP servers.
 
-Imports httpx and rangefs.http11, the only other module that imports httpx; raises
+Imports httpx, rangefs.http11 and rangefs.netconfig (the other modules that import httpx); raises
 rangefs.errors exceptions, never httpx ones. Probes go through httpx (redirects); range GETs
 through the lean client of rangefs.http11 unless the URL goes through a proxy. Every ranged GET
 carries ``If-Range`` with the file's validator and ``Accept-Encoding: identity`` (ranges count

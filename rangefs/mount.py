@@ -359,6 +359,7 @@ async def _serve(opts: MountOptions, entries: list[Entry], reporter: _Foreground
         await helpers.start(fetch_process.supervise)
         try:
             async with Origin(opts.origin) as origin:  # probes here; fetches go through the helper
+                origin.entry_headers.update((entry.url, entry.headers) for entry in entries if entry.headers)
                 files = await _probe_all(origin, entries, opts, reporter.warn)
                 # Ready means a first read is fast: do not leave the helper's start-up to it.
                 await fetch_process.wait_ready(_HELPER_START_TIMEOUT)

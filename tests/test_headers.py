@@ -32,6 +32,8 @@ def _leaks(m: Mount, secret: str) -> list[str]:
     for root, _, names in os.walk(m.cache_dir):
         for name in names:
             path = Path(root, name)
+            if not path.is_file():  # the control socket: nothing to read
+                continue
             if needle in path.read_bytes():
                 found.append(str(path))
     for root, _, names in os.walk(m.path):

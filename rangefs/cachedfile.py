@@ -397,7 +397,8 @@ class CachedFile:
 
     def _prefetch(self, readahead: Readahead, offset: int, end: int) -> None:
         stretch, was = readahead.stretch, readahead.expected
-        wanted = prefetch.ahead(readahead, offset, end, self.size)
+        starved = trio.current_time() - self.flights.starved_at < prefetch.RATE_INTERVAL
+        wanted = prefetch.ahead(readahead, offset, end, self.size, starved)
         if readahead.stretch != stretch and was is not None:
             # A jump. Prefetches far from the new position (more than a full window away: reads the
             # kernel sends out of order land closer) are abandoned; nearer ones may still be read.

@@ -75,7 +75,9 @@ class Filler:
             waits = {flight for flight in bringing.values() if flight is not None}
             todo = [b for b in missing if bringing[b] is None]
             mine = flights.claim(todo + self._last_block_after(todo[-1], bitmap) if todo else [], file.generation)
+            started = trio.current_time()
             await flights.fetch_all(mine)
+            flights.fetched_for_a_read(mine, trio.current_time() - started)
             for flight in mine:
                 if isinstance(flight.error, FetchInterrupted) and interruptions < _MAX_INTERRUPTIONS:
                     interruptions += 1

@@ -33,6 +33,12 @@ from rangefs.errors import FetchInterrupted, RangesIgnored
 from rangefs.fetcher import BlockRun, plan_runs
 from rangefs.spread import Spread
 
+# A read's own fetch this long or longer tells the connection's rate (shorter ones, round trips).
+_TIMED_BLOCKS = 4
+# Such a fetch counts as slow below a quarter of the spread's threshold: its round trip weighs more
+# than a prefetch's, and on a busy loopback a short fetch looks slow.
+_OWN_SLOWER = 4
+
 
 class Abandoned(FetchInterrupted):
     """The reader that was fetching a block went away; whoever needs it fetches it again."""
@@ -137,6 +143,7 @@ class Flights:
         self._max_blocks = max_blocks
         self._min_piece_blocks = max(1, min_piece_blocks)
         self.spread = Spread(connections, spread_below)
+        self.starved_at = -math.inf  # trio time a read last waited for a block a prefetch brings
         self._inflight: dict[int, Flight] = {}
         self.stream: Flight | None = None
         self._scopes: set[trio.CancelScope] = set()
@@ -277,6 +284,13 @@ class Flights:
                 flight.reads -= 1
                 self.unwanted(flight)
 
+    def fetched_for_a_read(self, flights: list[Flight], seconds: float) -> None:
+        """A read waited ``seconds`` for the fetches it made itself: a slow connection starves it too
+        (a cold reader's first reads wait for their own fetches, before any prefetch runs)."""
+        blocks = sum(flight.run.stop - flight.run.first for flight in flights if flight.error is None)
+        if blocks >= _TIMED_BLOCKS and seconds > 0 and blocks / seconds < self.spread.slow_below / _OWN_SLOWER:
+            self.starved_at = trio.current_time()
+
     async def wait_for(self, flights: set[Flight], blocks: list[int], bitmap: Callable[[], Bitmap]) -> None:
         """Wait for other readers' fetches of ``blocks``; re-raise their errors, not abandonment.
 
@@ -287,6 +301,8 @@ class Flights:
             flight.reads += 1
             if flight.prefetchers:
                 self.spread.starved = True  # the prefetch delivers less than the reader consumes
+                if self.spread.slow():
+                    self.starved_at = trio.current_time()
         try:
             for flight in flights:
                 for block in blocks:

@@ -46,6 +46,12 @@ class Readahead:
       network consumes at the network's rate, so the window stays one horizon of what the link
       delivers: enough to keep it busy.
 
+    A starving reader (``starved``: its file's reads waited lately for fetches over connections
+    slower than the parallel-ranges threshold) gets a window of all it consumed, with neither the
+    rate bound nor the lead: its rate is the network's, and a window of one second of it kept a
+    short read of a server that caps each connection from ever cutting a step into the pieces
+    that would add connections (docs/experiments.md, 'Readahead for a starving reader').
+
     ``clock`` is injectable for tests. ``claimed`` is kept by the cached file (block runs this
     handle's prefetches claimed and the reader has not passed yet: what a seek or a close
     abandons).
@@ -61,6 +67,7 @@ class Readahead:
     # window counts from the reader, so it reaches that much less past the kernel's reads.
     lead: int = 0
     window: int = 0
+    reach: int = 0  # how far past the latest read the window reaches: less the lead, unless starved
     expected: int | None = None  # where the next sequential read should start
     frontier: int = 0  # prefetch has been issued up to this byte offset
     consumed: int = 0  # bytes read in the current sequential stretch
@@ -72,8 +79,11 @@ class Readahead:
     _burst: bool = True  # the first mark is the stretch's start, before its first burst
     claimed: deque[tuple[int, int]] = field(default_factory=deque, repr=False)
 
-    def advise(self, offset: int, size: int) -> int:
-        """Record a read; return the offset up to which data should be fetched ahead (0: none)."""
+    def advise(self, offset: int, size: int, starved: bool = False) -> int:
+        """Record a read; return the offset up to which data should be fetched ahead (0: none).
+
+        ``starved``: reads of the file waited for its prefetches lately; the reader consumes what
+        the network brings, as fast as it comes (see the class docstring)."""
         end = offset + size
         expected = self.expected
         now = self.clock()
@@ -84,10 +94,14 @@ class Readahead:
             self._last = now
             self.consumed += max(0, end - expected)
             by_rate = int(self.rate(now) * self.horizon)
-            self.window = min(self.maximum, max(self.initial, min(self.consumed // 2, by_rate)))
+            if starved:
+                self.window = self.reach = min(self.maximum, max(self.initial, self.consumed))
+            else:
+                self.window = min(self.maximum, max(self.initial, min(self.consumed // 2, by_rate)))
+                self.reach = max(0, self.window - self.lead)
             self.expected = max(expected, end)
-            return self.expected + max(0, self.window - self.lead)
-        self.window, self.expected, self.frontier, self.consumed = 0, end, end, size
+            return self.expected + self.reach
+        self.window, self.reach, self.expected, self.frontier, self.consumed = 0, 0, end, end, size
         self._marks, self._last, self._burst = deque([(now, 0)]), now, True
         self.stretch += 1
         return 0
@@ -109,15 +123,16 @@ class Readahead:
         return (self.consumed - base) / min(max(now - since, RATE_SETTLE), RATE_INTERVAL)
 
 
-def ahead(readahead: Readahead, offset: int, end: int, file_size: int) -> tuple[int, int] | None:
-    """Record a read of ``offset .. end``; the byte range to prefetch now, if any.
+def ahead(readahead: Readahead, offset: int, end: int, file_size: int, starved: bool = False) -> tuple[int, int] | None:
+    """Record a read of ``offset .. end``; the byte range to prefetch now, if any (``starved``:
+    see ``Readahead.advise``).
 
     Ahead in pieces of at least half the window (or up to the end of the file): few large
     requests, not one per read. The range counts as issued (``frontier``) once returned.
     """
-    target = min(readahead.advise(offset, end - offset), file_size)
+    target = min(readahead.advise(offset, end - offset, starved), file_size)
     start = max(readahead.frontier, end)
-    if target <= start or (target - start < (readahead.window - readahead.lead) // 2 and target < file_size):
+    if target <= start or (target - start < readahead.reach // 2 and target < file_size):
         return None
     readahead.frontier = target
     return start, target

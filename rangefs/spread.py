@@ -58,6 +58,10 @@ class Spread:
         old = self.rate.get(pieces)
         self.rate[pieces] = rate if old is None else old + _SMOOTHING * (rate - old)
 
+    def slow(self) -> bool:
+        """Whether one connection brings less than ``slow_below``, as last measured."""
+        return self.rate.get(self.pieces, math.inf) < self.slow_below
+
     def plan(self) -> int:
         """The pieces to cut the next window step into; judges a try once it has been measured."""
         pieces, before = self.pieces, self._trying_from

@@ -122,6 +122,19 @@ def test_a_page_cache_handles_window_counts_from_the_reader_not_from_the_kernels
     assert ra.advise(16 * MiB, 256 * 1024) == end + ra.window - MiB
 
 
+def test_a_starving_readers_window_is_all_it_consumed_with_no_rate_bound_nor_lead() -> None:
+    """Its rate is the network's: bounded by it, the window of a reader behind connections that
+    are each capped would never grow enough to be cut into more of them."""
+    clock = Clock()
+    ra = policy(clock)
+    ra.lead = MiB
+    read_at_rate(ra, clock, 256 * 1024, 0.1, 8 * MiB)  # 2.5 MiB/s, the network's pace
+    assert ra.window <= 3 * MiB  # not starved: about a second of it
+    end = 8 * MiB + 256 * 1024
+    assert ra.advise(8 * MiB, 256 * 1024, starved=True) == end + ra.consumed
+    assert ra.window == ra.reach == ra.consumed
+
+
 def test_a_jump_starts_a_new_stretch_without_a_window() -> None:
     clock = Clock()
     ra = policy(clock)

@@ -9,10 +9,10 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from rangefs import __version__
+from rangefs import __version__, reload
 from rangefs.cache import DEFAULT_BLOCK_SIZE, CacheConfig
 from rangefs.errors import RangefsError, UsageError
-from rangefs.mount import MountOptions, default_cache_dir, mount, unmount
+from rangefs.mount import MountOptions, daemon_pid, default_cache_dir, mount, unmount
 from rangefs.origin import OriginConfig
 
 _SIZE = re.compile(r"(\d+)([KMGT]?)(i?B)?", re.IGNORECASE)
@@ -180,7 +180,22 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path)
     u.add_argument("-z", "--lazy", action="store_true", help="detach now even if files are open")
     u.add_argument("--timeout", type=_positive, default=60.0, metavar="SECONDS")
+
+    r = commands.add_parser("reload", help="read the URL list again and change the mount to match",
+                            description="Read a mount's URL list again (as SIGHUP to its daemon does): new entries "
+                                        "appear, removed ones disappear (files open on them read on until closed); "
+                                        "a list with an error is refused with its line, and the mount keeps its files.")
+    r.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path)
+    r.add_argument("--timeout", type=_positive, default=60.0, metavar="SECONDS")
     return parser
+
+
+def _reload(mountpoint: Path, timeout: float) -> None:
+    if daemon_pid(mountpoint) is None:
+        raise UsageError(f"'{mountpoint}' is not a rangefs mount")
+    pid = daemon_pid(mountpoint)
+    assert pid is not None
+    print(f"rangefs: reloaded {mountpoint}: {reload.request(mountpoint, pid, timeout)}")
 
 
 def _canonical(mountpoint: Path) -> Path:
@@ -232,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "mount":
             mount(_mount_options(args))
+        elif args.command == "reload":
+            _reload(_canonical(args.mountpoint), args.timeout)
         else:
             unmount(_canonical(args.mountpoint), lazy=args.lazy, timeout=args.timeout)
     except (RangefsError, UsageError) as exc:

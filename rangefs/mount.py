@@ -9,6 +9,7 @@ rangefs.fs's.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
@@ -26,21 +27,32 @@ import trio
 
 from rangefs import kernel
 from rangefs.cache import DEFAULT_BLOCK_SIZE, Cache, CacheConfig
+from rangefs.cachedfile import CachedFile
+from rangefs.catalog import Catalog
 from rangefs.errors import CacheError, HostUnreachable, OriginError, RangefsError, UsageError
 from rangefs.fetcher import Fetcher, SplitFetcher
 from rangefs.fetchproc import FetchProcess, HelperConfig
 from rangefs.fs import Filesystem
+from rangefs.lazy import Probes
 from rangefs.logsetup import LOG_FORMAT, setup_logging
+from rangefs.offline import Reachability
 from rangefs.origin import Origin, OriginConfig, RemoteFile, origin_of
 from rangefs.redact import redact_url
-from rangefs.tree import Tree
+from rangefs.reload import Reloader
+from rangefs.tree import Node, Tree
 from rangefs.urllist import Entry, load_url_list
 
 log = logging.getLogger(__name__)
 
 _PROBE_CONCURRENCY = 16
+# A list with more URLs than this that the catalog does not know mounts before they are probed
+# (rangefs.lazy): probing each costs a round trip and some CPU, and a mount of thousands would
+# keep its user waiting. Up to this many, the mount probes them first, so a URL that fails
+# fails the mount (or is skipped with --skip-unavailable) as it always did.
+_EAGER_PROBES = 256
 _FSTYPE = "fuse.rangefs"
-_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_RELOAD_SIGNAL = signal.SIGHUP
 _ABORT_GRACE = 2.0  # seconds reads in flight get to finish after a stop signal before fetches are cancelled
 _DISCONNECT_POLL = 0.5  # seconds between checks whether the kernel ended the mount
 _MAX_NEAR_BYTES = 1024 * 1024  # fetches up to this size run in the daemon (see SplitFetcher)
@@ -65,6 +77,7 @@ class MountOptions:
     startup_timeout: float = 300.0
     tune_system: bool = False  # may change system-wide settings for speed (see rangefs.kernel)
     probe_timeout: float = 120.0  # the whole probe phase, so that a mount's start-up stays bounded
+    list_path: Path | None = None  # url_list made absolute at mount: what a reload reads again
     cache: CacheConfig = field(default_factory=lambda: CacheConfig(Path(".")))
     origin: OriginConfig = field(default_factory=OriginConfig)
 
@@ -143,6 +156,7 @@ def mount(opts: MountOptions) -> None:
         RangefsError: with the one-line reason the mount could not be made.
     """
     entries = load_url_list(opts.url_list)
+    opts = dataclasses.replace(opts, list_path=Path(os.path.abspath(opts.url_list)))  # the daemon leaves the cwd
     check_mountpoint(opts.mountpoint)
     Cache.prepare(opts.cache_dir)
     setup_logging(opts.log_path, verbose=opts.verbose, foreground=opts.foreground, required=True)
@@ -276,7 +290,7 @@ def _daemon_news(read_fd: int, deadline: float) -> Iterator[str]:
 
 
 async def _probe_all(
-    origin: Origin, entries: list[Entry], opts: MountOptions, warn: Callable[[str], None]
+    origin: Origin, entries: list[Entry], opts: MountOptions, warn: Callable[[str], None], others: int = 0
 ) -> list[tuple[Entry, RemoteFile]]:
     """Probe every URL, at most _PROBE_CONCURRENCY at once; unusable ones fail the mount or are skipped.
 
@@ -324,7 +338,7 @@ async def _probe_all(
                             f"{opts.probe_timeout:g}s (--probe-timeout)")
         else:
             failures.append(f"{opts.url_list} line {entry.line}: {result}")
-    return _settle_failures(found, failures, opts, warn)
+    return _settle_failures(found, failures, opts, warn, others)
 
 
 @dataclass
@@ -336,8 +350,10 @@ class _HostProbes:
 
 
 def _settle_failures(
-    found: list[tuple[Entry, RemoteFile]], failures: list[str], opts: MountOptions, warn: Callable[[str], None]
+    found: list[tuple[Entry, RemoteFile]], failures: list[str], opts: MountOptions, warn: Callable[[str], None],
+    others: int = 0,
 ) -> list[tuple[Entry, RemoteFile]]:
+    """``others``: the entries usable without a probe here (known to the catalog, or probed later)."""
     for failure in failures:
         log.warning("%s", failure)
     if failures and not opts.skip_unavailable:
@@ -345,7 +361,7 @@ def _settle_failures(
         raise UsageError(failures[0] + more)
     for failure in failures:
         warn(f"{failure}; skipped")
-    if not found:
+    if not found and not others:
         raise UsageError(f"no URL in '{opts.url_list}' could be used")
     return found
 
@@ -358,14 +374,23 @@ async def _serve(opts: MountOptions, entries: list[Entry], reporter: _Foreground
         await helpers.start(fetch_process.supervise)
         try:
             async with Origin(opts.origin) as origin:  # probes here; fetches go through the helper
-                files = await _probe_all(origin, entries, opts, reporter.warn)
+                catalog = Catalog(opts.cache_dir)
+                await trio.to_thread.run_sync(catalog.load)
+                known, probed, later = await _learn(origin, entries, catalog, opts, reporter.warn)
                 # Ready means a first read is fast: do not leave the helper's start-up to it.
                 await fetch_process.wait_ready(_HELPER_START_TIMEOUT)
                 # One bound per origin over both processes: the helper's fetches take the near's slots.
                 near = Fetcher(origin, opts.cache.block_size, opts.cache.max_connections)
                 fetcher = SplitFetcher(near, fetch_process, opts.cache.block_size, _MAX_NEAR_BYTES)
-                cache = Cache(opts.cache, fetcher, probe=origin.probe, direct=near.fetch_bytes)
-                await _serve_files(opts, files, cache, reporter)
+                reachability = Reachability(origin.probe)
+                cache = Cache(opts.cache, fetcher, probe=reachability.probe, direct=near.fetch_bytes)
+                files = _Files(opts, cache, catalog)
+                tree = Tree.build([*((entry, files.make(entry, remote, checked)) for entry, remote, checked in known),
+                                   *((entry, files.make(entry, remote)) for entry, remote in probed),
+                                   *((entry, None) for entry in later)])
+                probes = Probes(origin.probe, files.attach, catalog, str(opts.url_list), _PROBE_CONCURRENCY)
+                probes.add(node for node in tree.files() if node.cached is None)
+                await _serve_files(opts, tree, cache, probes, files, reporter)
         except RangefsError as exc:
             failure = exc  # raised out here, not wrapped in the task group's ExceptionGroup
         finally:
@@ -386,34 +411,100 @@ def _helper_config(opts: MountOptions) -> HelperConfig:
     )
 
 
+async def _learn(
+    origin: Origin, entries: list[Entry], catalog: Catalog, opts: MountOptions, warn: Callable[[str], None]
+) -> tuple[list[tuple[Entry, RemoteFile, float]], list[tuple[Entry, RemoteFile]], list[Entry]]:
+    """Sort the entries: known to the catalog (with when probed), probed now, probed after mounting.
+
+    What the catalog knows is not asked again at mount: a remount lists the tree at once, also
+    with the server down, and each file is revalidated at its first open as
+    --revalidate-interval says. The others are probed here, unless there are more than
+    _EAGER_PROBES of them: then the mount goes on and rangefs.lazy probes them.
+    """
+    known: list[tuple[Entry, RemoteFile, float]] = []
+    unknown: list[Entry] = []
+    for entry in entries:
+        saved = catalog.get(entry.url)
+        if saved is None:
+            unknown.append(entry)
+        else:
+            known.append((entry, saved.remote, saved.checked))
+    if len(unknown) > _EAGER_PROBES:
+        log.info("%d URLs known to the catalog, %d to be probed after mounting", len(known), len(unknown))
+        return known, [], unknown
+    probed = await _probe_all(origin, unknown, opts, warn, others=len(known)) if unknown else []
+    if probed:
+        catalog.put_all((entry.url, remote) for entry, remote in probed)
+        blob = catalog.snapshot()
+        if blob is not None:
+            await trio.to_thread.run_sync(catalog.write, blob)
+    return known, probed, []
+
+
+class _Files:
+    """How a list entry becomes a cached file of the mount (at mount, after a probe, at a reload)."""
+
+    def __init__(self, opts: MountOptions, cache: Cache, catalog: Catalog) -> None:
+        self.opts = opts
+        self.cache = cache
+        self.catalog = catalog
+
+    def make(self, entry: Entry, remote: RemoteFile, checked: float | None = None) -> CachedFile:
+        """``checked``: when the server last described it (a saved probe), else now."""
+        growing = entry.option("grow") == "yes" or (self.opts.growing and entry.option("grow") != "no")
+        cached = self.cache.file(entry.url, remote, growing)
+        if checked is not None and cached.remote == remote:
+            cached.versions.confirmed_at(checked)
+        return cached
+
+    def attach(self, node: Node, remote: RemoteFile) -> None:
+        assert node.entry is not None
+        node.cached = self.make(node.entry, remote)
+
+    def known(self, entry: Entry) -> CachedFile | None:
+        """The cached file of an entry the catalog knows, else None (a reload's new entries)."""
+        saved = self.catalog.get(entry.url)
+        return None if saved is None else self.make(entry, saved.remote, saved.checked)
+
+    def remember(self) -> None:
+        """Record in the catalog the versions the files moved to while mounted (revalidation)."""
+        for file in self.cache:
+            saved = self.catalog.get(file.url)
+            if saved is None or saved.remote != file.remote:
+                self.catalog.put(file.url, file.remote)
+
+
 async def _serve_files(
     opts: MountOptions,
-    files: list[tuple[Entry, RemoteFile]],
+    tree: Tree,
     cache: Cache,
+    probes: Probes,
+    files: _Files,
     reporter: _ForegroundReporter | _PipeReporter,
 ) -> None:
-    def growing(entry: Entry) -> bool:
-        return entry.option("grow") == "yes" or (opts.growing and entry.option("grow") != "no")
-
-    tree = Tree.build([(entry, cache.file(entry.url, remote, growing(entry))) for entry, remote in files])
     # The canonical path (no '..', no links), as /proc names the files open under the mount;
     # resolved before mounting, so that it looks at the directory beneath, never at our own mount.
     fs = Filesystem(tree, cache, passthrough=opts.passthrough, direct_io=opts.direct_io,
                     tune_system=opts.tune_system, mountpoint=os.path.realpath(opts.mountpoint))
+    fs.probes = probes
+    reloader = Reloader(fs, probes, files.known, opts.list_path or opts.url_list)
     # Stop signals stay caught until the very end, so a second Ctrl-C cannot cut the shutdown short;
     # caught from before the mount, so that one sent as it is made (the mount command dying) unmounts.
-    with trio.open_signal_receiver(*_STOP_SIGNALS) as signals:
+    with trio.open_signal_receiver(*_STOP_SIGNALS, _RELOAD_SIGNAL) as signals:
         _mount_fuse(fs, opts)
         # From here on the mount exists: every path out goes through the finally clauses.
         unmount_ourselves = True
         try:
             reporter.ready()
-            log.info("serving %d files at %s", len(files), opts.mountpoint)
-            unmount_ourselves = await _run_until_unmounted(fs, opts.mountpoint, signals)
+            log.info("serving %d files at %s (%d to be probed)", sum(1 for _ in tree.files()), opts.mountpoint,
+                     probes.waiting)
+            unmount_ourselves = await _run_until_unmounted(fs, opts.mountpoint, signals, probes, reloader)
         finally:
             try:
                 with trio.CancelScope(shield=True):
                     await _shutdown(cache)
+                    files.remember()
+                    await trio.to_thread.run_sync(files.catalog.save)
             finally:
                 pyfuse3.close(unmount=unmount_ourselves)
                 log.info("unmounted %s", opts.mountpoint)
@@ -429,13 +520,19 @@ def _mount_fuse(fs: Filesystem, opts: MountOptions) -> None:
         raise UsageError(f"cannot mount at '{opts.mountpoint}': {exc}") from None
 
 
-async def _run_until_unmounted(fs: Filesystem, mountpoint: Path, signals: AsyncIterator[int]) -> bool:
+async def _run_until_unmounted(
+    fs: Filesystem, mountpoint: Path, signals: AsyncIterator[int], probes: Probes, reloader: Reloader
+) -> bool:
     """Serve until the kernel unmounts us (False) or a signal asks us to stop (True: we unmount)."""
     stopped_by_signal = False
 
     async def watch_signals(nursery: trio.Nursery) -> None:
         nonlocal stopped_by_signal
         async for signum in signals:
+            if signum == _RELOAD_SIGNAL:
+                if not stopped_by_signal:
+                    nursery.start_soon(reloader.reload)
+                continue
             if stopped_by_signal:
                 log.info("%s: already unmounting", signal.Signals(signum).name)
                 continue
@@ -457,6 +554,7 @@ async def _run_until_unmounted(fs: Filesystem, mountpoint: Path, signals: AsyncI
         nursery.start_soon(_tune_kernel, fs, mountpoint)
         nursery.start_soon(_abort_when_disconnected, fs, mountpoint)
         nursery.start_soon(fs.watch_readers)
+        nursery.start_soon(probes.run)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
     return stopped_by_signal

@@ -1,0 +1,78 @@
+"""A list of 10,000 URLs through a real mount: the mount returns before every URL is probed,
+``ls -l`` of the whole tree answers from the probes (waited for where needed), and a remount
+lists the tree from the catalog without a request at mount time. Times are printed, not
+asserted (they go in the benchmark)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from util import Mounts, Server
+
+COUNT = 10_000
+PER_DIR = 100
+
+
+def _big_tree(nginx: Server) -> list[str]:
+    """10,000 small files on the server (made once per session), and their list lines."""
+    root = nginx.www / "big"
+    lines = []
+    for i in range(COUNT):
+        rel = f"big/d{i // PER_DIR:03d}/f{i:05d}"
+        path = nginx.www / rel
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(str(i).encode() * 3)
+        lines.append(f"{nginx.url(rel)} d{i // PER_DIR:03d}/f{i:05d}")
+    assert root.is_dir()
+    return lines
+
+
+def _ls(path: Path) -> tuple[float, list[str]]:
+    started = time.monotonic()
+    done = subprocess.run(["ls", "-lR", str(path)], capture_output=True, text=True, timeout=120, check=True)
+    return time.monotonic() - started, done.stdout.splitlines()
+
+
+def _heads(nginx: Server, since: int) -> int:
+    return sum(1 for r in nginx.nginx.requests(since) if r.path.startswith("/big/") and r.method in ("HEAD", "GET"))
+
+
+@pytest.mark.timeout(300)
+def test_a_list_of_10000_urls_mounts_before_its_probes_end_and_remounts_from_the_catalog(
+    mounts: Mounts, nginx: Server
+) -> None:
+    lines = _big_tree(nginx)
+    mark = nginx.mark()
+    started = time.monotonic()
+    m = mounts.mount(lines)
+    mounted = time.monotonic() - started
+    probed_at_mount = _heads(nginx, mark)
+    seconds, listing = _ls(m.path)
+    print(f"\nfirst mount of {COUNT} URLs: {mounted:.2f}s ({probed_at_mount} probed when it returned); "
+          f"ls -lR: {seconds:.2f}s")
+    assert probed_at_mount < COUNT  # the mount did not wait for every probe
+    sizes = [line.split()[4] for line in listing if line.startswith("-")]
+    assert len(sizes) == COUNT
+    assert sizes.count("3") == 10  # the files "0".."9", three digits each
+    catalog = json.loads((m.cache_dir / "catalog.json").read_text())
+    assert len(catalog["files"]) == COUNT
+    assert all(len(key) == 32 for key in catalog["files"])  # keys are hashes of the URLs
+    assert m.unmount().returncode == 0
+
+    mark = nginx.mark()
+    started = time.monotonic()
+    mounts.remount(m)
+    remounted = time.monotonic() - started
+    probed_at_remount = _heads(nginx, mark)
+    seconds, listing = _ls(m.path)
+    print(f"remount: {remounted:.2f}s ({probed_at_remount} requests at mount); ls -lR: {seconds:.2f}s")
+    assert probed_at_remount == 0
+    assert _heads(nginx, mark) == 0  # the listing too came from the catalog
+    assert len([line for line in listing if line.startswith("-")]) == COUNT
+    assert (m.path / "d042" / "f04242").read_bytes() == b"4242" * 3

@@ -29,7 +29,7 @@ from rangefs import kernel
 from rangefs.cache import DEFAULT_BLOCK_SIZE, Cache, CacheConfig
 from rangefs.cachedfile import CachedFile
 from rangefs.catalog import Catalog
-from rangefs.errors import CacheError, HostUnreachable, OriginError, RangefsError, UsageError
+from rangefs.errors import CacheError, HostUnreachable, OriginError, RangefsError, RemoteUnreachable, UsageError
 from rangefs.fetcher import Fetcher, SplitFetcher
 from rangefs.fetchproc import FetchProcess, HelperConfig
 from rangefs.fs import Filesystem
@@ -290,21 +290,31 @@ def _daemon_news(read_fd: int, deadline: float) -> Iterator[str]:
 
 
 async def _probe_all(
-    origin: Origin, entries: list[Entry], opts: MountOptions, warn: Callable[[str], None], others: int = 0
-) -> list[tuple[Entry, RemoteFile]]:
+    origin: Origin, entries: list[Entry], opts: MountOptions, warn: Callable[[str], None],
+    catalog: Catalog, reachability: Reachability, *, scout_only: bool = False,
+) -> tuple[list[tuple[Entry, RemoteFile, float | None]], list[Entry]]:
     """Probe every URL, at most _PROBE_CONCURRENCY at once; unusable ones fail the mount or are skipped.
 
     A host that takes no connection fails all its URLs with the one reason, found out once: each
     host's first URL is probed before the others, and a host found down fails its URLs not yet
     probed at once. The whole phase ends after ``opts.probe_timeout``; URLs not probed by then fail.
+    A URL whose server cannot be reached but that the catalog knows is served from the cache (one
+    warning per host). ``scout_only``: only each host's first URL is probed; the others of a host
+    that answered are returned to be probed after mounting (rangefs.lazy).
+
+    Returns the usable entries (with when the catalog's record of one was made, None: just now)
+    and those left for later.
     """
-    results: dict[int, RemoteFile | OriginError] = {}
+    results: dict[int, RemoteFile | OriginError | None] = {}  # None: left for later
     limiter = trio.CapacityLimiter(_PROBE_CONCURRENCY)
     hosts: dict[str, _HostProbes] = {}
 
     async def probe(index: int, entry: Entry, host: _HostProbes, first: bool) -> None:
         if not first:
             await host.scouted.wait()
+            if scout_only and host.down is None:
+                results[index] = None
+                return
         async with limiter:
             if host.down is not None:
                 results[index] = HostUnreachable(f"{redact_url(entry.url)}: not probed: {host.down}")
@@ -327,18 +337,30 @@ async def _probe_all(
                 first = key not in hosts  # the host's first URL in the list goes first
                 host = hosts.setdefault(key, _HostProbes())
                 nursery.start_soon(probe, index, entry, host, first)
-    found: list[tuple[Entry, RemoteFile]] = []
+    found: list[tuple[Entry, RemoteFile, float | None]] = []
+    later: list[Entry] = []
     failures: list[str] = []
     for index, entry in enumerate(entries):
-        result = results.get(index)
+        result = results.get(index, _NOT_PROBED)
+        saved = catalog.get(entry.url) if isinstance(result, RemoteUnreachable) else None
         if isinstance(result, RemoteFile):
-            found.append((entry, result))
+            found.append((entry, result, None))
         elif result is None:
+            later.append(entry)
+        elif saved is not None:  # the server is down, the cache knows the file: serve what it has
+            found.append((entry, saved.remote, saved.checked))
+            message = reachability.found_down(entry.url, result)  # once per host
+            if message is not None:
+                warn(message)
+        elif result is _NOT_PROBED:
             failures.append(f"{opts.url_list} line {entry.line}: {redact_url(entry.url)}: not probed within "
                             f"{opts.probe_timeout:g}s (--probe-timeout)")
         else:
             failures.append(f"{opts.url_list} line {entry.line}: {result}")
-    return _settle_failures(found, failures, opts, warn, others)
+    return _settle_failures(found, failures, opts, warn, len(later)), later
+
+
+_NOT_PROBED = OriginError("not probed")  # a marker: the probe phase ended first
 
 
 @dataclass
@@ -350,10 +372,10 @@ class _HostProbes:
 
 
 def _settle_failures(
-    found: list[tuple[Entry, RemoteFile]], failures: list[str], opts: MountOptions, warn: Callable[[str], None],
-    others: int = 0,
-) -> list[tuple[Entry, RemoteFile]]:
-    """``others``: the entries usable without a probe here (known to the catalog, or probed later)."""
+    found: list[tuple[Entry, RemoteFile, float | None]], failures: list[str], opts: MountOptions,
+    warn: Callable[[str], None], others: int = 0,
+) -> list[tuple[Entry, RemoteFile, float | None]]:
+    """``others``: the entries usable without a probe here (probed after mounting)."""
     for failure in failures:
         log.warning("%s", failure)
     if failures and not opts.skip_unavailable:
@@ -376,17 +398,16 @@ async def _serve(opts: MountOptions, entries: list[Entry], reporter: _Foreground
             async with Origin(opts.origin) as origin:  # probes here; fetches go through the helper
                 catalog = Catalog(opts.cache_dir)
                 await trio.to_thread.run_sync(catalog.load)
-                known, probed, later = await _learn(origin, entries, catalog, opts, reporter.warn)
+                reachability = Reachability(origin.probe)
+                usable, later = await _learn(origin, entries, catalog, reachability, opts, reporter.warn)
                 # Ready means a first read is fast: do not leave the helper's start-up to it.
                 await fetch_process.wait_ready(_HELPER_START_TIMEOUT)
                 # One bound per origin over both processes: the helper's fetches take the near's slots.
                 near = Fetcher(origin, opts.cache.block_size, opts.cache.max_connections)
                 fetcher = SplitFetcher(near, fetch_process, opts.cache.block_size, _MAX_NEAR_BYTES)
-                reachability = Reachability(origin.probe)
                 cache = Cache(opts.cache, fetcher, probe=reachability.probe, direct=near.fetch_bytes)
                 files = _Files(opts, cache, catalog)
-                tree = Tree.build([*((entry, files.make(entry, remote, checked)) for entry, remote, checked in known),
-                                   *((entry, files.make(entry, remote)) for entry, remote in probed),
+                tree = Tree.build([*((entry, files.make(entry, remote, checked)) for entry, remote, checked in usable),
                                    *((entry, None) for entry in later)])
                 probes = Probes(origin.probe, files.attach, catalog, str(opts.url_list), _PROBE_CONCURRENCY)
                 probes.add(node for node in tree.files() if node.cached is None)
@@ -412,33 +433,39 @@ def _helper_config(opts: MountOptions) -> HelperConfig:
 
 
 async def _learn(
-    origin: Origin, entries: list[Entry], catalog: Catalog, opts: MountOptions, warn: Callable[[str], None]
-) -> tuple[list[tuple[Entry, RemoteFile, float]], list[tuple[Entry, RemoteFile]], list[Entry]]:
-    """Sort the entries: known to the catalog (with when probed), probed now, probed after mounting.
+    origin: Origin, entries: list[Entry], catalog: Catalog, reachability: Reachability, opts: MountOptions,
+    warn: Callable[[str], None],
+) -> tuple[list[tuple[Entry, RemoteFile, float | None]], list[Entry]]:
+    """The usable entries (with when the catalog's record of each was made; None: probed now),
+    and those to be probed after mounting.
 
-    What the catalog knows is not asked again at mount: a remount lists the tree at once, also
-    with the server down, and each file is revalidated at its first open as
-    --revalidate-interval says. The others are probed here, unless there are more than
-    _EAGER_PROBES of them: then the mount goes on and rangefs.lazy probes them.
+    A list of up to _EAGER_PROBES URLs is probed at mount, as always: a remount sees what
+    changed. In a longer one, what the catalog knows is not asked again: a remount lists the
+    tree at once, and each file is revalidated at its first open as --revalidate-interval says;
+    the URLs the catalog does not know are probed at mount if they are few, else the first of
+    each host is (a host down fails the mount as before) and the rest after mounting.
     """
-    known: list[tuple[Entry, RemoteFile, float]] = []
-    unknown: list[Entry] = []
-    for entry in entries:
-        saved = catalog.get(entry.url)
-        if saved is None:
-            unknown.append(entry)
-        else:
-            known.append((entry, saved.remote, saved.checked))
-    if len(unknown) > _EAGER_PROBES:
-        log.info("%d URLs known to the catalog, %d to be probed after mounting", len(known), len(unknown))
-        return known, [], unknown
-    probed = await _probe_all(origin, unknown, opts, warn, others=len(known)) if unknown else []
-    if probed:
-        catalog.put_all((entry.url, remote) for entry, remote in probed)
-        blob = catalog.snapshot()
-        if blob is not None:
-            await trio.to_thread.run_sync(catalog.write, blob)
-    return known, probed, []
+    known: list[tuple[Entry, RemoteFile, float | None]] = []
+    unknown = entries
+    if len(entries) > _EAGER_PROBES:
+        unknown = []
+        for entry in entries:
+            saved = catalog.get(entry.url)
+            if saved is None:
+                unknown.append(entry)
+            else:
+                known.append((entry, saved.remote, saved.checked))
+    if not unknown:
+        return known, []
+    scout_only = len(unknown) > _EAGER_PROBES
+    probed, later = await _probe_all(origin, unknown, opts, warn, catalog, reachability, scout_only=scout_only)
+    if later:
+        log.info("%d URLs known to the catalog, %d to be probed after mounting", len(known), len(later))
+    catalog.put_all((entry.url, remote) for entry, remote, checked in probed if checked is None)
+    blob = catalog.snapshot()
+    if blob is not None:
+        await trio.to_thread.run_sync(catalog.write, blob)
+    return known + probed, later
 
 
 class _Files:

@@ -38,6 +38,19 @@ class Reachability:
         self._down: dict[str, float] = {}  # origin -> until when it is not asked again
         self._warned: set[str] = set()  # origins warned about and not back since
 
+    def found_down(self, url: str, exc: Exception) -> str | None:
+        """The server of ``url`` could not be reached: the warning, if it is the first since it
+        last answered (logged here; None when it was already given)."""
+        host = origin_of(url)
+        self._down[host] = time.monotonic() + RETRY_DOWN
+        if host in self._warned:
+            return None
+        self._warned.add(host)
+        message = (f"{redact_url(host)} cannot be reached ({exc}); its files are served from the cache, "
+                   "and blocks not cached fail, until it answers again")
+        log.warning("%s", message)
+        return message
+
     async def probe(self, url: str) -> RemoteFile:
         """The origin's probe of ``url``, unless its server was found down lately.
 
@@ -52,11 +65,7 @@ class Reachability:
         try:
             remote = await self._probe(url)
         except HostUnreachable as exc:
-            self._down[host] = time.monotonic() + RETRY_DOWN
-            if host not in self._warned:
-                self._warned.add(host)
-                log.warning("%s takes no connection (%s); its files are served from the cache, and blocks "
-                            "not cached fail, until it answers again", redact_url(host), exc)
+            self.found_down(url, exc)
             raise ServerDown(str(exc)) from None
         self._down.pop(host, None)
         if host in self._warned:

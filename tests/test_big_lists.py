@@ -76,3 +76,32 @@ def test_a_list_of_10000_urls_mounts_before_its_probes_end_and_remounts_from_the
     assert _heads(nginx, mark) == 0  # the listing too came from the catalog
     assert len([line for line in listing if line.startswith("-")]) == COUNT
     assert (m.path / "d042" / "f04242").read_bytes() == b"4242" * 3
+
+
+def test_the_catalog_keeps_no_secret_and_reads_back_what_it_saved(tmp_path: Path) -> None:
+    from rangefs import safefs
+    from rangefs.catalog import Catalog
+    from rangefs.remote import RemoteFile
+
+    safefs.open_cache_dir(tmp_path)
+    catalog = Catalog(tmp_path)
+    listed = "https://user:SECRET1@example.com/a.bin?token=SECRET2"
+    catalog.put(listed, RemoteFile(listed, 10, '"e"', "Tue, 01 Dec 2026 00:00:00 GMT"))
+    moved = "https://example.com/b.bin"
+    catalog.put(moved, RemoteFile("https://cdn.example.com/b.bin?sig=SECRET3", 20, None, None))  # not saved
+    plain = "https://example.com/c.bin"
+    catalog.put(plain, RemoteFile("https://cdn.example.com/c.bin", 30, None, None, accept_ranges=False))
+    catalog.save()
+    text = (tmp_path / "catalog.json").read_text()
+    assert "SECRET" not in text
+    again = Catalog(tmp_path)
+    again.load()
+    known = again.get(listed)
+    assert known is not None and known.remote == RemoteFile(listed, 10, '"e"', "Tue, 01 Dec 2026 00:00:00 GMT")
+    assert again.get(moved) is None  # probed again at every mount instead
+    other = again.get(plain)
+    assert other is not None and other.remote == RemoteFile("https://cdn.example.com/c.bin", 30, None, None, False)
+    (tmp_path / "catalog.json").write_text("{not json")
+    broken = Catalog(tmp_path)
+    broken.load()  # a damaged catalog counts as empty
+    assert broken.get(listed) is None

@@ -53,6 +53,9 @@ def test_a_list_of_10000_urls_mounts_before_its_probes_end_and_remounts_from_the
     m = mounts.mount(lines)
     mounted = time.monotonic() - started
     probed_at_mount = _heads(nginx, mark)
+    # The last directory's files are the last in the list: a listing waits for their probes.
+    last = subprocess.run(["ls", "-l", str(m.path / "d099")], capture_output=True, text=True, timeout=60, check=True)
+    assert [line.split()[4] for line in last.stdout.splitlines()[1:]] == ["12"] * PER_DIR  # "99xx" * 3
     seconds, listing = _ls(m.path)
     print(f"\nfirst mount of {COUNT} URLs: {mounted:.2f}s ({probed_at_mount} probed when it returned); "
           f"ls -lR: {seconds:.2f}s")

@@ -65,6 +65,7 @@ def test_a_remount_with_the_server_down_serves_the_cache_and_recovers_without_a_
     assert caught.value.errno == errno.EIO
     text = _log_since(log, mark)
     assert text.count("cannot be reached (") == 1, text  # one warning for the server, not one per file
+    assert "cannot revalidate" not in text  # nor one per open
 
     again = Nginx(tmp_path / "nginx", www, port=port)  # the same port: the URLs stay the same
     again.start()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -38,8 +39,13 @@ def test_reload_adds_and_removes_entries_and_an_open_handle_reads_on(mounts: Mou
         assert (m.path / "c").read_bytes() == data["c"]  # probed at its first lookup
         assert (m.path / "a").read_bytes() == data["a"]
         assert held.read() == data["b"][1000:]  # the open handle reads on
+        time.sleep(1.5)  # past the attributes' timeout: the kernel asks the daemon again
         assert os.fstat(held.fileno()).st_size == len(data["b"])
     assert m.mounted()
+    m.url_list.write_text(f"{urls['c']} a\n")  # the same path, another URL: another file
+    done = run_rangefs("reload", m.path)
+    assert done.returncode == 0 and "1 added, 2 removed" in done.stdout
+    assert (m.path / "a").read_bytes() == data["c"]
 
 
 @pytest.mark.timeout(120)

@@ -6,13 +6,14 @@ asserted (they go in the benchmark)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from util import Mounts, Server
+from util import Mounts, Server, wait_until
 
 COUNT = 10_000
 PER_DIR = 100
@@ -40,7 +41,8 @@ def _ls(path: Path) -> tuple[float, list[str]]:
 
 
 def _heads(nginx: Server, since: int) -> int:
-    return sum(1 for r in nginx.nginx.requests(since) if r.path.startswith("/big/") and r.method in ("HEAD", "GET"))
+    return sum(1 for r in nginx.nginx.requests(since) if r.path.startswith(("/big/", "/mid/"))
+               and r.method in ("HEAD", "GET"))
 
 
 @pytest.mark.timeout(300)
@@ -108,3 +110,23 @@ def test_the_catalog_keeps_no_secret_and_reads_back_what_it_saved(tmp_path: Path
     broken = Catalog(tmp_path)
     broken.load()  # a damaged catalog counts as empty
     assert broken.get(listed) is None
+
+
+@pytest.mark.timeout(120)
+def test_a_remount_from_the_catalog_revalidates_at_open_once_the_interval_since_the_probe_passed(
+    mounts: Mounts, nginx: Server
+) -> None:
+    count = 300  # more than the mount probes itself: the catalog answers at remount
+    urls = [nginx.put(f"mid/f{i}", f"old {i}".encode()) for i in range(count)]
+    m = mounts.mount([f"{url} f{i}" for i, url in enumerate(urls)], "--revalidate-interval", "2")
+    assert wait_until(lambda: len(json.loads((m.cache_dir / "catalog.json").read_text())["files"]) == count,
+                      timeout=60)
+    assert (m.path / "f7").read_bytes() == b"old 7"  # now cached
+    assert m.unmount().returncode == 0
+    nginx.put("mid/f7", b"new 7!")
+    os.utime(nginx.www / "mid/f7", (1, 1))  # another Last-Modified, hence ETag
+    time.sleep(2.5)  # the interval since the probe has passed
+    mark = nginx.mark()
+    mounts.remount(m, "--revalidate-interval", "2")
+    assert _heads(nginx, mark) == 0  # nothing asked at mount
+    assert (m.path / "f7").read_bytes() == b"new 7!"  # the open asked, as the interval says

@@ -94,3 +94,31 @@ def test_a_url_the_cache_never_saw_still_fails_a_mount_with_its_server_down(
     mounts.remount(m, *FAST, "--skip-unavailable")
     assert sorted(p.name for p in m.path.iterdir()) == ["known.bin"]
     assert (m.path / "known.bin").read_bytes() == b"known"
+
+
+@pytest.mark.timeout(180)
+def test_a_long_list_remounts_from_the_catalog_with_its_server_down(
+    mounts: Mounts, own_nginx: tuple[Nginx, Path], tmp_path: Path
+) -> None:
+    server, www = own_nginx
+    count = 300  # more than the mount probes itself: the catalog answers, nothing is asked
+    for i in range(count):
+        (www / f"f{i}").write_bytes(f"file {i}".encode())
+    m = mounts.mount([f"{server.url(f'f{i}')} f{i}" for i in range(count)], *FAST)
+    assert wait_until(lambda: (m.cache_dir / "catalog.json").exists()
+                      and (m.cache_dir / "catalog.json").read_text().count('"size"') == count, timeout=60)
+    assert (m.path / "f1").read_bytes() == b"file 1"
+    assert m.unmount().returncode == 0
+    server.stop()
+
+    log = m.cache_dir / "rangefs.log"
+    mark = log.stat().st_size
+    mounts.remount(m, *FAST)
+    assert len(list(m.path.iterdir())) == count
+    for _ in range(3):
+        assert (m.path / "f1").read_bytes() == b"file 1"
+    for name in ("f2", "f3"):
+        with pytest.raises(OSError) as caught:
+            (m.path / name).read_bytes()
+        assert caught.value.errno == errno.EIO
+    assert _log_since(log, mark).count("cannot be reached (") == 1

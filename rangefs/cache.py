@@ -24,6 +24,7 @@ from rangefs import safefs
 from rangefs.cachedfile import CachedFile, FileSlice
 from rangefs.datafile import cache_key
 from rangefs.errors import CacheError
+from rangefs.evict import Evictor
 from rangefs.fetcher import BlockFetcher
 from rangefs.journal import SAVE_DELAY
 from rangefs.origin import RemoteFile
@@ -130,6 +131,12 @@ class Cache:
         self._nursery: trio.Nursery | None = None
         self._calls: set[trio.CancelScope] = set()  # network calls in progress besides the fetches (see network)
         self.closing = False
+        self.evictor = Evictor(self)  # keeps the cache under its limits (--cache-max-size, --cache-min-free)
+
+    @property
+    def allocated_bytes(self) -> int | None:
+        """The cache directory's allocated bytes as last counted (None: not counted yet)."""
+        return self.evictor.allocated
 
     @staticmethod
     def prepare(cache_dir: Path) -> None:
@@ -212,6 +219,7 @@ class Cache:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._save_loop)
+            nursery.start_soon(self.evictor.run)
             task_status.started()
             try:
                 await self._checkpoint_loop()

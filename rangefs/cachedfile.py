@@ -22,6 +22,8 @@ Concurrency rules (one trio thread; blocking disk I/O goes to worker threads):
   fetch (``Flights.stop``) before they touch the files.
 - A version switch replaces ``bitmap``: code that waits looks it up again (``open_bitmap``) on
   every pass, and every read checks the version (``check_version``) after its last ``await``.
+- A read holds its blocks (``reading``) from before it makes sure they are present until it
+  returns: eviction (rangefs.evict) never frees them, nor any block of a file passed through.
 - Fields written off the trio thread, by the worker threads of ``_open_files``, ``reset``,
   ``Versions._grow`` and ``_close_files``, with no fetch running: ``bitmap``, ``_grown_from``,
   and the parts' fields named in their modules (``data.fd``, ``data.sums``,
@@ -48,6 +50,7 @@ from rangefs.errors import (
     CacheUnwritable,
     RemoteChanged,
 )
+from rangefs.evict import Reading
 from rangefs.fill import Filler
 from rangefs.flights import Flights
 from rangefs.journal import Journal
@@ -113,10 +116,15 @@ class CachedFile:
         # Handles the kernel serves from the data file itself (FUSE passthrough, counted by fs.py).
         # While there are any, the data file must not change: a new version waits until they close.
         self._passthrough_handles = 0
+        # Once passed through, a mapping may read the data file for as long as it lives: never evicted.
+        self.passed_through = False
+        self.reading = Reading()  # the blocks reads are using right now: never evicted
         # Bytes that prefetches brought and their handle abandoned unread (it closed or jumped far
         # away): what the readahead fetched for nothing, as seen by the handle that asked for it.
         # "Read" means asked for by a FUSE read, the kernel's readahead included.
         self.prefetch_unused_bytes = 0
+        # The last fetch's failure (redacted, as logged), until a fetch succeeds: `rangefs status`.
+        self.last_error: str | None = None
 
     @property
     def passthrough_handles(self) -> int:
@@ -125,6 +133,7 @@ class CachedFile:
 
     def passthrough_opened(self) -> None:
         self._passthrough_handles += 1
+        self.passed_through = True
 
     def passthrough_closed(self) -> None:
         self._passthrough_handles -= 1
@@ -305,6 +314,21 @@ class CachedFile:
         *,
         slices: bool = False,
     ) -> bytes | bytearray | FileSlice:
+        """``_read``, with its blocks held from eviction until it returns (see rangefs.evict)."""
+        first, stop = offset // self.block_size, -(-(offset + size) // self.block_size)
+        self.cache.evictor.used(self, first, stop)
+        with self.reading.hold(first, stop):
+            return await self._read(offset, size, readahead, generation, slices=slices)
+
+    async def _read(
+        self,
+        offset: int,
+        size: int,
+        readahead: Readahead | None = None,
+        generation: int | None = None,
+        *,
+        slices: bool = False,
+    ) -> bytes | bytearray | FileSlice:
         """Bytes ``offset .. offset+size`` (clipped at the end), fetching missing blocks first.
 
         With ``readahead``, a sequential reader also gets the blocks ahead of it fetched in the
@@ -383,8 +407,8 @@ class CachedFile:
             passed = readahead.expected or 0
             while readahead.claimed and readahead.claimed[0][1] * self.block_size <= passed:
                 readahead.claimed.popleft()
-        if wanted is None or self.switching is not None:
-            return
+        if wanted is None or self.switching is not None or self.cache.evictor.full():
+            return  # (full: eviction lags behind the fetches; reads fetch what they need meanwhile)
         start, target = wanted
         first, stop = start // self.block_size, -(-target // self.block_size)
         for flight in self.flights.claim_ahead(first, stop, self.open_bitmap(), id(readahead), self.generation):

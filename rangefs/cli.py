@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from rangefs import __version__, reload
+from rangefs import commands as commands_for_the_cache
 from rangefs.cache import DEFAULT_BLOCK_SIZE, CacheConfig
 from rangefs.errors import RangefsError, UsageError
 from rangefs.mount import MountOptions, daemon_pid, default_cache_dir, mount, unmount
@@ -187,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
                                         "a list with an error is refused with its line, and the mount keeps its files.")
     r.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path)
     r.add_argument("--timeout", type=_positive, default=60.0, metavar="SECONDS")
+    commands_for_the_cache.add_parsers(commands)
     return parser
 
 
@@ -249,8 +251,10 @@ def main(argv: list[str] | None = None) -> int:
             mount(_mount_options(args))
         elif args.command == "reload":
             _reload(_canonical(args.mountpoint), args.timeout)
-        else:
+        elif args.command == "unmount":
             unmount(_canonical(args.mountpoint), lazy=args.lazy, timeout=args.timeout)
+        else:
+            return commands_for_the_cache.run(args)
     except (RangefsError, UsageError) as exc:
         print(f"rangefs: {exc}", file=sys.stderr)
         return 1

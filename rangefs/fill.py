@@ -127,7 +127,7 @@ class Filler:
                     await file.cache.fetcher.fetch_into(
                         file.remote, flight.run, file.data.fd, self._mark_written(flight)
                     )
-                error = None
+                error = file.last_error = None
         except RangesIgnored as exc:
             error = exc
             self._ranges_ignored()
@@ -156,6 +156,7 @@ class Filler:
                 flight.delivered(block)  # a stream also passes blocks it did not rewrite: no-op
             file.flights.progress(flight, stop - first)
             file.journal.written(stop - first)
+            file.cache.evictor.wrote(file, first, stop)
 
         return mark
 
@@ -169,4 +170,5 @@ class Filler:
 
     def _log_failure(self, exc: RangefsError) -> None:
         url, message = self._file.identity.url, str(exc)
-        log.warning("%s", message if message.startswith(url) else f"{url}: {message}")
+        self._file.last_error = message if message.startswith(url) else f"{url}: {message}"
+        log.warning("%s", self._file.last_error)

@@ -142,6 +142,11 @@ class Flights:
         self._scopes: set[trio.CancelScope] = set()
         self._none_running = trio.Event()
 
+    @property
+    def busy(self) -> bool:
+        """Whether any fetch runs (or is claimed and about to)."""
+        return bool(self._scopes)
+
     def __contains__(self, block: int) -> bool:
         """Whether a ranged fetch brings ``block``."""
         return block in self._inflight

@@ -398,6 +398,8 @@ class Filesystem(pyfuse3.Operations):
         node = self._node(inode)
         if node.inode == ROOT_INODE and name == RELOAD_XATTR and self.reload_status:
             return self.reload_status
+        if inode == pyfuse3.ROOT_INODE and name == _CACHE_DIR_XATTR:  # how `rangefs status` finds the daemon
+            return os.fsencode(self.cache.config.cache_dir)
         if node.cached is None:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         values = _xattrs(node.cached)
@@ -408,6 +410,8 @@ class Filesystem(pyfuse3.Operations):
     @_fuse_errors
     async def listxattr(self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext) -> Sequence[pyfuse3.XAttrNameT]:
         node = self._node(inode)
+        if inode == pyfuse3.ROOT_INODE:
+            return [pyfuse3.XAttrNameT(_CACHE_DIR_XATTR)]
         return [] if node.cached is None else [pyfuse3.XAttrNameT(name) for name in _xattrs(node.cached)]
 
     # Everything that would change the tree or a file answers EROFS.
@@ -423,6 +427,9 @@ class Filesystem(pyfuse3.Operations):
     create = _erofs
     setxattr = _erofs
     removexattr = _erofs
+
+
+_CACHE_DIR_XATTR = b"user.rangefs.cache_dir"  # on the root: the cache directory (rangefs.control)
 
 
 def _xattrs(cached: CachedFile) -> dict[bytes, bytes]:

@@ -110,6 +110,17 @@ class Journal:
                 if self.unsaved and self._file.data.fd >= 0:
                     await self._write_state(synced=False)
 
+    async def record(self) -> bool:
+        """Write the state now, as the bitmap stands (eviction must know that no state records
+        the blocks it cleared before it punches them); whether it was written."""
+        async with self._save_lock:
+            with trio.CancelScope(shield=True):
+                written = self._file.data.fd >= 0
+                if written:
+                    self.unsaved = True
+                    written = await self._write_state(synced=False)
+            return written
+
     async def _write_state(self, *, synced: bool) -> bool:
         """Write the unwritten sums, then the state file recording the bitmap (``_save_lock`` held).
         ``synced``: every recorded block was flushed; the save is then made durable too."""

@@ -62,6 +62,7 @@ class MountEntry:
     minor: int
     fstype: str
     source: str  # the "fsname" of a FUSE mount
+    user_id: int | None = None  # a FUSE mount's user_id= option: who mounted it, set by the kernel's caller
 
 
 def find_mount(mountpoint: str | os.PathLike[str]) -> MountEntry | None:
@@ -82,7 +83,10 @@ def find_mount(mountpoint: str | os.PathLike[str]) -> MountEntry | None:
         if len(fields) > 4 and right and _unescape(fields[4]) == target:
             major, _, minor = fields[2].partition(":")
             kind = right.split()
-            found = MountEntry(int(major), int(minor), kind[0], _unescape(kind[1]) if len(kind) > 1 else "")
+            options = dict(o.partition("=")[::2] for o in kind[2].split(",")) if len(kind) > 2 else {}
+            user_id = options.get("user_id", "")
+            found = MountEntry(int(major), int(minor), kind[0], _unescape(kind[1]) if len(kind) > 1 else "",
+                               int(user_id) if user_id.isdigit() else None)
     return found
 
 

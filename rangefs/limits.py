@@ -9,6 +9,7 @@ attempts of one fetch to the same limit together. Imports trio only.
 
 from __future__ import annotations
 
+import contextvars
 import math
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -19,6 +20,11 @@ import trio
 
 _L = TypeVar("_L")
 _MOVES_PER_WINDOW = 8  # see LowSpeed: an attempt is cut at most an eighth of a window early
+
+# Set in a task that fetches for nobody waiting (``rangefs prefetch``): its requests, and those
+# of the fetch tasks it starts (trio copies a task's context into the tasks it spawns), wait for
+# a slot behind every other kind (see Slots).
+BACKGROUND: contextvars.ContextVar[bool] = contextvars.ContextVar("rangefs_background", default=False)
 
 
 class PerOrigin(Generic[_L]):
@@ -44,6 +50,9 @@ class Slots:
     whichever process runs them: the daemon's small fetches ask urgently, the helper's prefetch
     pieces (admitted by the daemon) do not. So a read waiting for a few blocks waits for at most one
     running request to end, never behind a queue of prefetches; and ``total == 1`` still works.
+    Requests made in a ``BACKGROUND`` context (``rangefs prefetch``) queue behind both, and hold
+    at most ``total - 1`` slots (all of them only when ``total == 1``): a prefetch takes large
+    runs, and a read arriving while it runs must find a slot free, not wait for one of them to end.
     Trio only.
     """
 
@@ -52,39 +61,53 @@ class Slots:
         self.used = 0
         self._urgent: deque[trio.Event] = deque()
         self._others: deque[trio.Event] = deque()
+        self._background: deque[trio.Event] = deque()
+        self._background_used = 0
+        self._background_max = max(1, total - 1)
 
     @asynccontextmanager
     async def hold(self, urgent: bool) -> AsyncIterator[None]:
         """Hold one slot for the body of the ``async with``."""
-        if self.used < self.total and not self._urgent and not self._others:
+        background = BACKGROUND.get()
+        # Background waiters while a slot is free are waiting for their share, not for the slot:
+        # they do not hold up the others.
+        if self.used < self.total and not self._urgent and not self._others and (
+            not background or (not self._background and self._background_used < self._background_max)
+        ):
             self.used += 1
+            self._background_used += background
             try:
                 await trio.lowlevel.checkpoint()
             except BaseException:
-                self._release()
+                self._release(background)
                 raise
         else:
             turn = trio.Event()
-            queue = self._urgent if urgent else self._others
+            queue = self._background if background else self._urgent if urgent else self._others
             queue.append(turn)
             try:
                 await turn.wait()  # set by _release: the slot is handed over, ``used`` unchanged
             except BaseException:
                 if turn.is_set():
-                    self._release()  # handed to us as we were cancelled: pass it on
+                    self._release(background)  # handed to us as we were cancelled: pass it on
                 else:
                     queue.remove(turn)
                 raise
         try:
             yield
         finally:
-            self._release()
+            self._release(background)
 
-    def _release(self) -> None:
+    def _release(self, background: bool) -> None:
+        self._background_used -= background
         for queue in (self._urgent, self._others):
             if queue:
                 queue.popleft().set()
                 return
+        if self._background and self._background_used < self._background_max:
+            self._background_used += 1
+            self._background.popleft().set()
+            return
         self.used -= 1
 
 

@@ -29,6 +29,7 @@ from rangefs import kernel
 from rangefs.cache import DEFAULT_BLOCK_SIZE, Cache, CacheConfig
 from rangefs.cachedfile import CachedFile
 from rangefs.catalog import Catalog
+from rangefs.control import ControlServer
 from rangefs.errors import CacheError, HostUnreachable, OriginError, RangefsError, RemoteUnreachable, UsageError
 from rangefs.fetcher import Fetcher, SplitFetcher
 from rangefs.fetchproc import FetchProcess, HelperConfig
@@ -517,15 +518,21 @@ async def _serve_files(
     reloader = Reloader(fs, probes, files.known, opts.list_path or opts.url_list)
     # Stop signals stay caught until the very end, so a second Ctrl-C cannot cut the shutdown short;
     # caught from before the mount, so that one sent as it is made (the mount command dying) unmounts.
+    control = ControlServer(cache, tree, str(opts.mountpoint))
     with trio.open_signal_receiver(*_STOP_SIGNALS, _RELOAD_SIGNAL) as signals:
-        _mount_fuse(fs, opts)
+        control.open()  # before the mount: a cache directory being cleared fails it cleanly
+        try:
+            _mount_fuse(fs, opts)
+        except BaseException:
+            control.close()
+            raise
         # From here on the mount exists: every path out goes through the finally clauses.
         unmount_ourselves = True
         try:
             reporter.ready()
             log.info("serving %d files at %s (%d to be probed)", sum(1 for _ in tree.files()), opts.mountpoint,
                      probes.waiting)
-            unmount_ourselves = await _run_until_unmounted(fs, opts.mountpoint, signals, probes, reloader)
+            unmount_ourselves = await _run_until_unmounted(fs, opts.mountpoint, signals, control, probes, reloader)
         finally:
             try:
                 with trio.CancelScope(shield=True):
@@ -533,6 +540,7 @@ async def _serve_files(
                     files.remember()
                     await trio.to_thread.run_sync(files.catalog.save)
             finally:
+                control.close()  # after the last save: a clear without a mount must wait for it
                 pyfuse3.close(unmount=unmount_ourselves)
                 log.info("unmounted %s", opts.mountpoint)
 
@@ -548,7 +556,8 @@ def _mount_fuse(fs: Filesystem, opts: MountOptions) -> None:
 
 
 async def _run_until_unmounted(
-    fs: Filesystem, mountpoint: Path, signals: AsyncIterator[int], probes: Probes, reloader: Reloader
+    fs: Filesystem, mountpoint: Path, signals: AsyncIterator[int], control: ControlServer, probes: Probes,
+    reloader: Reloader,
 ) -> bool:
     """Serve until the kernel unmounts us (False) or a signal asks us to stop (True: we unmount)."""
     stopped_by_signal = False
@@ -581,6 +590,7 @@ async def _run_until_unmounted(
         nursery.start_soon(_tune_kernel, fs, mountpoint)
         nursery.start_soon(_abort_when_disconnected, fs, mountpoint)
         nursery.start_soon(fs.watch_readers)
+        nursery.start_soon(control.serve)
         nursery.start_soon(probes.run)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()

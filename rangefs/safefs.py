@@ -116,6 +116,11 @@ def _directory(directory: Path) -> Iterator[int]:
         os.close(fd)
 
 
+def directory(directory: Path) -> contextlib.AbstractContextManager[int]:
+    """A descriptor of a cache directory (or ``files/``), never reached through a symbolic link."""
+    return _directory(directory)
+
+
 def _own_file(st: os.stat_result) -> bool:
     """A regular file with no other name: what rangefs makes."""
     return stat.S_ISREG(st.st_mode) and st.st_nlink <= 1

@@ -59,6 +59,7 @@ MB = 1_000_000  # throughput and memory are reported in decimal MB
 MiB = 1 << 20
 GEN_CHUNK = 16 * MiB
 
+CACHE_LIMIT_MIB = 256  # the seq_cold row with --cache-max-size: a quarter of the default big file
 CASES = ("seq_cold", "seq_warm", "random4k", "tail", "ffprobe", "seek", "seq_rtt", "proxy", "capped", "player")
 CAPPED_RATE = "8m"  # nginx limit_rate of /slow/ (it counts per request), for the capped case
 CAPPED_PROXY_RATE = 8 * MiB  # bytes/s: the same cap, kept per connection over time by latency_proxy.py
@@ -730,7 +731,9 @@ def case_seq(bench: Bench, case: str, base_url: str) -> None:
     data = bench.data
     url = f"{base_url}/{data.big}"
     tools: list[tuple[str, Callable[[], Sample]]] = []
-    for tool in ("rangefs", "rangefs --direct-io", "curl -o /dev/null", "curl -o FILE", "rclone"):
+    # A cache limit below the file's size: what eviction costs a cold read (seq_cold only).
+    capped = (f"rangefs --cache-max-size {CACHE_LIMIT_MIB}M",) if case == "seq_cold" else ()
+    for tool in ("rangefs", "rangefs --direct-io", *capped, "curl -o /dev/null", "curl -o FILE", "rclone"):
         if tool.startswith("curl"):
             tools.append((tool, partial(curl_run, bench, url, data.big, data.big_size, tool.endswith("FILE"))))
         else:

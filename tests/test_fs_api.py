@@ -565,7 +565,10 @@ def test_xattrs_show_the_redacted_url_and_what_is_cached(tmp_path: Path) -> None
             with pytest.raises(pyfuse3.FUSEError) as excinfo:
                 await fs.getxattr(where, name, ctx)
             assert fuse_errno(excinfo) == pyfuse3.ENOATTR
-        assert await fs.listxattr(pyfuse3.ROOT_INODE, ctx) == []
+        # The root names only the cache directory (how `rangefs status` finds the daemon's socket).
+        assert await fs.listxattr(pyfuse3.ROOT_INODE, ctx) == [b"user.rangefs.cache_dir"]
+        assert await fs.getxattr(pyfuse3.ROOT_INODE, b"user.rangefs.cache_dir", ctx) == os.fsencode(
+            fs.cache.config.cache_dir)
 
     run_mount(tmp_path, body)
 

@@ -203,7 +203,10 @@ def all_closed_within(server: FaultServer, path: str, seconds: float) -> bool:
 def test_a_killed_readers_stuck_fetches_are_cancelled_and_other_reads_go_on(
     mounts: Mounts, server: FaultServer, io: str
 ) -> None:
-    server.put("/stuck.bin", seeded_bytes(16 * MiB, seed=63), hang_from=MiB)  # its first MiB only
+    # Its first MiB only; through the page cache the first 8 MiB, so that the window grows past what
+    # the kernel asks for (it counts from the reader) and prefetches reach the hang.
+    hang = MiB if io == "direct-io" else 8 * MiB
+    server.put("/stuck.bin", seeded_bytes(16 * MiB, seed=63), hang_from=hang)
     other = seeded_bytes(2 * MiB, seed=64)
     server.put("/other.bin", other)
     # Direct I/O: the killed reader waits in the kernel for the answer to its read, not yet exited.
@@ -223,7 +226,7 @@ def test_a_killed_readers_stuck_fetches_are_cancelled_and_other_reads_go_on(
         assert any(length(r) > MiB for r in hung(server, "/stuck.bin")), "no prefetch reached the hang"
     gave_up = max(r.closed_at or 0 for r in gets(server, "/stuck.bin")) - killed
     assert (m.path / "other.bin").read_bytes() == other
-    assert (m.path / "stuck.bin").open("rb").read(MiB) == seeded_bytes(16 * MiB, seed=63)[:MiB]
+    assert (m.path / "stuck.bin").open("rb").read(hang) == seeded_bytes(16 * MiB, seed=63)[:hang]
     print(f"the last stuck fetch was given up {gave_up:.2f}s after the kill")
 
 
@@ -245,7 +248,9 @@ def test_a_closed_handles_prefetches_are_cancelled_while_another_handle_stays_op
 ) -> None:
     """With the page cache, the kernel's own readahead waits on the prefetches and holds the
     handle's RELEASE back: the close's FLUSH, and no process holding the file, must end them.
-    There the hang starts further on: a kernel read of the first MiB must not reach into it."""
+    There the hang starts further on, and the reader asks the kernel to read ahead into it
+    (POSIX_FADV_WILLNEED), as its readahead would for a faster reader: its own reads must not
+    reach into it."""
     hang = MiB if mode == "direct-io" else 2 * MiB
     server.put("/stuck.bin", seeded_bytes(16 * MiB, seed=65), hang_from=hang)
     m = mounts.mount([server.url("/stuck.bin")], *(["--direct-io"] if mode == "direct-io" else []))
@@ -255,6 +260,8 @@ def test_a_closed_handles_prefetches_are_cancelled_while_another_handle_stays_op
                 "with open(sys.argv[1], 'rb', buffering=0) as f:\n"
                 "    for _ in range(16):\n"
                 "        f.read(65536)\n"
+                + ("    os.posix_fadvise(f.fileno(), 2 << 20, 1 << 20, os.POSIX_FADV_WILLNEED)\n"
+                   if mode == "page-cache" else "") +
                 "    print('read', flush=True)\n"
                 "    sys.stdin.readline()\n"  # the file stays open until the test says so
                 "print('closed', flush=True)\n"

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -23,6 +23,7 @@ from rangefs.limits import Slots
 from rangefs.spread import Spread
 
 from nginx import Nginx, Request
+from proxy import ThrottleProxy
 from util import Mounts, Server, wait_until
 
 SIZE = 64 * 1024 * 1024
@@ -61,17 +62,18 @@ def read_all(path: Path) -> str:
     return digest.hexdigest()
 
 
-@pytest.mark.parametrize("connections", [8, 3])
+@pytest.mark.parametrize(("connections", "io"), [(8, "--direct-io"), (3, "--direct-io"), (8, "page cache")])
 def test_a_sequential_reader_of_a_capped_server_gets_several_ranges_at_once_within_max_connections(
-    mounts: Mounts, capped: Server, connections: int
+    mounts: Mounts, capped: Server, connections: int, io: str
 ) -> None:
     data = os.urandom(SIZE)
-    rel = f"seq{connections}.bin"
+    rel = f"seq{connections}{io.strip('-')[0]}.bin"
     capped.put(rel, data)
     since = capped.mark()
     # --direct-io: each read() of the reader reaches rangefs, so the ranges at once are the prefetch's
-    # doing; the kernel's own readahead sends several reads ahead at once and would blur that.
-    m = mounts.mount([capped.url("slow/" + rel)], "--max-connections", str(connections), "--direct-io")
+    # doing. Through the page cache the kernel's readahead adds its own reads (up to two at once).
+    direct = [io] if io.startswith("--") else []
+    m = mounts.mount([capped.url("slow/" + rel)], "--max-connections", str(connections), *direct)
     assert read_all(m.path / rel) == hashlib.sha256(data).hexdigest()
     requests = ranged(capped, rel, since)
     most = most_at_once(requests)
@@ -145,3 +147,20 @@ def test_the_spread_doubles_while_it_pays_and_backs_off_when_it_does_not() -> No
     assert shared.plan() == 1
     shared.starved = True
     assert shared.plan() == 1  # held back one step before the next try
+
+
+def test_a_reader_behind_slow_connections_gets_more_of_them(
+    mounts: Mounts, nginx: Server, throttled: Callable[[float], ThrottleProxy]
+) -> None:
+    """A server that paces each connection over time (not each request, as nginx's limit_rate
+    does) at 2 MB/s: a second of the reader's rate is too short a window to cut into pieces of the
+    smallest size, yet the prefetch must spread over several connections, through the page cache."""
+    data = os.urandom(32 * 1024 * 1024)
+    url = nginx.put("parallel/paced.bin", data)
+    proxy = throttled(2e6)
+    m = mounts.mount([url.replace(f":{nginx.nginx.port}/", f":{proxy.port}/")], "--max-connections", "8")
+    since = nginx.mark()
+    assert read_all(m.path / "paced.bin") == hashlib.sha256(data).hexdigest()
+    requests = [r for r in nginx.nginx.requests(since) if r.method == "GET" and r.path == "/parallel/paced.bin"]
+    connections = {r.connection for r in requests if r.range}
+    assert len(connections) >= 4, f"{len(connections)} connections for one sequential reader"

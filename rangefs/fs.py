@@ -276,7 +276,10 @@ class Filesystem(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EROFS)
         cached = node.cached
         try:
-            await cached.revalidate()
+            if await cached.revalidate():
+                # A new version: the size the kernel holds (from a lookup, maybe from the catalog
+                # before any probe) is the old one's.
+                pyfuse3.invalidate_inode(inode, attr_only=True)
         except RemoteChanged:
             raise
         except OriginError as exc:  # cannot ask the server: the cached version is still one version

@@ -9,9 +9,10 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from rangefs import __version__, reload
+from rangefs import __version__
 from rangefs import commands as commands_for_the_cache
 from rangefs.cache import DEFAULT_BLOCK_SIZE, CacheConfig
+from rangefs.control import Client
 from rangefs.errors import RangefsError, UsageError
 from rangefs.mount import MountOptions, daemon_pid, default_cache_dir, mount, unmount
 from rangefs.origin import OriginConfig
@@ -193,11 +194,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _reload(mountpoint: Path, timeout: float) -> None:
+    """Ask the daemon over its control socket (rangefs.control); a refused list raises UsageError."""
     if daemon_pid(mountpoint) is None:
         raise UsageError(f"'{mountpoint}' is not a rangefs mount")
-    pid = daemon_pid(mountpoint)
-    assert pid is not None
-    print(f"rangefs: reloaded {mountpoint}: {reload.request(mountpoint, pid, timeout)}")
+    root, pid, _ = commands_for_the_cache.find_mount_of(mountpoint)
+    with Client(root, pid, timeout) as client:
+        outcome = client.ask({"op": "reload"})["reload"]
+    print(f"rangefs: reloaded {root}: {outcome}")
 
 
 def _canonical(mountpoint: Path) -> Path:

@@ -32,7 +32,7 @@ import os
 import socket
 import struct
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -165,6 +165,9 @@ class ControlServer:
         self._clients = 0
         self._nursery: trio.Nursery | None = None
         self._job_slots = trio.CapacityLimiter(_MAX_PREFETCH_FILES)
+        # ``{"op": "reload"}``: reread the URL list (rangefs.reload); its outcome line, or
+        # UsageError naming the list's bad line. None: not offered.
+        self.reload: Callable[[], Awaitable[str]] | None = None
 
     def open(self) -> None:
         """Take the mount lock, remove dead daemons' sockets, bind ours (before mounting).
@@ -302,6 +305,8 @@ class ControlServer:
                 elif op == "clear":
                     paths = request.get("paths")
                     reply = {"ok": True, **await self._clear(self._files(paths if paths else None))}
+                elif op == "reload" and self.reload is not None:
+                    reply = {"ok": True, "reload": await self.reload()}
                 else:
                     reply = {"ok": False, "error": f"unknown request '{op}'"}
         except UsageError as exc:

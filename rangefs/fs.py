@@ -40,7 +40,7 @@ from rangefs.origin import RemoteFile
 from rangefs.passthrough import Backing, Passthrough
 from rangefs.prefetch import Readahead
 from rangefs.readers import Opener, ReaderWatch, process_of
-from rangefs.tree import ROOT_INODE, Node, Tree
+from rangefs.tree import Node, Tree
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +57,6 @@ _ERRNO: tuple[tuple[type[BaseException], int], ...] = (
     (CacheError, errno.EIO),
     (RangefsError, errno.EIO),
 )
-
-RELOAD_XATTR = b"user.rangefs.reload"  # on the root: the last reload's outcome (see rangefs.reload)
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
@@ -157,7 +155,6 @@ class Filesystem(pyfuse3.Operations):
         self._uid, self._gid = os.getuid(), os.getgid()
         self.initialized = trio.Event()
         self.probes: Probes | None = None  # the probes the mount did not wait for (rangefs.lazy)
-        self.reload_status = b""  # the last reload's outcome, as the root's xattr shows it (rangefs.reload)
 
     def init(self) -> None:
         # Called while the kernel's INIT is handled; the reply is sent before any waiter runs.
@@ -399,8 +396,6 @@ class Filesystem(pyfuse3.Operations):
         self, inode: pyfuse3.InodeT, name: pyfuse3.XAttrNameT, ctx: pyfuse3.RequestContext
     ) -> bytes:
         node = self._node(inode)
-        if node.inode == ROOT_INODE and name == RELOAD_XATTR and self.reload_status:
-            return self.reload_status
         if inode == pyfuse3.ROOT_INODE and name == _CACHE_DIR_XATTR:  # how `rangefs status` finds the daemon
             return os.fsencode(self.cache.config.cache_dir)
         if node.cached is None:

@@ -519,6 +519,7 @@ async def _serve_files(
     # Stop signals stay caught until the very end, so a second Ctrl-C cannot cut the shutdown short;
     # caught from before the mount, so that one sent as it is made (the mount command dying) unmounts.
     control = ControlServer(cache, tree, str(opts.mountpoint))
+    control.reload = reloader.reload
     with trio.open_signal_receiver(*_STOP_SIGNALS, _RELOAD_SIGNAL) as signals:
         control.open()  # before the mount: a cache directory being cleared fails it cleanly
         try:
@@ -567,7 +568,7 @@ async def _run_until_unmounted(
         async for signum in signals:
             if signum == _RELOAD_SIGNAL:
                 if not stopped_by_signal:
-                    nursery.start_soon(reloader.reload)
+                    nursery.start_soon(reloader.on_signal)
                 continue
             if stopped_by_signal:
                 log.info("%s: already unmounting", signal.Signals(signum).name)

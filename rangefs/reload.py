@@ -1,9 +1,10 @@
 """Reload: read the URL list again and change the mount's tree to match, while it is mounted.
 
 Imports rangefs.urllist, tree, lazy, fs (for its types) and errors; uses pyfuse3 only to tell
-the kernel which names are gone. Asked by SIGHUP to the daemon (``rangefs reload MOUNTPOINT``
-sends it and waits for the outcome, see ``request``). Runs on the trio thread, one reload at a
-time (``_lock``); the list is read in a worker thread.
+the kernel which names are gone. Asked by SIGHUP to the daemon (``on_signal``: the outcome goes
+to the log) or by ``rangefs reload MOUNTPOINT`` over the control socket (rangefs.control: the
+outcome, or the refusal naming the bad line, goes back to the command). Runs on the trio thread,
+one reload at a time (``_lock``); the list is read in a worker thread.
 
 - A list that does not parse is refused with its line number; the tree stays as it was.
 - An entry whose path and line content (URL, options) are unchanged keeps its inode, so files
@@ -16,16 +17,12 @@ time (``_lock``); the list is read in a worker thread.
   the changed directories' attributes are dropped (``invalidate_inode``), from a worker thread
   after the tree has changed, never from a request handler: the kernel may hold a directory's
   lock while it waits for a lookup of ours, and the notification would wait for that lock.
-- The outcome is the root's ``user.rangefs.reload`` xattr: ``SEQ ok: ...`` or ``SEQ error: ...``,
-  ``SEQ`` counting reloads, so the command can tell its own reload's answer from an older one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import os
-import signal
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,14 +31,12 @@ import trio
 
 from rangefs.cachedfile import CachedFile
 from rangefs.errors import RangefsError, UsageError
-from rangefs.fs import RELOAD_XATTR, Filesystem
+from rangefs.fs import Filesystem
 from rangefs.lazy import Probes
 from rangefs.tree import Node
 from rangefs.urllist import Entry, load_url_list
 
 log = logging.getLogger(__name__)
-
-_POLL = 0.05  # seconds between the command's looks at the outcome
 
 
 class Reloader:
@@ -60,25 +55,31 @@ class Reloader:
         self.known = known
         self.list_path = list_path
         self._lock = trio.Lock()
-        self._count = 0
 
-    async def reload(self) -> None:
+    async def reload(self) -> str:
+        """Reread the list and apply it; the outcome, one line.
+
+        Raises:
+            UsageError: the list cannot be read or parsed (the message names its line); the tree
+                is unchanged.
+        """
         async with self._lock:
-            self._count += 1
             try:
                 entries = await trio.to_thread.run_sync(load_url_list, self.list_path)
             except RangefsError as exc:
-                log.warning("reload refused, the mount keeps its files: %s", exc)
-                self._status(f"error: {exc}")
-                return
+                message = f"reload refused, the mount keeps its files: {exc}"
+                log.warning("%s", message)
+                raise UsageError(message) from None
             added, removed, stale = self._apply(entries)
-            message = f"ok: {len(entries)} files, {added} added, {removed} removed"
-            log.info("reloaded %s: %s", self.list_path, message.removeprefix("ok: "))
-            self._status(message)
+            message = f"{len(entries)} entries, {added} added, {removed} removed"
+            log.info("reloaded %s: %s", self.list_path, message)
             await self._invalidate(stale)
+            return message
 
-    def _status(self, message: str) -> None:
-        self.fs.reload_status = f"{self._count} {message}".encode()
+    async def on_signal(self) -> None:
+        """A reload asked by SIGHUP: its outcome is logged, nobody waits for it."""
+        with contextlib.suppress(UsageError):
+            await self.reload()
 
     def _apply(self, entries: list[Entry]) -> tuple[int, int, list[tuple[int, bytes]]]:
         """Change the tree (no await: handlers see the old tree or the new one, never half)."""
@@ -131,38 +132,3 @@ def _invalidate_inode(inode: int) -> None:
         pyfuse3.invalidate_inode(pyfuse3.InodeT(inode), attr_only=False)
     except OSError:
         pass  # the kernel does not hold that inode
-
-
-# -- the command: rangefs reload MOUNTPOINT ------------------------------------------------------
-
-
-def request(mountpoint: Path, pid: int, timeout: float) -> str:
-    """Ask the daemon ``pid`` serving ``mountpoint`` to reload; its outcome line.
-
-    Raises:
-        UsageError: the list was refused (the message names its line), or no answer in time.
-    """
-    before = _outcome(mountpoint)
-    os.kill(pid, signal.SIGHUP)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        outcome = _outcome(mountpoint)
-        if outcome and _sequence(outcome) > _sequence(before):
-            message = outcome.partition(" ")[2]
-            if message.startswith("error: "):
-                raise UsageError(f"reload refused, the mount keeps its files: {message.removeprefix('error: ')}")
-            return message.removeprefix("ok: ")
-        time.sleep(_POLL)
-    raise UsageError(f"'{mountpoint}': no answer to the reload within {timeout:.0f}s (see its log)")
-
-
-def _outcome(mountpoint: Path) -> str:
-    try:
-        return os.getxattr(mountpoint, RELOAD_XATTR.decode()).decode(errors="replace")
-    except OSError:
-        return ""  # no reload yet
-
-
-def _sequence(outcome: str) -> int:
-    head = outcome.partition(" ")[0]
-    return int(head) if head.isdigit() else 0

@@ -12,6 +12,7 @@ request line, the daemon answers with zero or more ``{"progress": ...}`` lines a
   mount's root; a directory means the files under it) in the background; with ``wait``,
   progress every ``_PROGRESS_EVERY`` seconds until they are complete and saved.
 - ``{"op": "clear", "paths": [...] | null}``: drop the cached data of files not open (null: all).
+- ``{"op": "reload"}``: reread the URL list (rangefs.reload) as ``"reload"``, or the refusal.
 
 Who may use it: the peer's uid (SO_PEERCRED) must be the daemon's or root's; anyone else gets
 one refusal line. With --allow-other, other users read the mount but cannot use this. Bounds: a

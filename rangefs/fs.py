@@ -272,11 +272,9 @@ class Filesystem(pyfuse3.Operations):
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
             raise pyfuse3.FUSEError(errno.EROFS)
         cached = node.cached
+        switched = False
         try:
-            if await cached.revalidate():
-                # A new version: the size the kernel holds (from a lookup, maybe from the catalog
-                # before any probe) is the old one's.
-                pyfuse3.invalidate_inode(inode, attr_only=True)
+            switched = await cached.revalidate()
         except RemoteChanged:
             raise
         except OriginError as exc:  # cannot ask the server: the cached version is still one version
@@ -290,8 +288,11 @@ class Filesystem(pyfuse3.Operations):
             # keep_cache: pages the kernel holds stay valid while the version does. After a version
             # switch the kernel must drop them (it does at an open without keep_cache) and its size.
             keep_cache = self._kernel_generation.setdefault(inode, cached.generation) == cached.generation
-            if not keep_cache:
+            if not keep_cache or switched:
                 self._kernel_generation[inode] = cached.generation
+            if not keep_cache:
+                # Also a switch at this open, the first of the file in this mount: the size the
+                # kernel holds came from a lookup (maybe from the catalog, before any probe).
                 pyfuse3.invalidate_inode(inode, attr_only=True)
         except BaseException:
             self._passthrough.abandon(inode, backing)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import sys
@@ -11,10 +12,12 @@ from typing import NoReturn
 
 from rangefs import __version__
 from rangefs import commands as commands_for_the_cache
+from rangefs.auth import Headers, header_argument, load_netrc
 from rangefs.cache import DEFAULT_BLOCK_SIZE, CacheConfig
 from rangefs.control import Client
 from rangefs.errors import RangefsError, UsageError
 from rangefs.mount import MountOptions, daemon_pid, default_cache_dir, mount, unmount
+from rangefs.netconfig import check_proxy, tls_context
 from rangefs.origin import OriginConfig
 
 _SIZE = re.compile(r"(\d+)([KMGT]?)(i?B)?", re.IGNORECASE)
@@ -114,8 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     m = commands.add_parser("mount", help="mount a URL list", description="Mount a URL list as read-only files.",
-                            epilog="https trusts the certificates of certifi, or of SSL_CERT_FILE or SSL_CERT_DIR "
-                                   "when set; a certificate that fails verification fails at once, unretried.")
+                            epilog="https trusts the certificates of --ca-bundle, else of SSL_CERT_FILE or "
+                                   "SSL_CERT_DIR when set, else certifi's; a certificate that fails verification "
+                                   "fails at once, unretried. HTTPS_PROXY, HTTP_PROXY, ALL_PROXY and NO_PROXY "
+                                   "(or lowercase) are honoured as curl does. Headers, netrc logins and a URL's "
+                                   "user info go only to the listed URL's origin, never after a redirect to "
+                                   "another; give secret headers with @FILE, not on the command line (ps shows it).")
     m.add_argument("url_list", metavar="URLS", type=Path, help="the URL list: 'URL [PATH]' per line")
     m.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path, help="an existing empty directory")
     m.add_argument("--cache-dir", type=Path, default=None,
@@ -173,6 +180,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the time over which --low-speed-limit is measured (0: never; default: 15)")
     m.add_argument("--allow-insecure-redirect", action="store_true",
                    help="follow redirects from https to http (default: refuse them)")
+    m.add_argument("-H", "--header", action="append", default=[], metavar="'NAME: VALUE'|@FILE",
+                   help="send this header with every request (repeatable); @FILE: one 'Name: value' per line")
+    m.add_argument("--netrc", action="store_true", help="log in with ~/.netrc's login for the host, as curl")
+    m.add_argument("--netrc-file", type=Path, metavar="FILE", help="as --netrc, from FILE")
+    m.add_argument("--ca-bundle", type=Path, metavar="FILE", help="trust the CA certificates of this PEM file")
+    m.add_argument("--client-cert", type=Path, metavar="FILE",
+                   help="present this PEM certificate (and its key, unless --client-key) to https servers")
+    m.add_argument("--client-key", type=Path, metavar="FILE", help="the unencrypted PEM key of --client-cert")
+    m.add_argument("--proxy", metavar="URL",
+                   help="send every request through this proxy, http://[user:password@]host:port; NO_PROXY "
+                        "still applies (default: the *_PROXY variables)")
     m.add_argument("--probe-timeout", type=_positive, default=120.0, metavar="SECONDS",
                    help="longest time for asking the server about every URL before mounting; URLs not "
                         "answered by then fail (default: 120)")
@@ -215,6 +233,24 @@ def _canonical(mountpoint: Path) -> Path:
     return Path(os.path.realpath(absolute.parent)) / absolute.name
 
 
+def _absolute(path: Path | None) -> str | None:
+    return None if path is None else str(path.absolute())  # the daemon leaves the working directory
+
+
+def _origin_access(args: argparse.Namespace, config: OriginConfig) -> OriginConfig:
+    """``config`` with the headers, logins, TLS files and proxy asked for, checked now (one line when bad)."""
+    headers: Headers = tuple(pair for argument in args.header for pair in header_argument(argument))
+    netrc = load_netrc(_absolute(args.netrc_file)) if args.netrc or args.netrc_file else ()
+    if args.client_key and not args.client_cert:
+        raise UsageError("--client-key needs --client-cert")
+    ca_bundle, client_cert = _absolute(args.ca_bundle), _absolute(args.client_cert)
+    client_key = _absolute(args.client_key)
+    tls_context(ca_bundle, client_cert, client_key)  # a file that cannot be used fails the command, not the daemon
+    proxy = check_proxy(args.proxy) if args.proxy is not None else None
+    return dataclasses.replace(config, headers=headers, netrc=netrc, proxy=proxy, ca_bundle=ca_bundle,
+                               client_cert=client_cert, client_key=client_key)
+
+
 def _mount_options(args: argparse.Namespace) -> MountOptions:
     cache_dir = (args.cache_dir or default_cache_dir()).absolute()
     return MountOptions(
@@ -235,10 +271,10 @@ def _mount_options(args: argparse.Namespace) -> MountOptions:
                           revalidate_interval=args.revalidate_interval, max_connections=args.max_connections,
                           max_bytes=args.cache_max_size, min_free_bytes=args.cache_min_free[0],
                           min_free_percent=args.cache_min_free[1]),
-        origin=OriginConfig(connect_timeout=args.connect_timeout, read_timeout=args.read_timeout,
-                            retries=args.retries, retry_time=args.retry_time,
-                            low_speed_limit=args.low_speed_limit, low_speed_time=args.low_speed_time,
-                            allow_insecure_redirect=args.allow_insecure_redirect),
+        origin=_origin_access(args, OriginConfig(
+            connect_timeout=args.connect_timeout, read_timeout=args.read_timeout, retries=args.retries,
+            retry_time=args.retry_time, low_speed_limit=args.low_speed_limit, low_speed_time=args.low_speed_time,
+            allow_insecure_redirect=args.allow_insecure_redirect)),
     )
 
 

@@ -7,8 +7,8 @@ the network stream, counting Content-Length itself, and keeps the connection for
 request (measured against httpx: docs/experiments.md, 'Lean HTTP/1.1 client').
 
 Only for plain GETs of a URL whose redirects are already resolved (the probe does that with
-httpx) and only when no proxy is configured; anything it does not handle (a chunked body,
-a 1xx other than 100, HTTP/1.0 keep-alive) is read to completion or closed with the connection.
+httpx), reached without a proxy (rangefs.origin decides); anything it does not handle (a chunked
+body, a 1xx other than 100, HTTP/1.0 keep-alive) is read to completion or closed with the connection.
 Imports h11, httpcore and httpx (for its URL and exception types) and nothing of rangefs; only
 rangefs.origin uses it. Errors are raised as the httpx exceptions of the same meaning, so
 rangefs.origin sees one family.
@@ -246,9 +246,11 @@ class _Body:
 
 
 def _request_headers(target: httpx.URL, headers: dict[str, str]) -> list[tuple[str, str]]:
-    """Host, basic auth from the URL's user info (as httpx sends it), then ``headers``."""
+    """Host, basic auth from the URL's user info (as httpx sends it, unless ``headers`` has its own
+    Authorization), then ``headers``."""
     lines = [("Host", target.netloc.decode("ascii"))]
-    if target.username or target.password:
+    own = any(name.lower() == "authorization" for name in headers)
+    if (target.username or target.password) and not own:
         credentials = f"{target.username}:{target.password}".encode()
         lines.append(("Authorization", f"Basic {base64.b64encode(credentials).decode('ascii')}"))
     return lines + list(headers.items())

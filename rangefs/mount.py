@@ -349,7 +349,7 @@ async def _probe_all(
         elif result is None:
             later.append(entry)
         elif saved is not None:  # the server is down, the cache knows the file: serve what it has
-            found.append((entry, saved.remote, saved.checked))
+            found.append((entry, origin.with_user_headers(entry.url, saved.remote), saved.checked))
             message = reachability.found_down(entry.url, result)  # once per host
             if message is not None:
                 warn(message)
@@ -397,6 +397,7 @@ async def _serve(opts: MountOptions, entries: list[Entry], reporter: _Foreground
         await helpers.start(fetch_process.supervise)
         try:
             async with Origin(opts.origin) as origin:  # probes here; fetches go through the helper
+                origin.entry_headers.update((entry.url, entry.headers) for entry in entries if entry.headers)
                 catalog = Catalog(opts.cache_dir)
                 await trio.to_thread.run_sync(catalog.load)
                 reachability = Reachability(origin.probe)
@@ -407,7 +408,7 @@ async def _serve(opts: MountOptions, entries: list[Entry], reporter: _Foreground
                 near = Fetcher(origin, opts.cache.block_size, opts.cache.max_connections)
                 fetcher = SplitFetcher(near, fetch_process, opts.cache.block_size, _MAX_NEAR_BYTES)
                 cache = Cache(opts.cache, fetcher, probe=reachability.probe, direct=near.fetch_bytes)
-                files = _Files(opts, cache, catalog)
+                files = _Files(opts, cache, catalog, origin)
                 tree = Tree.build([*((entry, files.make(entry, remote, checked)) for entry, remote, checked in usable),
                                    *((entry, None) for entry in later)])
                 probes = Probes(origin.probe, files.attach, catalog, str(opts.url_list), _PROBE_CONCURRENCY)
@@ -454,8 +455,8 @@ async def _learn(
             saved = catalog.get(entry.url)
             if saved is None:
                 unknown.append(entry)
-            else:
-                known.append((entry, saved.remote, saved.checked))
+            else:  # headers are never saved: the user's are added back
+                known.append((entry, origin.with_user_headers(entry.url, saved.remote), saved.checked))
     if not unknown:
         return known, []
     scout_only = len(unknown) > _EAGER_PROBES
@@ -472,10 +473,11 @@ async def _learn(
 class _Files:
     """How a list entry becomes a cached file of the mount (at mount, after a probe, at a reload)."""
 
-    def __init__(self, opts: MountOptions, cache: Cache, catalog: Catalog) -> None:
+    def __init__(self, opts: MountOptions, cache: Cache, catalog: Catalog, origin: Origin) -> None:
         self.opts = opts
         self.cache = cache
         self.catalog = catalog
+        self.origin = origin
 
     def make(self, entry: Entry, remote: RemoteFile, checked: float | None = None) -> CachedFile:
         """``checked``: when the server last described it (a saved probe), else now."""
@@ -490,9 +492,14 @@ class _Files:
         node.cached = self.make(node.entry, remote)
 
     def known(self, entry: Entry) -> CachedFile | None:
-        """The cached file of an entry the catalog knows, else None (a reload's new entries)."""
+        """The cached file of an entry the catalog knows, else None (a reload's new entries, whose
+        own headers the origin learns here, for their probes and ranges)."""
+        if entry.headers:
+            self.origin.entry_headers[entry.url] = entry.headers
         saved = self.catalog.get(entry.url)
-        return None if saved is None else self.make(entry, saved.remote, saved.checked)
+        if saved is None:
+            return None
+        return self.make(entry, self.origin.with_user_headers(entry.url, saved.remote), saved.checked)
 
     def remember(self) -> None:
         """Record in the catalog the versions the files moved to while mounted (revalidation)."""

@@ -1,8 +1,8 @@
 """Probe a URL, fetch byte ranges, retry: what rangefs asks of HTTP servers.
 
-Imports httpx and rangefs.http11, the only other module that imports httpx; raises
+Imports httpx, rangefs.http11 and rangefs.netconfig (the other modules that import httpx); raises
 rangefs.errors exceptions, never httpx ones. Probes go through httpx (redirects); range GETs
-through the lean client of rangefs.http11 unless a proxy is configured. Every ranged GET
+through the lean client of rangefs.http11 unless the URL goes through a proxy. Every ranged GET
 carries ``If-Range`` with the file's validator and ``Accept-Encoding: identity`` (ranges count
 bytes of the encoded body), and every answer passes the checks of rangefs.remote before a byte
 of it is handed on.
@@ -12,30 +12,34 @@ A hostile or failing server is bounded: every attempt is cut when fewer than
 trips the read timeout, which only measures gaps), and attempts that each break off early are
 held to the same limit together (rangefs.limits); a certificate that fails verification
 ends the request at once with its reason; an https URL is not followed to http unless
-``allow_insecure_redirect``; the URL's credentials go only to its own origin.
+``allow_insecure_redirect``; the URL's credentials, and the headers the user gives
+(rangefs.auth), go only to the listed URL's own origin. TLS trust, client certificates and
+proxies come from rangefs.netconfig, the same for both clients.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import random
 import re
 import ssl
 import time
-import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import httpcore._async.http11 as httpcore_http11
 import httpx
 import trio
 
+from rangefs.auth import Headers, NetrcLogin, netrc_authorization
 from rangefs.errors import BadResponse, HostUnreachable, OriginError, RemoteChanged, RemoteUnreachable
 from rangefs.http11 import DEFAULT_PORTS, RangeClient, UnsupportedResponse
 from rangefs.limits import LowSpeed, Pace, PerOrigin
+from rangefs.netconfig import proxy_map, tls_context
 from rangefs.redact import redact_url
 from rangefs.remote import (
     Answer,
@@ -86,6 +90,13 @@ class OriginConfig:
     low_speed_limit: int = 1024
     low_speed_time: float = 15.0
     allow_insecure_redirect: bool = False  # follow https -> http redirects
+    # The user's (rangefs.auth): secrets, so out of repr; sent to the listed URL's origin only.
+    headers: Headers = field(default=(), repr=False)  # --header, on every URL
+    netrc: tuple[NetrcLogin, ...] = field(default=(), repr=False)  # --netrc / --netrc-file logins
+    ca_bundle: str | None = None  # trust these CAs instead of the default store
+    client_cert: str | None = None  # PEM certificate (and key, unless client_key)
+    client_key: str | None = None
+    proxy: str | None = field(default=None, repr=False)  # --proxy: may hold user:password
 
 
 class _Progressed(Retry):
@@ -115,6 +126,9 @@ class Origin:
         self._client: httpx.AsyncClient | None = None
         self._lean: RangeClient | None = None
         self._httpx_only: set[bytes] = set()  # servers whose answers the lean client cannot read
+        self._direct: dict[bytes, bool] = {}  # per host: reached without a proxy (the lean client may take it)
+        # Per listed URL: its URL-list entry's headers (rangefs.urllist's header.NAME=), set by the mount.
+        self.entry_headers: dict[str, Headers] = {}
         probes = self.config.max_connections  # per origin: httpx has no cap of its own here
         self._probes = PerOrigin(lambda: trio.CapacityLimiter(probes))
 
@@ -124,8 +138,14 @@ class Origin:
         # No cap on connections in use: one cap over all hosts would let a slow host hold
         # what another needs. Callers bound them (rangefs.fetcher per origin, the mount's probes).
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=cfg.max_connections)
-        # One trust store for both clients: httpx's (certifi, or SSL_CERT_FILE / SSL_CERT_DIR when set).
-        tls = httpx.create_ssl_context()
+        # One trust store and client certificate for both clients (--ca-bundle, else httpx's: certifi,
+        # or SSL_CERT_FILE / SSL_CERT_DIR when set).
+        tls = tls_context(cfg.ca_bundle, cfg.client_cert, cfg.client_key)
+        mounts: dict[str, httpx.AsyncBaseTransport | None] = {}
+        if self._transport is None:  # a test transport replaces the network, proxies included
+            for pattern, proxy in proxy_map(cfg.proxy).items():
+                mounts[pattern] = None if proxy is None else httpx.AsyncHTTPTransport(verify=tls, limits=limits,
+                                                                                       proxy=proxy)
         self._client = httpx.AsyncClient(
             timeout=timeout,
             limits=limits,
@@ -134,12 +154,32 @@ class Origin:
             max_redirects=10,
             headers={"Accept-Encoding": "identity", "User-Agent": "rangefs"},
             transport=self._transport,
-            event_hooks={"response": [self._check_redirect]},
+            mounts=mounts,
+            trust_env=False,  # proxies and trust are set above, from the same variables
+            event_hooks={"request": [_user_headers], "response": [self._check_redirect]},
         )
-        # Range GETs take the lean client unless a test transport or a proxy is in the way.
-        if cfg.lean_ranges and self._transport is None and not urllib.request.getproxies():
+        # Range GETs take the lean client unless a test transport is in the way (or, per URL, a proxy).
+        if cfg.lean_ranges and self._transport is None:
             self._lean = RangeClient(cfg.connect_timeout, cfg.read_timeout, max_idle=cfg.max_connections, tls=tls)
         return self
+
+    def headers_for(self, url: str) -> Headers:
+        """The user's headers for a listed URL: --header, then netrc's login, then the entry's own."""
+        return self.config.headers + netrc_authorization(url, self.config.netrc) + self.entry_headers.get(url, ())
+
+    def with_user_headers(self, listed: str, remote: RemoteFile) -> RemoteFile:
+        """``remote`` (of the listed URL ``listed``, e.g. read back from the cache directory, where
+        headers are never saved) with the user's headers its range GETs need: those of
+        ``headers_for(listed)`` when ``remote.url`` is on the listed URL's origin, else none."""
+        return dataclasses.replace(remote, headers=_user_headers_for(listed, remote.url, self.headers_for(listed)))
+
+    def _is_direct(self, url: httpx.URL) -> bool:
+        """Whether httpx reaches ``url`` without a proxy (then the lean client may take its ranges)."""
+        found = self._direct.get(url.netloc)
+        if found is None:
+            # httpx's own choice among its mounts: the proxy map of rangefs.netconfig
+            found = self._direct[url.netloc] = self.client._transport_for_url(url) is self.client._transport
+        return found
 
     async def _check_redirect(self, resp: httpx.Response) -> None:
         """Refuse to follow an https URL to http (its bytes and cookies would travel in the clear)."""
@@ -187,8 +227,9 @@ class Origin:
         raise AssertionError("unreachable")  # _low_speed raises when it cut the attempt short
 
     async def _probe_unguarded(self, url: str) -> RemoteFile:
-        lean = await self._lean_head(url)
-        resp: Answer = lean if lean is not None else await self.client.head(url)
+        user = self.headers_for(url)
+        lean = await self._lean_head(url, user)
+        resp: Answer = lean if lean is not None else await self.client.head(url, extensions=_extensions(url, user))
         raise_for_status(url, resp)
         size = resp.headers.get("Content-Length")
         if resp.status_code in _HEAD_REFUSED or not size or not size.isdigit():
@@ -196,21 +237,24 @@ class Origin:
         if not 200 <= resp.status_code < 300:
             raise BadResponse(f"{redact_url(url)}: HEAD answered {status_line(resp)}")
         refuse_encoding(url, resp)
-        accept_ranges = resp.headers.get("Accept-Ranges", "bytes") != "none"
+        ranges = resp.headers.get("Accept-Ranges", "bytes") != "none"
         if lean is not None:  # not redirected: ranges go to the listed URL
-            return RemoteFile(url, int(size), resp.headers.get("ETag"), resp.headers.get("Last-Modified"),
-                              accept_ranges)
+            return RemoteFile(url, int(size), resp.headers.get("ETag"), resp.headers.get("Last-Modified"), ranges,
+                              headers=_user_headers_for(url, url, user))
         assert isinstance(resp, httpx.Response)
-        return _remote_from(url, resp, int(size), accept_ranges)
+        return _remote_from(url, resp, int(size), ranges, user)
 
-    async def _lean_head(self, url: str) -> Answer | None:
-        """The HEAD through the lean client, where it can take it; None for a redirect (httpx
-        follows those, with its rules for credentials). An httpx HEAD costs several times the CPU,
-        which a list of thousands of URLs pays once per URL (docs/internals.md, 'Big lists')."""
-        if self._lean is None or httpx.URL(url).netloc in self._httpx_only:
+    async def _lean_head(self, url: str, user: Headers) -> Answer | None:
+        """The HEAD through the lean client, where it can take it (no proxy); None for a redirect
+        (httpx follows those, with its rules for credentials and the user's headers). An httpx
+        HEAD costs several times the CPU, which a list of thousands of URLs pays once per URL
+        (docs/internals.md, 'Big lists')."""
+        target = httpx.URL(url)
+        if self._lean is None or target.netloc in self._httpx_only or not self._is_direct(target):
             return None
+        headers = {"Accept-Encoding": "identity", "User-Agent": "rangefs", **dict(user)}  # a user's User-Agent wins
         try:
-            async with self._lean.get(url, {"Accept-Encoding": "identity", "User-Agent": "rangefs"}, "HEAD") as resp:
+            async with self._lean.get(url, headers, "HEAD") as resp:
                 async for _ in resp.aiter_raw():
                     pass  # a HEAD answer has no body: this only marks it complete, to keep the connection
         except UnsupportedResponse:  # a head that names a chunked body: httpx's to read
@@ -218,19 +262,20 @@ class Origin:
         return None if 300 <= resp.status_code < 400 else resp
 
     async def _probe_by_get(self, url: str) -> RemoteFile:
-        async with self.client.stream("GET", url, headers={"Range": "bytes=0-0"}) as resp:
+        extensions = _extensions(url, self.headers_for(url))
+        async with self.client.stream("GET", url, headers={"Range": "bytes=0-0"}, extensions=extensions) as resp:
             raise_for_status(url, resp)
             refuse_encoding(url, resp)
             if resp.status_code == 206:
                 size = total_from_content_range(url, resp)
-                return _remote_from(url, resp, size, True)
+                return _remote_from(url, resp, size, True, self.headers_for(url))
             if resp.status_code == 416:
                 match = _CONTENT_RANGE_UNSATISFIED.match(resp.headers.get("Content-Range", ""))
                 if match and match.group(1) == "0":
-                    return _remote_from(url, resp, 0, True)
+                    return _remote_from(url, resp, 0, True, self.headers_for(url))
             length = resp.headers.get("Content-Length", "")
             if resp.status_code == 200 and length.isdigit():
-                return _remote_from(url, resp, int(length), False)
+                return _remote_from(url, resp, int(length), False, self.headers_for(url))
             raise BadResponse(f"{redact_url(url)}: cannot learn the size (GET answered {status_line(resp)})")
 
     async def fetch(self, remote: RemoteFile, start: int, stop: int, sink: Sink) -> None:
@@ -308,7 +353,8 @@ class Origin:
     async def _stream_once(self, remote: RemoteFile, skip: int, sink: Sink) -> None:
         received = 0
         with self._low_speed() as speed:
-            async with self.client.stream("GET", remote.url) as resp:
+            extensions = _extensions(remote.url, remote.headers)
+            async with self.client.stream("GET", remote.url, extensions=extensions) as resp:
                 raise_for_status(remote.url, resp)
                 if resp.status_code != 200:
                     raise BadResponse(f"{redact_url(remote.url)}: answered {status_line(resp)} to a GET")
@@ -335,7 +381,7 @@ class Origin:
             headers["If-Range"] = remote.if_range
         position = start
         with self._low_speed() as speed:
-            async with self._get(remote.url, headers) as resp:
+            async with self._get(remote.url, headers, remote.headers) as resp:
                 check_range_answer(remote, resp, start, stop)
                 async for chunk in resp.aiter_raw():
                     speed.feed(len(chunk))
@@ -351,18 +397,23 @@ class Origin:
             raise Retry(f"body ended at byte {position}, expected {stop}")
 
     @asynccontextmanager
-    async def _get(self, url: str, headers: dict[str, str]) -> AsyncIterator[Answer]:
-        """A streamed GET: through the lean client when it can take it, else through httpx."""
-        origin = httpx.URL(url).netloc
-        if self._lean is not None and origin not in self._httpx_only:
+    async def _get(self, url: str, headers: dict[str, str], user: Headers) -> AsyncIterator[Answer]:
+        """A streamed GET: through the lean client when it can take it, else through httpx.
+
+        ``user``: the user's headers for ``url`` (RemoteFile.headers, already limited to its origin);
+        neither client follows a redirect of a range GET to another origin with them.
+        """
+        target = httpx.URL(url)
+        origin = target.netloc
+        if self._lean is not None and origin not in self._httpx_only and self._is_direct(target):
             try:
-                async with self._lean.get(url, headers) as resp:
+                async with self._lean.get(url, {**headers, **dict(user)}) as resp:  # a user's User-Agent wins
                     yield resp
                 return
             except UnsupportedResponse:  # raised before the response is handed out
                 log.info("%s: the server frames range bodies in chunks; using httpx for it", redact_url(url))
                 self._httpx_only.add(origin)
-        async with self.client.stream("GET", url, headers=headers) as resp:
+        async with self.client.stream("GET", url, headers=headers, extensions=_extensions(url, user)) as resp:
             yield resp
 
     async def _with_retries(self, url: str, attempt: Callable[[], Awaitable[_T]]) -> _T:
@@ -446,18 +497,47 @@ _TRANSPORT_WORDS = {
     "UnsupportedProtocol": "redirected to an unsupported scheme",
     "TooManyRedirects": "too many redirects",
     "InvalidURL": "not a usable URL",
+    "ProxyError": "the proxy refused or failed",
     "UnicodeError": "not a usable host name",
 }
 
 
-def _remote_from(listed: str, resp: httpx.Response, size: int, accept_ranges: bool) -> RemoteFile:
+def _user_headers_for(listed: str, final: str | httpx.URL, user: Headers) -> Headers:
+    """The user's headers for the listed URL go to its own origin only: none after a redirect elsewhere."""
+    return user if _origin_key(httpx.URL(listed)) == _origin_key(httpx.URL(final)) else ()
+
+
+def _remote_from(listed: str, resp: httpx.Response, size: int, accept_ranges: bool, user: Headers) -> RemoteFile:
     return RemoteFile(
         url=_with_credentials(listed, resp.url),
         size=size,
         etag=resp.headers.get("ETag"),
         last_modified=resp.headers.get("Last-Modified"),
         accept_ranges=accept_ranges,
+        headers=_user_headers_for(listed, resp.url, user),
     )
+
+
+_USER_HEADERS = "rangefs.user_headers"  # request extension: (origin, headers); httpx keeps it over redirects
+
+
+def _extensions(url: str, user: Headers) -> dict[str, object]:
+    return {_USER_HEADERS: (_origin_key(httpx.URL(url)), user)} if user else {}
+
+
+async def _user_headers(request: httpx.Request) -> None:
+    """httpx's request hook, run for every request of a redirect chain: the user's headers go on the
+    requests to the listed URL's origin and come off the others (httpx copies a request's headers
+    to its redirect, and strips only Authorization, and only from some)."""
+    given = request.extensions.get(_USER_HEADERS)
+    if given is None:
+        return
+    origin, user = given
+    for name, value in user:
+        if _origin_key(request.url) == origin:
+            request.headers[name] = value
+        else:
+            request.headers.pop(name, None)
 
 
 def _with_credentials(listed: str, final: httpx.URL) -> str:

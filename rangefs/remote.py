@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from typing import Protocol
 
@@ -29,6 +29,9 @@ class RemoteFile:
     etag: str | None
     last_modified: str | None
     accept_ranges: bool = True
+    # Sent with every request for it (rangefs.auth): the user's headers when ``url`` is on the listed
+    # URL's origin, else none. Secrets: out of repr, and not part of what makes a version.
+    headers: tuple[tuple[str, str], ...] = field(default=(), repr=False, compare=False)
 
     @property
     def if_range(self) -> str | None:

@@ -20,8 +20,8 @@ import fcntl
 import os
 import stat
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from rangefs import safefs, state
 from rangefs.bitmap import Bitmap

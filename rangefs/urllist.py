@@ -22,6 +22,8 @@ The format, one entry per line::
   an option too, so options may follow a URL without a path. Only keys in KNOWN_OPTIONS are accepted,
   each at most once, with one of its values: a list that parses today keeps its meaning when keys
   are added. ``grow=yes`` (or ``no``): the file may grow by appends (see rangefs.cache).
+  ``header.NAME=VALUE``: send header NAME with VALUE (percent-decoded) on this URL's requests, to
+  its own origin only (rangefs.auth); a value is a secret: no message quotes it.
 - A path is refused when absolute, with an empty, ``.`` or ``..`` component, with a component that
   decodes to a name containing ``/`` or NUL or longer than NAME_MAX bytes in UTF-8, with bad
   percent-encoding, when another line already uses it, or when it would need a file to also be a
@@ -35,8 +37,10 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+from dataclasses import field as _field
 from urllib.parse import unquote, urlsplit
 
+from rangefs.auth import Headers, entry_header
 from rangefs.errors import UrlListError
 from rangefs.redact import redact_url
 
@@ -49,7 +53,7 @@ _WHITESPACE = " \t\r\f\v"
 _FIELD_SEP = re.compile(r"[ \t\r\f\v]+")
 _CONTROL = re.compile(r"[\x00-\x08\x0e-\x1f\x7f]")  # \t..\r are separators, not errors
 _BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
-_OPTION = re.compile(r"([a-z][a-z0-9_-]*)=(\S+)\Z")
+_OPTION = re.compile(r"([a-z][a-z0-9_-]*|header\.[^=\s]+)=(\S+)\Z")
 
 
 @dataclass(frozen=True)
@@ -59,10 +63,15 @@ class Entry:
     url: str
     path: tuple[str, ...]
     line: int
-    options: tuple[tuple[str, str], ...] = ()
+    options: tuple[tuple[str, str], ...] = _field(default=(), repr=False)  # header values are secrets
 
     def option(self, key: str) -> str | None:
         return dict(self.options).get(key)
+
+    @property
+    def headers(self) -> Headers:
+        """The ``header.NAME=VALUE`` options, decoded (checked when the list was parsed)."""
+        return tuple(entry_header(key, value) for key, value in self.options if key.startswith("header."))
 
 
 class _LineError(Exception):
@@ -216,6 +225,16 @@ def _parse_options(fields: list[str]) -> tuple[tuple[str, str], ...]:
         if match is None:
             raise _LineError(_field_problem(field))
         key, value = match.groups()
+        if key.startswith("header."):
+            try:
+                entry_header(key, value)
+            except ValueError as exc:
+                raise _LineError(str(exc)) from None
+            key = "header." + key.removeprefix("header.").lower()  # one name, any case: given twice
+            if key in options:
+                raise _LineError(f"option {key!r} given twice")
+            options[key] = value
+            continue
         if key not in KNOWN_OPTIONS:
             raise _LineError(f"unknown option {key!r} (a path containing '=' must write it as %3D)")
         if key in options:

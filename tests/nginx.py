@@ -7,6 +7,8 @@ foreground as a child process and reads back its access log. Locations served:
     /slow/<rel>     the same files, sent at ``slow_rate`` bytes/s per connection (nginx syntax,
                     e.g. "4m"), so a test can interrupt a transfer mid-way
     /nohead/<rel>   the same files, but HEAD answers 405; GET (with Range) works
+    /auth/<rel>     the same files, but 401 without ``Authorization: Bearer AUTH_TOKEN`` (or Basic
+                    AUTH_LOGIN:AUTH_TOKEN)
     /.nginx-helper-ready   the readiness and log-sync probe, not logged (see below)
     anything else   a missing file is a plain 404 from "/", e.g. /missing/x
 
@@ -28,6 +30,7 @@ sent, but only once it notices (at its next write); poll for that record.
 
 from __future__ import annotations
 
+import base64
 import http.client
 import json
 import os
@@ -50,6 +53,8 @@ STOP_TIMEOUT = 10.0  # seconds for the master to exit after SIGTERM before SIGKI
 SYNC_TIMEOUT = 10.0  # seconds for the log-sync probe; generous, the worker may be busy with a benchmark
 POLL_INTERVAL = 0.05
 PORT_ATTEMPTS = 5  # a port picked with port=0 may be taken before nginx binds it
+AUTH_TOKEN = "rangefs-test-secret-4f9c"  # what /auth/ asks for; tests grep for it where it must not be
+AUTH_LOGIN = "rangefs"
 LOG_FIELDS = (
     "$request_method", "$request_uri", "$status", "$body_bytes_sent", "$http_range", "$http_if_range",
     "$msec", "$request_time", "$connection",
@@ -239,6 +244,7 @@ class Nginx:
                 token=self._token,
                 autoindex="on" if self.autoindex else "off",
                 log_format="\\t".join(LOG_FIELDS),
+                auth=f"^(Bearer {AUTH_TOKEN}|Basic {_basic(AUTH_LOGIN, AUTH_TOKEN)})$",
             )
         )
 
@@ -294,6 +300,12 @@ http {{
             alias "{www}/";
             limit_rate {slow_rate};
         }}
+        location /auth/ {{
+            alias "{www}/";
+            if ($http_authorization !~ "{auth}") {{
+                return 401;
+            }}
+        }}
         location /nohead/ {{
             alias "{www}/";
             if ($request_method = HEAD) {{
@@ -303,6 +315,10 @@ http {{
     }}
 }}
 """
+
+
+def _basic(login: str, password: str) -> str:
+    return base64.b64encode(f"{login}:{password}".encode()).decode()
 
 
 def _free_port() -> int:

@@ -29,13 +29,41 @@ def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
     return cert, key
 
 
+def _openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
+
+
+def private_ca(directory: Path) -> dict[str, Path]:
+    """A CA of the test's own, a server certificate for 127.0.0.1 and a client certificate, both
+    signed by it; returns paths: ca, server_cert, server_key, client_cert, client_key."""
+    d = directory
+    paths = {name: d / f"{name}.pem" for name in ("ca", "ca_key", "server_cert", "server_key", "client_cert",
+                                                     "client_key")}
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=rangefs test CA",
+             "-keyout", str(paths["ca_key"]), "-out", str(paths["ca"]))
+    for who, subject, ext in (("server", "/CN=127.0.0.1", "subjectAltName=IP:127.0.0.1"),
+                              ("client", "/CN=rangefs client", "extendedKeyUsage=clientAuth")):
+        csr, extfile = d / f"{who}.csr", d / f"{who}.ext"
+        extfile.write_text(ext + "\n")
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", subject, "-keyout", str(paths[f"{who}_key"]),
+                 "-out", str(csr))
+        _openssl("x509", "-req", "-in", str(csr), "-CA", str(paths["ca"]), "-CAkey", str(paths["ca_key"]),
+                 "-CAcreateserial", "-days", "2", "-extfile", str(extfile), "-out", str(paths[f"{who}_cert"]))
+    return paths
+
+
 class TlsProxy(Relay):
     """``with TlsProxy(upstream_port, cert, key) as proxy:`` then GET ``proxy.url(path)``."""
 
-    def __init__(self, upstream_port: int, cert: Path, key: Path) -> None:
+    def __init__(self, upstream_port: int, cert: Path, key: Path, client_ca: Path | None = None) -> None:
+        """``client_ca``: require a client certificate signed by this CA (the handshake fails without)."""
         super().__init__(upstream_port)
         self._context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self._context.load_cert_chain(cert, key)
+        if client_ca is not None:
+            self._context.verify_mode = ssl.CERT_REQUIRED
+            self._context.load_verify_locations(client_ca)
+        self.handshakes = 0  # completed
         self.connections = 0  # accepted, whether the handshake succeeded or not
         self._handshaking: set[socket.socket] = set()  # closed by stop, to end a handshake that hangs
         self._count_lock = threading.Lock()
@@ -64,6 +92,8 @@ class TlsProxy(Relay):
             client.settimeout(10)
             secure = self._context.wrap_socket(client, server_side=True)
             secure.settimeout(None)
+            with self._count_lock:
+                self.handshakes += 1
         except OSError:
             close_socket(client)  # a client that refused our certificate
             return

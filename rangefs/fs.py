@@ -288,9 +288,9 @@ class Filesystem(pyfuse3.Operations):
             # keep_cache: pages the kernel holds stay valid while the version does. After a version
             # switch the kernel must drop them (it does at an open without keep_cache) and its size.
             keep_cache = self._kernel_generation.setdefault(inode, cached.generation) == cached.generation
-            if not keep_cache or switched:
-                self._kernel_generation[inode] = cached.generation
             if not keep_cache:
+                self._kernel_generation[inode] = cached.generation
+            if not keep_cache or switched:
                 # Also a switch at this open, the first of the file in this mount: the size the
                 # kernel holds came from a lookup (maybe from the catalog, before any probe).
                 pyfuse3.invalidate_inode(inode, attr_only=True)

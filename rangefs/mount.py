@@ -30,7 +30,7 @@ from rangefs.cache import DEFAULT_BLOCK_SIZE, Cache, CacheConfig
 from rangefs.cachedfile import CachedFile
 from rangefs.catalog import Catalog
 from rangefs.control import ControlServer
-from rangefs.errors import CacheError, HostUnreachable, OriginError, RangefsError, RemoteUnreachable, UsageError
+from rangefs.errors import CacheError, HostUnreachable, OriginError, RangefsError, UsageError
 from rangefs.fetcher import Fetcher, SplitFetcher
 from rangefs.fetchproc import FetchProcess, HelperConfig
 from rangefs.fs import Filesystem
@@ -343,7 +343,7 @@ async def _probe_all(
     failures: list[str] = []
     for index, entry in enumerate(entries):
         result = results.get(index, _NOT_PROBED)
-        saved = catalog.get(entry.url) if isinstance(result, RemoteUnreachable) else None
+        saved = catalog.get(entry.url) if isinstance(result, HostUnreachable) else None
         if isinstance(result, RemoteFile):
             found.append((entry, result, None))
         elif result is None:

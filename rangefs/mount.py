@@ -18,7 +18,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,30 +27,23 @@ import trio
 
 from rangefs import kernel
 from rangefs.cache import DEFAULT_BLOCK_SIZE, Cache, CacheConfig
-from rangefs.cachedfile import CachedFile
 from rangefs.catalog import Catalog
 from rangefs.control import ControlServer
-from rangefs.errors import CacheError, HostUnreachable, OriginError, RangefsError, UsageError
+from rangefs.errors import CacheError, RangefsError, UsageError
 from rangefs.fetcher import Fetcher, SplitFetcher
 from rangefs.fetchproc import FetchProcess, HelperConfig
 from rangefs.fs import Filesystem
 from rangefs.lazy import Probes
 from rangefs.logsetup import LOG_FORMAT, setup_logging
 from rangefs.offline import Reachability
-from rangefs.origin import Origin, OriginConfig, RemoteFile, origin_of
-from rangefs.redact import redact_url
+from rangefs.origin import Origin, OriginConfig
+from rangefs.probing import PROBE_CONCURRENCY, Files, learn
 from rangefs.reload import Reloader
-from rangefs.tree import Node, Tree
+from rangefs.tree import Tree
 from rangefs.urllist import Entry, load_url_list
 
 log = logging.getLogger(__name__)
 
-_PROBE_CONCURRENCY = 16
-# A list with more URLs than this that the catalog does not know mounts before they are probed
-# (rangefs.lazy): probing each costs a round trip and some CPU, and a mount of thousands would
-# keep its user waiting. Up to this many, the mount probes them first, so a URL that fails
-# fails the mount (or is skipped with --skip-unavailable) as it always did.
-_EAGER_PROBES = 256
 _FSTYPE = "fuse.rangefs"
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _RELOAD_SIGNAL = signal.SIGHUP
@@ -290,105 +283,6 @@ def _daemon_news(read_fd: int, deadline: float) -> Iterator[str]:
         buffer += chunk
 
 
-async def _probe_all(
-    origin: Origin, entries: list[Entry], opts: MountOptions, warn: Callable[[str], None],
-    catalog: Catalog, reachability: Reachability, *, scout_only: bool = False,
-) -> tuple[list[tuple[Entry, RemoteFile, float | None]], list[Entry]]:
-    """Probe every URL, at most _PROBE_CONCURRENCY at once; unusable ones fail the mount or are skipped.
-
-    A host that takes no connection fails all its URLs with the one reason, found out once: each
-    host's first URL is probed before the others, and a host found down fails its URLs not yet
-    probed at once. The whole phase ends after ``opts.probe_timeout``; URLs not probed by then fail.
-    A URL whose server cannot be reached but that the catalog knows is served from the cache (one
-    warning per host). ``scout_only``: only each host's first URL is probed; the others of a host
-    that answered are returned to be probed after mounting (rangefs.lazy).
-
-    Returns the usable entries (with when the catalog's record of one was made, None: just now)
-    and those left for later.
-    """
-    results: dict[int, RemoteFile | OriginError | None] = {}  # None: left for later
-    limiter = trio.CapacityLimiter(_PROBE_CONCURRENCY)
-    hosts: dict[str, _HostProbes] = {}
-
-    async def probe(index: int, entry: Entry, host: _HostProbes, first: bool) -> None:
-        if not first:
-            await host.scouted.wait()
-            if scout_only and host.down is None:
-                results[index] = None
-                return
-        async with limiter:
-            if host.down is not None:
-                results[index] = HostUnreachable(f"{redact_url(entry.url)}: not probed: {host.down}")
-                return
-            try:
-                results[index] = await origin.probe(entry.url)
-            except HostUnreachable as exc:
-                results[index] = exc
-                host.down = host.down or f"its host takes no connection (line {entry.line})"
-            except OriginError as exc:
-                results[index] = exc
-            finally:
-                if first:
-                    host.scouted.set()
-
-    with trio.move_on_after(opts.probe_timeout):
-        async with trio.open_nursery() as nursery:
-            for index, entry in enumerate(entries):
-                key = origin_of(entry.url)
-                first = key not in hosts  # the host's first URL in the list goes first
-                host = hosts.setdefault(key, _HostProbes())
-                nursery.start_soon(probe, index, entry, host, first)
-    found: list[tuple[Entry, RemoteFile, float | None]] = []
-    later: list[Entry] = []
-    failures: list[str] = []
-    for index, entry in enumerate(entries):
-        result = results.get(index, _NOT_PROBED)
-        saved = catalog.get(entry.url) if isinstance(result, HostUnreachable) else None
-        if isinstance(result, RemoteFile):
-            found.append((entry, result, None))
-        elif result is None:
-            later.append(entry)
-        elif saved is not None:  # the server is down, the cache knows the file: serve what it has
-            found.append((entry, origin.with_user_headers(entry.url, saved.remote), saved.checked))
-            message = reachability.found_down(entry.url, result)  # once per host
-            if message is not None:
-                warn(message)
-        elif result is _NOT_PROBED:
-            failures.append(f"{opts.url_list} line {entry.line}: {redact_url(entry.url)}: not probed within "
-                            f"{opts.probe_timeout:g}s (--probe-timeout)")
-        else:
-            failures.append(f"{opts.url_list} line {entry.line}: {result}")
-    return _settle_failures(found, failures, opts, warn, len(later)), later
-
-
-_NOT_PROBED = OriginError("not probed")  # a marker: the probe phase ended first
-
-
-@dataclass
-class _HostProbes:
-    """The probe phase's knowledge of one host (scheme, name and port)."""
-
-    scouted: trio.Event = field(default_factory=trio.Event)  # the probe of its first URL has ended
-    down: str | None = None  # why it takes no connection, once found out
-
-
-def _settle_failures(
-    found: list[tuple[Entry, RemoteFile, float | None]], failures: list[str], opts: MountOptions,
-    warn: Callable[[str], None], others: int = 0,
-) -> list[tuple[Entry, RemoteFile, float | None]]:
-    """``others``: the entries usable without a probe here (probed after mounting)."""
-    for failure in failures:
-        log.warning("%s", failure)
-    if failures and not opts.skip_unavailable:
-        more = f" (and {len(failures) - 1} more; --skip-unavailable mounts the rest)" if len(failures) > 1 else ""
-        raise UsageError(failures[0] + more)
-    for failure in failures:
-        warn(f"{failure}; skipped")
-    if not found and not others:
-        raise UsageError(f"no URL in '{opts.url_list}' could be used")
-    return found
-
-
 async def _serve(opts: MountOptions, entries: list[Entry], reporter: _ForegroundReporter | _PipeReporter) -> None:
     fetch_process = FetchProcess(_helper_config(opts))
     failure: RangefsError | None = None
@@ -401,17 +295,17 @@ async def _serve(opts: MountOptions, entries: list[Entry], reporter: _Foreground
                 catalog = Catalog(opts.cache_dir)
                 await trio.to_thread.run_sync(catalog.load)
                 reachability = Reachability(origin.probe)
-                usable, later = await _learn(origin, entries, catalog, reachability, opts, reporter.warn)
+                usable, later = await learn(origin, entries, catalog, reachability, opts, reporter.warn)
                 # Ready means a first read is fast: do not leave the helper's start-up to it.
                 await fetch_process.wait_ready(_HELPER_START_TIMEOUT)
                 # One bound per origin over both processes: the helper's fetches take the near's slots.
                 near = Fetcher(origin, opts.cache.block_size, opts.cache.max_connections)
                 fetcher = SplitFetcher(near, fetch_process, opts.cache.block_size, _MAX_NEAR_BYTES)
                 cache = Cache(opts.cache, fetcher, probe=reachability.probe, direct=near.fetch_bytes)
-                files = _Files(opts, cache, catalog, origin)
+                files = Files(opts, cache, catalog, origin)
                 tree = Tree.build([*((entry, files.make(entry, remote, checked)) for entry, remote, checked in usable),
                                    *((entry, None) for entry in later)])
-                probes = Probes(origin.probe, files.attach, catalog, str(opts.url_list), _PROBE_CONCURRENCY)
+                probes = Probes(origin.probe, files.attach, catalog, str(opts.url_list), PROBE_CONCURRENCY)
                 probes.add(node for node in tree.files() if node.cached is None)
                 await _serve_files(opts, tree, cache, probes, files, reporter)
         except RangefsError as exc:
@@ -434,87 +328,12 @@ def _helper_config(opts: MountOptions) -> HelperConfig:
     )
 
 
-async def _learn(
-    origin: Origin, entries: list[Entry], catalog: Catalog, reachability: Reachability, opts: MountOptions,
-    warn: Callable[[str], None],
-) -> tuple[list[tuple[Entry, RemoteFile, float | None]], list[Entry]]:
-    """The usable entries (with when the catalog's record of each was made; None: probed now),
-    and those to be probed after mounting.
-
-    A list of up to _EAGER_PROBES URLs is probed at mount, as always: a remount sees what
-    changed. In a longer one, what the catalog knows is not asked again: a remount lists the
-    tree at once, and each file is revalidated at its first open as --revalidate-interval says;
-    the URLs the catalog does not know are probed at mount if they are few, else the first of
-    each host is (a host down fails the mount as before) and the rest after mounting.
-    """
-    known: list[tuple[Entry, RemoteFile, float | None]] = []
-    unknown = entries
-    if len(entries) > _EAGER_PROBES:
-        unknown = []
-        for entry in entries:
-            saved = catalog.get(entry.url)
-            if saved is None:
-                unknown.append(entry)
-            else:  # headers are never saved: the user's are added back
-                known.append((entry, origin.with_user_headers(entry.url, saved.remote), saved.checked))
-    if not unknown:
-        return known, []
-    scout_only = len(unknown) > _EAGER_PROBES
-    probed, later = await _probe_all(origin, unknown, opts, warn, catalog, reachability, scout_only=scout_only)
-    if later:
-        log.info("%d URLs known to the catalog, %d to be probed after mounting", len(known), len(later))
-    catalog.put_all((entry.url, remote) for entry, remote, checked in probed if checked is None)
-    blob = catalog.snapshot()
-    if blob is not None:
-        await trio.to_thread.run_sync(catalog.write, blob)
-    return known + probed, later
-
-
-class _Files:
-    """How a list entry becomes a cached file of the mount (at mount, after a probe, at a reload)."""
-
-    def __init__(self, opts: MountOptions, cache: Cache, catalog: Catalog, origin: Origin) -> None:
-        self.opts = opts
-        self.cache = cache
-        self.catalog = catalog
-        self.origin = origin
-
-    def make(self, entry: Entry, remote: RemoteFile, checked: float | None = None) -> CachedFile:
-        """``checked``: when the server last described it (a saved probe), else now."""
-        growing = entry.option("grow") == "yes" or (self.opts.growing and entry.option("grow") != "no")
-        cached = self.cache.file(entry.url, remote, growing)
-        if checked is not None and cached.remote == remote:
-            cached.versions.confirmed_at(checked)
-        return cached
-
-    def attach(self, node: Node, remote: RemoteFile) -> None:
-        assert node.entry is not None
-        node.cached = self.make(node.entry, remote)
-
-    def known(self, entry: Entry) -> CachedFile | None:
-        """The cached file of an entry the catalog knows, else None (a reload's new entries, whose
-        own headers the origin learns here, for their probes and ranges)."""
-        if entry.headers:
-            self.origin.entry_headers[entry.url] = entry.headers
-        saved = self.catalog.get(entry.url)
-        if saved is None:
-            return None
-        return self.make(entry, self.origin.with_user_headers(entry.url, saved.remote), saved.checked)
-
-    def remember(self) -> None:
-        """Record in the catalog the versions the files moved to while mounted (revalidation)."""
-        for file in self.cache:
-            saved = self.catalog.get(file.url)
-            if saved is None or saved.remote != file.remote:
-                self.catalog.put(file.url, file.remote)
-
-
 async def _serve_files(
     opts: MountOptions,
     tree: Tree,
     cache: Cache,
     probes: Probes,
-    files: _Files,
+    files: Files,
     reporter: _ForegroundReporter | _PipeReporter,
 ) -> None:
     # The canonical path (no '..', no links), as /proc names the files open under the mount;

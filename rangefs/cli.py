@@ -14,8 +14,9 @@ from rangefs import __version__
 from rangefs import commands as commands_for_the_cache
 from rangefs.auth import Headers, header_argument, load_netrc
 from rangefs.cache import DEFAULT_BLOCK_SIZE, CacheConfig
+from rangefs.control import Client
 from rangefs.errors import RangefsError, UsageError
-from rangefs.mount import MountOptions, default_cache_dir, mount, unmount
+from rangefs.mount import MountOptions, daemon_pid, default_cache_dir, mount, unmount
 from rangefs.netconfig import check_proxy, tls_context
 from rangefs.origin import OriginConfig
 
@@ -199,8 +200,25 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path)
     u.add_argument("-z", "--lazy", action="store_true", help="detach now even if files are open")
     u.add_argument("--timeout", type=_positive, default=60.0, metavar="SECONDS")
+
+    r = commands.add_parser("reload", help="read the URL list again and change the mount to match",
+                            description="Read a mount's URL list again (as SIGHUP to its daemon does): new entries "
+                                        "appear, removed ones disappear (files open on them read on until closed); "
+                                        "a list with an error is refused with its line, and the mount keeps its files.")
+    r.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path)
+    r.add_argument("--timeout", type=_positive, default=60.0, metavar="SECONDS")
     commands_for_the_cache.add_parsers(commands)
     return parser
+
+
+def _reload(mountpoint: Path, timeout: float) -> None:
+    """Ask the daemon over its control socket (rangefs.control); a refused list raises UsageError."""
+    if daemon_pid(mountpoint) is None:
+        raise UsageError(f"'{mountpoint}' is not a rangefs mount")
+    root, pid, _ = commands_for_the_cache.find_mount_of(mountpoint)
+    with Client(root, pid, timeout) as client:
+        outcome = client.ask({"op": "reload"})["reload"]
+    print(f"rangefs: reloaded {root}: {outcome}")
 
 
 def _canonical(mountpoint: Path) -> Path:
@@ -270,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "mount":
             mount(_mount_options(args))
+        elif args.command == "reload":
+            _reload(_canonical(args.mountpoint), args.timeout)
         elif args.command == "unmount":
             unmount(_canonical(args.mountpoint), lazy=args.lazy, timeout=args.timeout)
         else:

@@ -12,6 +12,7 @@ request line, the daemon answers with zero or more ``{"progress": ...}`` lines a
   mount's root; a directory means the files under it) in the background; with ``wait``,
   progress every ``_PROGRESS_EVERY`` seconds until they are complete and saved.
 - ``{"op": "clear", "paths": [...] | null}``: drop the cached data of files not open (null: all).
+- ``{"op": "reload"}``: reread the URL list (rangefs.reload) as ``"reload"``, or the refusal.
 
 Who may use it: the peer's uid (SO_PEERCRED) must be the daemon's or root's; anyone else gets
 one refusal line. With --allow-other, other users read the mount but cannot use this. Bounds: a
@@ -32,7 +33,7 @@ import os
 import socket
 import struct
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -165,6 +166,9 @@ class ControlServer:
         self._clients = 0
         self._nursery: trio.Nursery | None = None
         self._job_slots = trio.CapacityLimiter(_MAX_PREFETCH_FILES)
+        # ``{"op": "reload"}``: reread the URL list (rangefs.reload); its outcome line, or
+        # UsageError naming the list's bad line. None: not offered.
+        self.reload: Callable[[], Awaitable[str]] | None = None
 
     def open(self) -> None:
         """Take the mount lock, remove dead daemons' sockets, bind ours (before mounting).
@@ -302,6 +306,8 @@ class ControlServer:
                 elif op == "clear":
                     paths = request.get("paths")
                     reply = {"ok": True, **await self._clear(self._files(paths if paths else None))}
+                elif op == "reload" and self.reload is not None:
+                    reply = {"ok": True, "reload": await self.reload()}
                 else:
                     reply = {"ok": False, "error": f"unknown request '{op}'"}
         except UsageError as exc:

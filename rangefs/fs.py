@@ -33,7 +33,9 @@ from rangefs import kernel
 from rangefs.cache import Cache
 from rangefs.cachedfile import CachedFile
 from rangefs.dropbehind import DropBehind, ReaderPages
-from rangefs.errors import CacheError, OriginError, RangefsError, RemoteChanged
+from rangefs.errors import CacheError, OriginError, RangefsError, RemoteChanged, RemoteNotFound
+from rangefs.lazy import Probes
+from rangefs.offline import ServerDown
 from rangefs.origin import RemoteFile
 from rangefs.passthrough import Backing, Passthrough
 from rangefs.prefetch import Readahead
@@ -42,8 +44,9 @@ from rangefs.tree import Node, Tree
 
 log = logging.getLogger(__name__)
 
-# The tree never changes while mounted, so the kernel may keep names long; attributes carry
-# st_blocks (what is cached, for `du`), so they are refreshed every second.
+# The tree changes only by a reload, which tells the kernel (rangefs.reload), so the kernel may
+# keep names long; attributes carry st_blocks (what is cached, for `du`), so they are refreshed
+# every second.
 _ENTRY_TIMEOUT = 300.0
 _ATTR_TIMEOUT = 1.0
 
@@ -151,6 +154,7 @@ class Filesystem(pyfuse3.Operations):
         self._mount_time_ns = time.time_ns()
         self._uid, self._gid = os.getuid(), os.getgid()
         self.initialized = trio.Event()
+        self.probes: Probes | None = None  # the probes the mount did not wait for (rangefs.lazy)
 
     def init(self) -> None:
         # Called while the kernel's INIT is handled; the reply is sent before any waiter runs.
@@ -175,6 +179,18 @@ class Filesystem(pyfuse3.Operations):
         except KeyError:
             raise pyfuse3.FUSEError(errno.ENOENT) from None
 
+    async def _probed(self, node: Node) -> Node:
+        """``node``, its probe waited for if it is a file not probed yet (rangefs.lazy). A file
+        the server does not have is ENOENT; other failures EIO (the probe logged why)."""
+        if node.entry is not None and node.cached is None and self.probes is not None:
+            try:
+                await self.probes.resolve(node)
+            except RemoteNotFound:
+                raise pyfuse3.FUSEError(errno.ENOENT) from None
+            except OriginError:
+                raise pyfuse3.FUSEError(errno.EIO) from None
+        return node
+
     def _attributes(self, node: Node) -> pyfuse3.EntryAttributes:
         attrs = pyfuse3.EntryAttributes()
         attrs.st_ino = pyfuse3.InodeT(node.inode)
@@ -182,7 +198,9 @@ class Filesystem(pyfuse3.Operations):
         attrs.attr_timeout = _ATTR_TIMEOUT
         attrs.st_uid, attrs.st_gid = self._uid, self._gid
         mtime = self._mount_time_ns
-        if node.cached is not None:
+        if not node.is_dir:
+            if node.cached is None:  # its probe failed (see _probed)
+                raise pyfuse3.FUSEError(errno.EIO)
             remote: RemoteFile = node.cached.remote
             attrs.st_mode = pyfuse3.ModeT(stat.S_IFREG | 0o444)
             attrs.st_nlink = 1
@@ -211,11 +229,11 @@ class Filesystem(pyfuse3.Operations):
         inode = parent.children.get(name)
         if inode is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
-        return self._attributes(self._node(inode))
+        return self._attributes(await self._probed(self._node(inode)))
 
     @_fuse_errors
     async def getattr(self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return self._attributes(self._node(inode))
+        return self._attributes(await self._probed(self._node(inode)))
 
     @_fuse_errors
     async def opendir(self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext) -> pyfuse3.FileHandleT:
@@ -226,10 +244,18 @@ class Filesystem(pyfuse3.Operations):
     @_fuse_errors
     async def readdir(self, fh: pyfuse3.FileHandleT, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         children = self._node(fh).children or {}
-        for index, (name, inode) in enumerate(sorted(children.items())):
+        entries = sorted(children.items())
+        if self.probes is not None:  # attributes need the probes of the files listed
+            nodes = (self.tree.nodes.get(inode) for _, inode in entries[start_id:])
+            await self.probes.resolve_all(node for node in nodes if node is not None)
+            entries = sorted((self._node(fh).children or {}).items())  # a reload may have come meanwhile
+        for index, (name, inode) in enumerate(entries):
             if index < start_id:
                 continue
-            attrs = self._attributes(self._node(inode))
+            node = self.tree.nodes.get(inode)
+            if node is None or (not node.is_dir and node.cached is None):
+                continue  # a file whose probe failed is left out (its lookup says why)
+            attrs = self._attributes(node)
             if not pyfuse3.readdir_reply(token, pyfuse3.FileNameT(name), attrs, index + 1):
                 return
 
@@ -240,18 +266,21 @@ class Filesystem(pyfuse3.Operations):
     async def open(
         self, inode: pyfuse3.InodeT, flags: pyfuse3.FlagT, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.FileInfo:
-        node = self._node(inode)
+        node = await self._probed(self._node(inode))
         if node.cached is None:
             raise pyfuse3.FUSEError(errno.EISDIR)
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
             raise pyfuse3.FUSEError(errno.EROFS)
         cached = node.cached
+        switched = False
         try:
-            await cached.revalidate()
+            switched = await cached.revalidate()
         except RemoteChanged:
             raise
         except OriginError as exc:  # cannot ask the server: the cached version is still one version
-            log.warning("%s: cannot revalidate (%s); serving the cached version", cached.identity.url, exc)
+            # A server that is down was warned about once (rangefs.offline), not for every file.
+            log.log(logging.DEBUG if isinstance(exc, ServerDown) else logging.WARNING,
+                    "%s: cannot revalidate (%s); serving the cached version", cached.identity.url, exc)
         await cached.acquire()
         backing = None
         try:
@@ -261,6 +290,9 @@ class Filesystem(pyfuse3.Operations):
             keep_cache = self._kernel_generation.setdefault(inode, cached.generation) == cached.generation
             if not keep_cache:
                 self._kernel_generation[inode] = cached.generation
+            if not keep_cache or switched:
+                # Also a switch at this open, the first of the file in this mount: the size the
+                # kernel holds came from a lookup (maybe from the catalog, before any probe).
                 pyfuse3.invalidate_inode(inode, attr_only=True)
         except BaseException:
             self._passthrough.abandon(inode, backing)
@@ -318,6 +350,8 @@ class Filesystem(pyfuse3.Operations):
             return
         handle.pages.active = False  # a drop under way must not start another for a closed handle
         self._passthrough.released(handle.inode, handle.cached, handle.backing)
+        if not self.has_handles(handle.inode):
+            self.tree.drop(handle.inode)  # if a reload removed it, its last handle is gone now
         await handle.cached.release(handle.readahead)
 
     async def watch_readers(self) -> None:
@@ -335,6 +369,10 @@ class Filesystem(pyfuse3.Operations):
     def _path_of(self, inode: int) -> str:
         """The path of a file under the mount point ('' when the mount point is not known)."""
         return self.tree.path_of(inode, self.mountpoint)
+
+    def has_handles(self, inode: int) -> bool:
+        """Whether a handle is open on ``inode``."""
+        return any(handle.inode == inode for handle in self._handles.values())
 
     def _handle(self, fh: int) -> _Handle:
         try:

@@ -102,8 +102,9 @@ class RangeClient:
                 await conn.stream.aclose()
 
     @asynccontextmanager
-    async def get(self, url: str, headers: dict[str, str]) -> AsyncIterator[RangeResponse]:
-        """Send a GET; the response's body must be read inside the block (else the connection is closed).
+    async def get(self, url: str, headers: dict[str, str], method: str = "GET") -> AsyncIterator[RangeResponse]:
+        """Send a GET (or a HEAD: an answer without a body); the response's body must be read inside
+        the block (else the connection is closed).
 
         Raises:
             httpx.TransportError: connecting, sending or receiving failed.
@@ -114,7 +115,8 @@ class RangeClient:
         for attempt in range(2):
             conn = await self._connection(key)
             try:
-                status, reason, response_headers, leftover, reusable = await self._exchange(conn, target, headers)
+                status, reason, response_headers, leftover, reusable = await self._exchange(
+                    conn, target, headers, method)
                 break
             except (h11.LocalProtocolError, ValueError) as exc:  # a header h11 will not send
                 await conn.stream.aclose()
@@ -130,7 +132,7 @@ class RangeClient:
             except BaseException:
                 await conn.stream.aclose()
                 raise
-        length = response_headers.get("Content-Length", "")
+        length = "0" if method == "HEAD" else response_headers.get("Content-Length", "")
         if "Transfer-Encoding" in response_headers or not length.isdigit():
             # Chunked (Transfer-Encoding wins over Content-Length, RFC 9112 6.3) or unframed:
             # not this client's job; the caller takes another path, before any byte is read.
@@ -175,11 +177,11 @@ class RangeClient:
         return self._ssl
 
     async def _exchange(
-        self, conn: _Connection, target: httpx.URL, headers: dict[str, str]
+        self, conn: _Connection, target: httpx.URL, headers: dict[str, str], method: str = "GET"
     ) -> tuple[int, str, httpx.Headers, bytes, bool]:
         """Send the request; read up to the end of the response head. Leftover = body bytes read."""
         parser = h11.Connection(our_role=h11.CLIENT)
-        head = h11.Request(method="GET", target=target.raw_path, headers=_request_headers(target, headers))
+        head = h11.Request(method=method, target=target.raw_path, headers=_request_headers(target, headers))
         request = parser.send(head)
         await conn.stream.write(request + (parser.send(h11.EndOfMessage()) or b""), timeout=self.read_timeout)
         received = 0

@@ -9,6 +9,7 @@ rangefs.fs's.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
@@ -17,7 +18,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,22 +27,26 @@ import trio
 
 from rangefs import kernel
 from rangefs.cache import DEFAULT_BLOCK_SIZE, Cache, CacheConfig
+from rangefs.catalog import Catalog
 from rangefs.control import ControlServer
-from rangefs.errors import CacheError, HostUnreachable, OriginError, RangefsError, UsageError
+from rangefs.errors import CacheError, RangefsError, UsageError
 from rangefs.fetcher import Fetcher, SplitFetcher
 from rangefs.fetchproc import FetchProcess, HelperConfig
 from rangefs.fs import Filesystem
+from rangefs.lazy import Probes
 from rangefs.logsetup import LOG_FORMAT, setup_logging
-from rangefs.origin import Origin, OriginConfig, RemoteFile, origin_of
-from rangefs.redact import redact_url
+from rangefs.offline import Reachability
+from rangefs.origin import Origin, OriginConfig
+from rangefs.probing import PROBE_CONCURRENCY, Files, learn
+from rangefs.reload import Reloader
 from rangefs.tree import Tree
 from rangefs.urllist import Entry, load_url_list
 
 log = logging.getLogger(__name__)
 
-_PROBE_CONCURRENCY = 16
 _FSTYPE = "fuse.rangefs"
-_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_RELOAD_SIGNAL = signal.SIGHUP
 _ABORT_GRACE = 2.0  # seconds reads in flight get to finish after a stop signal before fetches are cancelled
 _DISCONNECT_POLL = 0.5  # seconds between checks whether the kernel ended the mount
 _MAX_NEAR_BYTES = 1024 * 1024  # fetches up to this size run in the daemon (see SplitFetcher)
@@ -66,6 +71,7 @@ class MountOptions:
     startup_timeout: float = 300.0
     tune_system: bool = False  # may change system-wide settings for speed (see rangefs.kernel)
     probe_timeout: float = 120.0  # the whole probe phase, so that a mount's start-up stays bounded
+    list_path: Path | None = None  # url_list made absolute at mount: what a reload reads again
     cache: CacheConfig = field(default_factory=lambda: CacheConfig(Path(".")))
     origin: OriginConfig = field(default_factory=OriginConfig)
 
@@ -144,6 +150,7 @@ def mount(opts: MountOptions) -> None:
         RangefsError: with the one-line reason the mount could not be made.
     """
     entries = load_url_list(opts.url_list)
+    opts = dataclasses.replace(opts, list_path=Path(os.path.abspath(opts.url_list)))  # the daemon leaves the cwd
     check_mountpoint(opts.mountpoint)
     Cache.prepare(opts.cache_dir)
     setup_logging(opts.log_path, verbose=opts.verbose, foreground=opts.foreground, required=True)
@@ -276,81 +283,6 @@ def _daemon_news(read_fd: int, deadline: float) -> Iterator[str]:
         buffer += chunk
 
 
-async def _probe_all(
-    origin: Origin, entries: list[Entry], opts: MountOptions, warn: Callable[[str], None]
-) -> list[tuple[Entry, RemoteFile]]:
-    """Probe every URL, at most _PROBE_CONCURRENCY at once; unusable ones fail the mount or are skipped.
-
-    A host that takes no connection fails all its URLs with the one reason, found out once: each
-    host's first URL is probed before the others, and a host found down fails its URLs not yet
-    probed at once. The whole phase ends after ``opts.probe_timeout``; URLs not probed by then fail.
-    """
-    results: dict[int, RemoteFile | OriginError] = {}
-    limiter = trio.CapacityLimiter(_PROBE_CONCURRENCY)
-    hosts: dict[str, _HostProbes] = {}
-
-    async def probe(index: int, entry: Entry, host: _HostProbes, first: bool) -> None:
-        if not first:
-            await host.scouted.wait()
-        async with limiter:
-            if host.down is not None:
-                results[index] = HostUnreachable(f"{redact_url(entry.url)}: not probed: {host.down}")
-                return
-            try:
-                results[index] = await origin.probe(entry.url)
-            except HostUnreachable as exc:
-                results[index] = exc
-                host.down = host.down or f"its host takes no connection (line {entry.line})"
-            except OriginError as exc:
-                results[index] = exc
-            finally:
-                if first:
-                    host.scouted.set()
-
-    with trio.move_on_after(opts.probe_timeout):
-        async with trio.open_nursery() as nursery:
-            for index, entry in enumerate(entries):
-                key = origin_of(entry.url)
-                first = key not in hosts  # the host's first URL in the list goes first
-                host = hosts.setdefault(key, _HostProbes())
-                nursery.start_soon(probe, index, entry, host, first)
-    found: list[tuple[Entry, RemoteFile]] = []
-    failures: list[str] = []
-    for index, entry in enumerate(entries):
-        result = results.get(index)
-        if isinstance(result, RemoteFile):
-            found.append((entry, result))
-        elif result is None:
-            failures.append(f"{opts.url_list} line {entry.line}: {redact_url(entry.url)}: not probed within "
-                            f"{opts.probe_timeout:g}s (--probe-timeout)")
-        else:
-            failures.append(f"{opts.url_list} line {entry.line}: {result}")
-    return _settle_failures(found, failures, opts, warn)
-
-
-@dataclass
-class _HostProbes:
-    """The probe phase's knowledge of one host (scheme, name and port)."""
-
-    scouted: trio.Event = field(default_factory=trio.Event)  # the probe of its first URL has ended
-    down: str | None = None  # why it takes no connection, once found out
-
-
-def _settle_failures(
-    found: list[tuple[Entry, RemoteFile]], failures: list[str], opts: MountOptions, warn: Callable[[str], None]
-) -> list[tuple[Entry, RemoteFile]]:
-    for failure in failures:
-        log.warning("%s", failure)
-    if failures and not opts.skip_unavailable:
-        more = f" (and {len(failures) - 1} more; --skip-unavailable mounts the rest)" if len(failures) > 1 else ""
-        raise UsageError(failures[0] + more)
-    for failure in failures:
-        warn(f"{failure}; skipped")
-    if not found:
-        raise UsageError(f"no URL in '{opts.url_list}' could be used")
-    return found
-
-
 async def _serve(opts: MountOptions, entries: list[Entry], reporter: _ForegroundReporter | _PipeReporter) -> None:
     fetch_process = FetchProcess(_helper_config(opts))
     failure: RangefsError | None = None
@@ -360,14 +292,22 @@ async def _serve(opts: MountOptions, entries: list[Entry], reporter: _Foreground
         try:
             async with Origin(opts.origin) as origin:  # probes here; fetches go through the helper
                 origin.entry_headers.update((entry.url, entry.headers) for entry in entries if entry.headers)
-                files = await _probe_all(origin, entries, opts, reporter.warn)
+                catalog = Catalog(opts.cache_dir)
+                await trio.to_thread.run_sync(catalog.load)
+                reachability = Reachability(origin.probe)
+                usable, later = await learn(origin, entries, catalog, reachability, opts, reporter.warn)
                 # Ready means a first read is fast: do not leave the helper's start-up to it.
                 await fetch_process.wait_ready(_HELPER_START_TIMEOUT)
                 # One bound per origin over both processes: the helper's fetches take the near's slots.
                 near = Fetcher(origin, opts.cache.block_size, opts.cache.max_connections)
                 fetcher = SplitFetcher(near, fetch_process, opts.cache.block_size, _MAX_NEAR_BYTES)
-                cache = Cache(opts.cache, fetcher, probe=origin.probe, direct=near.fetch_bytes)
-                await _serve_files(opts, files, cache, reporter)
+                cache = Cache(opts.cache, fetcher, probe=reachability.probe, direct=near.fetch_bytes)
+                files = Files(opts, cache, catalog, origin)
+                tree = Tree.build([*((entry, files.make(entry, remote, checked)) for entry, remote, checked in usable),
+                                   *((entry, None) for entry in later)])
+                probes = Probes(origin.probe, files.attach, catalog, str(opts.url_list), PROBE_CONCURRENCY)
+                probes.add(node for node in tree.files() if node.cached is None)
+                await _serve_files(opts, tree, cache, probes, files, reporter)
         except RangefsError as exc:
             failure = exc  # raised out here, not wrapped in the task group's ExceptionGroup
         finally:
@@ -390,22 +330,23 @@ def _helper_config(opts: MountOptions) -> HelperConfig:
 
 async def _serve_files(
     opts: MountOptions,
-    files: list[tuple[Entry, RemoteFile]],
+    tree: Tree,
     cache: Cache,
+    probes: Probes,
+    files: Files,
     reporter: _ForegroundReporter | _PipeReporter,
 ) -> None:
-    def growing(entry: Entry) -> bool:
-        return entry.option("grow") == "yes" or (opts.growing and entry.option("grow") != "no")
-
-    tree = Tree.build([(entry, cache.file(entry.url, remote, growing(entry))) for entry, remote in files])
     # The canonical path (no '..', no links), as /proc names the files open under the mount;
     # resolved before mounting, so that it looks at the directory beneath, never at our own mount.
     fs = Filesystem(tree, cache, passthrough=opts.passthrough, direct_io=opts.direct_io,
                     tune_system=opts.tune_system, mountpoint=os.path.realpath(opts.mountpoint))
+    fs.probes = probes
+    reloader = Reloader(fs, probes, files.known, opts.list_path or opts.url_list)
     # Stop signals stay caught until the very end, so a second Ctrl-C cannot cut the shutdown short;
     # caught from before the mount, so that one sent as it is made (the mount command dying) unmounts.
     control = ControlServer(cache, tree, str(opts.mountpoint))
-    with trio.open_signal_receiver(*_STOP_SIGNALS) as signals:
+    control.reload = reloader.reload
+    with trio.open_signal_receiver(*_STOP_SIGNALS, _RELOAD_SIGNAL) as signals:
         control.open()  # before the mount: a cache directory being cleared fails it cleanly
         try:
             _mount_fuse(fs, opts)
@@ -416,12 +357,15 @@ async def _serve_files(
         unmount_ourselves = True
         try:
             reporter.ready()
-            log.info("serving %d files at %s", len(files), opts.mountpoint)
-            unmount_ourselves = await _run_until_unmounted(fs, opts.mountpoint, signals, control)
+            log.info("serving %d files at %s (%d to be probed)", sum(1 for _ in tree.files()), opts.mountpoint,
+                     probes.waiting)
+            unmount_ourselves = await _run_until_unmounted(fs, opts.mountpoint, signals, control, probes, reloader)
         finally:
             try:
                 with trio.CancelScope(shield=True):
                     await _shutdown(cache)
+                    files.remember()
+                    await trio.to_thread.run_sync(files.catalog.save)
             finally:
                 control.close()  # after the last save: a clear without a mount must wait for it
                 pyfuse3.close(unmount=unmount_ourselves)
@@ -439,7 +383,8 @@ def _mount_fuse(fs: Filesystem, opts: MountOptions) -> None:
 
 
 async def _run_until_unmounted(
-    fs: Filesystem, mountpoint: Path, signals: AsyncIterator[int], control: ControlServer
+    fs: Filesystem, mountpoint: Path, signals: AsyncIterator[int], control: ControlServer, probes: Probes,
+    reloader: Reloader,
 ) -> bool:
     """Serve until the kernel unmounts us (False) or a signal asks us to stop (True: we unmount)."""
     stopped_by_signal = False
@@ -447,6 +392,10 @@ async def _run_until_unmounted(
     async def watch_signals(nursery: trio.Nursery) -> None:
         nonlocal stopped_by_signal
         async for signum in signals:
+            if signum == _RELOAD_SIGNAL:
+                if not stopped_by_signal:
+                    nursery.start_soon(reloader.on_signal)
+                continue
             if stopped_by_signal:
                 log.info("%s: already unmounting", signal.Signals(signum).name)
                 continue
@@ -469,6 +418,7 @@ async def _run_until_unmounted(
         nursery.start_soon(_abort_when_disconnected, fs, mountpoint)
         nursery.start_soon(fs.watch_readers)
         nursery.start_soon(control.serve)
+        nursery.start_soon(probes.run)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
     return stopped_by_signal

@@ -40,6 +40,11 @@ class Versions:
         self._file = file
         self._validated = time.monotonic()
 
+    def confirmed_at(self, wall: float) -> None:
+        """The server last confirmed the version at ``wall`` (``time.time()``): a probe saved in
+        the catalog (rangefs.catalog), so that a remount revalidates as the interval says."""
+        self._validated = time.monotonic() - max(0.0, time.time() - wall)
+
     async def revalidate(self, *, force: bool = False) -> bool:
         """Ask the server whether the file changed, if due; switch to a new version. True if it did.
 

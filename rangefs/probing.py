@@ -7,6 +7,8 @@ before the mount (``learn``, ``_probe_all``) and after it (``Files``: lazy probe
 
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -86,6 +88,9 @@ class Files:
         """``checked``: when the server last described it (a saved probe), else now."""
         growing = entry.option("grow") == "yes" or (self.opts.growing and entry.option("grow") != "no")
         cached = self.cache.file(entry.url, remote, growing)
+        if cached.remote.headers != remote.headers:
+            # A reload that changed the entry's own headers: the file's next range GETs send them.
+            cached.remote = dataclasses.replace(cached.remote, headers=remote.headers)
         if checked is not None and cached.remote == remote:
             cached.versions.confirmed_at(checked)
         return cached
@@ -99,6 +104,8 @@ class Files:
         own headers the origin learns here, for their probes and ranges)."""
         if entry.headers:
             self.origin.entry_headers[entry.url] = entry.headers
+        else:
+            self.origin.entry_headers.pop(entry.url, None)
         saved = self.catalog.get(entry.url)
         if saved is None:
             return None

@@ -93,3 +93,30 @@ def test_a_removed_url_found_missing_by_a_later_probe_is_enoent(mounts: Mounts, 
     assert caught.value.errno == errno.ENOENT
     assert _files(m.path) == ["here"]  # left out of the listing
     assert "never.bin answered 404" in (m.cache_dir / "rangefs.log").read_text()
+
+
+@pytest.mark.timeout(120)
+def test_a_reload_that_changes_an_entrys_headers_sends_the_new_ones(mounts: Mounts, nginx: Server) -> None:
+    """The same URL with another header.Authorization: the file's next range GETs carry it (the
+    cached file outlives the entry, and its saved answer held the old headers)."""
+    from nginx import AUTH_TOKEN
+    from urllib.parse import quote
+
+    body = seeded_bytes(2 * 1024 * KiB, seed=230)
+    nginx.put("reload/auth.bin", body)
+    url = nginx.url("auth/reload/auth.bin")
+    good, bad = (quote(f"Bearer {token}") for token in (AUTH_TOKEN, "wrong"))
+    m = mounts.mount([f"{url} auth.bin header.Authorization={good}"], "--retries", "0")
+    with open(m.path / "auth.bin", "rb") as f:
+        assert f.read(64 * KiB) == body[: 64 * KiB]
+    m.url_list.write_text(f"{url} auth.bin header.Authorization={bad}\n")
+    assert run_rangefs("reload", m.path).returncode == 0
+    with open(m.path / "auth.bin", "rb") as f, pytest.raises(OSError) as refused:
+        f.seek(1024 * KiB)
+        f.read(64 * KiB)  # not cached: fetched with the wrong token, which nginx refuses
+    assert refused.value.errno in (errno.EIO, errno.EACCES)
+    m.url_list.write_text(f"{url} auth.bin header.Authorization={good}\n")
+    assert run_rangefs("reload", m.path).returncode == 0
+    with open(m.path / "auth.bin", "rb") as f:
+        f.seek(1024 * KiB)
+        assert f.read(64 * KiB) == body[1024 * KiB : 1088 * KiB]

@@ -140,7 +140,9 @@ class Prefetch:
                 scope.cancel()
 
         async with trio.open_nursery() as nursery:
-            for _ in range(file.cache.config.max_connections):
+            # No more workers than the slots a background request may hold: a chunk claimed by a
+            # worker that must queue for a slot would hold up a read that needs one of its blocks.
+            for _ in range(limits.background_share(file.cache.config.max_connections)):
                 nursery.start_soon(worker, nursery.cancel_scope)
 
     def _failed(self, exc: BaseException) -> None:

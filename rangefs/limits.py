@@ -43,6 +43,11 @@ class PerOrigin(Generic[_L]):
         return limit
 
 
+def background_share(total: int) -> int:
+    """The slots of ``total`` that requests in a ``BACKGROUND`` context may hold at once."""
+    return max(1, total - 1)
+
+
 class Slots:
     """At most ``total`` holders at once; when one leaves, an urgent waiter goes before the others.
 
@@ -63,7 +68,7 @@ class Slots:
         self._others: deque[trio.Event] = deque()
         self._background: deque[trio.Event] = deque()
         self._background_used = 0
-        self._background_max = max(1, total - 1)
+        self._background_max = background_share(total)
 
     @asynccontextmanager
     async def hold(self, urgent: bool) -> AsyncIterator[None]:

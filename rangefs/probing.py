@@ -8,7 +8,6 @@ before the mount (``learn``, ``_probe_all``) and after it (``Files``: lazy probe
 from __future__ import annotations
 
 import dataclasses
-
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field

@@ -9,9 +9,11 @@ import os
 import signal
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 
+from nginx import AUTH_TOKEN
 from util import Mounts, Server, run_rangefs, seeded_bytes, wait_until
 
 KiB = 1024
@@ -99,9 +101,6 @@ def test_a_removed_url_found_missing_by_a_later_probe_is_enoent(mounts: Mounts, 
 def test_a_reload_that_changes_an_entrys_headers_sends_the_new_ones(mounts: Mounts, nginx: Server) -> None:
     """The same URL with another header.Authorization: the file's next range GETs carry it (the
     cached file outlives the entry, and its saved answer held the old headers)."""
-    from nginx import AUTH_TOKEN
-    from urllib.parse import quote
-
     body = seeded_bytes(2 * 1024 * KiB, seed=230)
     nginx.put("reload/auth.bin", body)
     url = nginx.url("auth/reload/auth.bin")

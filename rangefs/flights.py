@@ -184,7 +184,10 @@ class Flights:
             if block in self._inflight:
                 self._inflight[block].prefetchers.add(prefetcher)
         pieces = self.spread.plan()
-        piece = min(self._max_blocks, max(self._min_piece_blocks, -(-len(blocks) // pieces)))
+        # Cut for several connections: pieces of the smallest size, as many as the step holds (the
+        # origin's slots bound how many run at once), so a server that caps each request (nginx's
+        # limit_rate lets a request's first second go at full speed) sees short ones.
+        piece = self._min_piece_blocks if pieces > 1 else min(self._max_blocks, max(self._min_piece_blocks, len(blocks)))
         started = self.claim(blocks, generation, piece)
         for flight in started:
             flight.pieces = pieces

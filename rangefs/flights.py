@@ -187,7 +187,9 @@ class Flights:
         # Cut for several connections: pieces of the smallest size, as many as the step holds (the
         # origin's slots bound how many run at once), so a server that caps each request (nginx's
         # limit_rate lets a request's first second go at full speed) sees short ones.
-        piece = self._min_piece_blocks if pieces > 1 else min(self._max_blocks, max(self._min_piece_blocks, len(blocks)))
+        piece = self._min_piece_blocks
+        if pieces == 1:
+            piece = min(self._max_blocks, max(piece, len(blocks)))
         started = self.claim(blocks, generation, piece)
         for flight in started:
             flight.pieces = pieces

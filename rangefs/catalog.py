@@ -1,6 +1,6 @@
 """What probes learned, kept in the cache directory so that a remount need not ask again.
 
-Imports only the standard library and rangefs.remote, redact, datafile and safefs; never pyfuse3
+Imports httpx (to check a saved URL parses), rangefs.remote, redact, datafile and safefs; never pyfuse3
 or trio. One file, ``catalog.json`` in the cache directory, shared by every mount of that cache
 directory: a JSON object ``{"version": 1, "files": {KEY: RECORD}}``, KEY the URL's cache key
 (a hash: rangefs.datafile.cache_key), RECORD::
@@ -28,6 +28,8 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+
+import httpx
 
 from rangefs import safefs
 from rangefs.datafile import cache_key
@@ -71,8 +73,9 @@ class Catalog:
             self._records = {k: v for k, v in data["files"].items() if isinstance(v, dict)}
         except FileNotFoundError:
             self._records = {}
-        except (OSError, ValueError) as exc:
-            log.warning("%s: ignored (%s); its URLs are probed again", self.path, exc)
+        except (OSError, ValueError, RecursionError) as exc:  # RecursionError: nested too deep
+            log.warning("%s: ignored (%s); its URLs are probed again", self.path, type(exc).__name__
+                        if isinstance(exc, RecursionError) else exc)
             self._records = {}
 
     def get(self, url: str) -> Known | None:
@@ -86,7 +89,7 @@ class Catalog:
             etag, modified, ranges = record.get("etag"), record.get("last_modified"), record.get("ranges", True)
             if (not isinstance(size, int) or size < 0 or not isinstance(checked, (int, float))
                     or not all(v is None or isinstance(v, str) for v in (final, etag, modified))
-                    or not isinstance(ranges, bool)):
+                    or not isinstance(ranges, bool) or (isinstance(final, str) and not _usable(final))):
                 return None
             remote = RemoteFile(url=final if isinstance(final, str) else url, size=size,
                                 etag=etag if isinstance(etag, str) else None,
@@ -155,3 +158,12 @@ class Catalog:
 def _checked(record: dict[str, object]) -> float:
     value = record.get("checked")
     return float(value) if isinstance(value, (int, float)) else 0.0
+
+
+def _usable(url: str) -> bool:
+    """Whether a saved final URL is an http(s) URL httpx can parse (a damaged one counts as unsaved)."""
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, ValueError, TypeError):
+        return False
+    return parsed.scheme in ("http", "https") and bool(parsed.host)

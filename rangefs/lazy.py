@@ -128,11 +128,14 @@ class Probes:
                     pending = self._queue.popleft()
                     if pending.started or self._pending.get(pending.node.inode) is not pending:
                         continue
-                    await self._limiter.acquire_on_behalf_of(pending)
+                    # A token of its own per slot taken: a lookup may take a slot for the same
+                    # node meanwhile, and one borrower may hold one token only.
+                    token = object()
+                    await self._limiter.acquire_on_behalf_of(token)
                     if not _claim(pending):  # a lookup started it while we waited for the slot
-                        self._limiter.release_on_behalf_of(pending)
+                        self._limiter.release_on_behalf_of(token)
                         continue
-                    nursery.start_soon(self._probe_held, pending)
+                    nursery.start_soon(self._probe_held, pending, token)
                 # Wait for the probes started to end before saving what they learned.
                 while self._limiter.borrowed_tokens:
                     await trio.sleep(0.05)
@@ -143,18 +146,27 @@ class Probes:
                     log.info("every URL of %s is probed", self._source)
 
     async def _run_one(self, pending: _Pending) -> None:
-        """Start one probe now, out of turn (it still takes a slot)."""
-        await self._limiter.acquire_on_behalf_of(pending)
+        """Start one probe now, out of turn (it still takes a slot). Claimed by the caller: if it
+        is cancelled before the probe starts, the claim is given back, so that others waiting for
+        the node do not wait for ever."""
+        token = object()
+        try:
+            await self._limiter.acquire_on_behalf_of(token)
+        except BaseException:
+            pending.started = False
+            self._queue.append(pending)
+            self._queued.set()
+            raise
         if self._nursery is not None:
-            self._nursery.start_soon(self._probe_held, pending)
+            self._nursery.start_soon(self._probe_held, pending, token)
         else:  # before ``run`` started (not in a mount): probe in this task
-            await self._probe_held(pending)
+            await self._probe_held(pending, token)
 
-    async def _probe_held(self, pending: _Pending) -> None:
+    async def _probe_held(self, pending: _Pending, token: object) -> None:
         try:
             await self._probe_one(pending)
         finally:
-            self._limiter.release_on_behalf_of(pending)
+            self._limiter.release_on_behalf_of(token)
             pending.done.set()
 
     async def _probe_one(self, pending: _Pending) -> None:

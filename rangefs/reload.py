@@ -21,7 +21,6 @@ one reload at a time (``_lock``); the list is read in a worker thread.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -78,8 +77,12 @@ class Reloader:
 
     async def on_signal(self) -> None:
         """A reload asked by SIGHUP: its outcome is logged, nobody waits for it."""
-        with contextlib.suppress(UsageError):
+        try:
             await self.reload()
+        except UsageError:
+            pass  # logged by reload
+        except Exception:  # a signal's reload must never end the daemon
+            log.exception("reload failed; the mount keeps its files")
 
     def _apply(self, entries: list[Entry]) -> tuple[int, int, list[tuple[int, bytes]]]:
         """Change the tree (no await: handlers see the old tree or the new one, never half)."""

@@ -248,11 +248,8 @@ def _parse_options(fields: list[str]) -> tuple[tuple[str, str], ...]:
 
 def _field_problem(field: str) -> str:
     """Say why a field after the path is not a ``key=value`` option (values may be secret)."""
-    if "=" not in field:
-        return (
-            f"too many fields: unexpected {field!r} after the path "
-            "(write spaces in a path as %20; options are key=value)"
-        )
+    if "=" not in field:  # maybe the rest of an option's value that held a space: never shown
+        return "too many fields after the path (write spaces in a path or a value as %20; options are key=value)"
     key = field.partition("=")[0]
     return f"bad option syntax {key + '=...'!r} (expected key=value, a lowercase key, a non-empty value)"
 

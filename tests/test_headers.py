@@ -222,3 +222,22 @@ def test_the_proxy_map_follows_curls_variables(monkeypatch: pytest.MonkeyPatch) 
     assert proxy_map("http://q:2") == {"all://": "http://q:2", "all://*a.example": None}
     monkeypatch.setenv("no_proxy", "*")
     assert proxy_map("http://q:2") == {} and proxy_map(None) == {}
+
+
+def test_a_secret_in_a_malformed_line_is_never_shown() -> None:
+    """An unencoded space in an entry's header value, or a headers-file line without its colon,
+    leaves the secret where a field or a name is expected: errors name the place, not the text."""
+    from rangefs.auth import parse_header_line
+    from rangefs.errors import RangefsError
+    from rangefs.urllist import parse_url_list
+
+    secret = "s3cr3t-token-9f"
+    for text in (f"http://h/a a.bin header.authorization=Bearer {secret}\n",
+                 f"http://h/a a.bin header.x-token=a b{secret}\n"):
+        with pytest.raises(RangefsError) as line_error:
+            parse_url_list(text, "urls.txt")
+        assert secret not in str(line_error.value) and "line 1" in str(line_error.value)
+    for line in (f"Authorization Bearer {secret}:x", f"X-{secret} Token: 1"):
+        with pytest.raises(RangefsError) as header_error:
+            parse_header_line(line, "headers.txt line 1")
+        assert secret not in str(header_error.value)

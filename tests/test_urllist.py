@@ -280,7 +280,8 @@ def test_paths_are_case_sensitive() -> None:
 
 def test_too_many_fields() -> None:
     message = error_of("https://h/a my file.txt")
-    assert message.startswith("<urls> line 1: too many fields") and "'file.txt'" in message
+    # The field is not shown: it may be the rest of an option's value that held a space.
+    assert message.startswith("<urls> line 1: too many fields") and "file.txt" not in message
     assert "%20" in message
 
 

@@ -126,7 +126,8 @@ class Origin:
         self._client: httpx.AsyncClient | None = None
         self._lean: RangeClient | None = None
         self._httpx_only: set[bytes] = set()  # servers whose answers the lean client cannot read
-        self._direct: dict[bytes, bool] = {}  # per host: reached without a proxy (the lean client may take it)
+        # per origin (scheme too: a proxy may be set for https only): reached without a proxy
+        self._direct: dict[tuple[str, str, int | None], bool] = {}
         # Per listed URL: its URL-list entry's headers (rangefs.urllist's header.NAME=), set by the mount.
         self.entry_headers: dict[str, Headers] = {}
         probes = self.config.max_connections  # per origin: httpx has no cap of its own here
@@ -175,10 +176,11 @@ class Origin:
 
     def _is_direct(self, url: httpx.URL) -> bool:
         """Whether httpx reaches ``url`` without a proxy (then the lean client may take its ranges)."""
-        found = self._direct.get(url.netloc)
+        key = _origin_key(url)
+        found = self._direct.get(key)
         if found is None:
             # httpx's own choice among its mounts: the proxy map of rangefs.netconfig
-            found = self._direct[url.netloc] = self.client._transport_for_url(url) is self.client._transport
+            found = self._direct[key] = self.client._transport_for_url(url) is self.client._transport
         return found
 
     async def _check_redirect(self, resp: httpx.Response) -> None:

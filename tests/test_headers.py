@@ -241,3 +241,24 @@ def test_a_secret_in_a_malformed_line_is_never_shown() -> None:
         with pytest.raises(RangefsError) as header_error:
             parse_header_line(line, "headers.txt line 1")
         assert secret not in str(header_error.value)
+
+
+def test_a_proxy_for_https_only_is_decided_per_scheme(monkeypatch: pytest.MonkeyPatch) -> None:
+    """http://h and https://h share a host: with only HTTPS_PROXY set, the first one asked about
+    must not decide for the other (the https ranges would skip the proxy)."""
+    import httpx
+    import trio
+
+    from rangefs.origin import Origin
+
+    for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+
+    async def main() -> None:
+        async with Origin() as origin:
+            assert origin._is_direct(httpx.URL("http://h.example/a"))
+            assert not origin._is_direct(httpx.URL("https://h.example/a"))
+
+    trio.run(main)

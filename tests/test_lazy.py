@@ -36,7 +36,7 @@ def test_lookups_racing_the_queue_all_resolve_and_none_hangs() -> None:
                 results[node.inode] = "ok"
             except trio.TooSlowError:
                 results[node.inode] = "hung"
-            except Exception as exc:  # noqa: BLE001 - any failure is the finding
+            except Exception as exc:  # any failure is the finding
                 results[node.inode] = f"{type(exc).__name__}: {exc}"
 
         async with trio.open_nursery() as nursery:

@@ -1,6 +1,6 @@
 """What probes learned, kept in the cache directory so that a remount need not ask again.
 
-Imports httpx (to check a saved URL parses), rangefs.remote, redact, datafile and safefs; never pyfuse3
+Imports httpx (to check a saved URL parses), rangefs.remote, redact, datafile, state and safefs; never pyfuse3
 or trio. One file, ``catalog.json`` in the cache directory, shared by every mount of that cache
 directory: a JSON object ``{"version": 1, "files": {KEY: RECORD}}``, KEY the URL's cache key
 (a hash: rangefs.datafile.cache_key), RECORD::
@@ -21,6 +21,7 @@ change in between). Bounded: at most ``MAX_RECORDS`` records, the oldest checked
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -31,7 +32,7 @@ from pathlib import Path
 
 import httpx
 
-from rangefs import safefs
+from rangefs import safefs, state
 from rangefs.datafile import cache_key
 from rangefs.redact import redact_url
 from rangefs.remote import RemoteFile
@@ -97,7 +98,24 @@ class Catalog:
                                 accept_ranges=ranges)
         except KeyError:
             return None
-        return Known(remote, float(checked))
+        return self._as_cached(url, remote, float(checked))
+
+    def _as_cached(self, url: str, remote: RemoteFile, checked: float) -> Known:
+        """The saved probe, unless the cache's state file records another version: the state is
+        written at each version switch, the catalog only now and then, so after a crash (or a
+        second mount's older save) the catalog may be the older of the two, and trusting it would
+        drop the cached blocks as those of a changed file. Then the state's version is served and
+        asked about at the first open (``checked`` 0)."""
+        try:
+            identity = state.read(self.path.parent / safefs.FILES / f"{cache_key(url)}.state").identity
+        except (OSError, state.StateCorrupt):
+            return Known(remote, checked)
+        saved = (identity.size, identity.etag, identity.last_modified)
+        if saved == (remote.size, remote.etag, remote.last_modified):
+            return Known(remote, checked)
+        remote = dataclasses.replace(remote, size=identity.size, etag=identity.etag,
+                                     last_modified=identity.last_modified)
+        return Known(remote, 0.0)
 
     def put(self, url: str, remote: RemoteFile, checked: float | None = None) -> None:
         """Record a probe of ``url`` (not when its final URL would carry a secret into the file)."""

@@ -151,6 +151,7 @@ class Cache:
             os.close(safefs.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL))
             safefs.unlink(probe)
             safefs.remove_stale_temps(cache_dir / safefs.FILES, _STALE_TEMP_AGE)
+            safefs.remove_stale_temps(cache_dir, _STALE_TEMP_AGE)  # the catalog's
         except OSError as exc:
             raise CacheError(f"cache directory '{cache_dir}' is not writable: {exc.strerror}") from None
 

@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 NAME = "catalog.json"
 VERSION = 1
 MAX_RECORDS = 200_000  # about 60 MB of JSON at most; beyond, the oldest records go
-_MAX_BYTES = 256 * 1024 * 1024  # a bigger file is not ours to trust: ignored
+_MAX_BYTES = 80 * 1024 * 1024  # a bigger file is not ours to trust: ignored (200,000 URLs take about 60 MB)
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,8 @@ class Catalog:
     def load(self) -> None:
         """Read the saved catalog; a missing, foreign or damaged one counts as empty (logged)."""
         try:
+            if safefs.lstat(self.path).st_size > _MAX_BYTES:  # before reading: json needs many times it
+                raise ValueError("too large")
             blob = safefs.read_bytes(self.path)
             if len(blob) > _MAX_BYTES:
                 raise ValueError("too large")

@@ -318,7 +318,9 @@ async def _serve(opts: MountOptions, entries: list[Entry], reporter: _Foreground
 
 def _helper_config(opts: MountOptions) -> HelperConfig:
     return HelperConfig(
-        origin=opts.origin,
+        # The helper sends each fetch's own headers (RemoteFile.headers): it needs none of the
+        # user's secrets besides, so they stay in the daemon.
+        origin=dataclasses.replace(opts.origin, headers=(), netrc=()),
         block_size=opts.cache.block_size,
         max_requests=opts.cache.max_connections,  # never binds: the daemon admits each fetch (SplitFetcher)
         log_path=str(opts.log_path),

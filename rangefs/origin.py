@@ -165,7 +165,11 @@ class Origin:
         return self
 
     def headers_for(self, url: str) -> Headers:
-        """The user's headers for a listed URL: --header, then netrc's login, then the entry's own."""
+        """The user's headers for a listed URL: --header, then netrc's login, then the entry's own.
+        As in curl, an Authorization the user gives outright goes before netrc's login."""
+        given = self.config.headers + self.entry_headers.get(url, ())
+        if any(name.lower() == "authorization" for name, _ in given):
+            return given
         return self.config.headers + netrc_authorization(url, self.config.netrc) + self.entry_headers.get(url, ())
 
     def with_user_headers(self, listed: str, remote: RemoteFile) -> RemoteFile:

@@ -198,6 +198,9 @@ def test_headers_for_a_url_and_for_what_its_probe_found() -> None:
     assert same.headers == origin.headers_for("http://h/a")
     assert origin.with_user_headers("http://h/a", RemoteFile("https://h/a", 1, None, None)).headers == ()
     assert SECRET not in repr(OriginConfig(headers=(("A", SECRET),), proxy=f"http://u:{SECRET}@p:1"))
+    # An Authorization given outright goes before netrc's login, as in curl.
+    origin.entry_headers["http://h/c"] = (("authorization", "Bearer t"),)
+    assert origin.headers_for("http://h/c") == (("X-A", "1"), ("authorization", "Bearer t"))
 
 
 def test_the_lean_client_sends_one_authorization() -> None:

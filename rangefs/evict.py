@@ -1,6 +1,6 @@
 """Cache limits: keep the cache directory under --cache-max-size and its filesystem above --cache-min-free.
 
-Imports rangefs.safefs (every path), state, bitmap, flights (``Abandoned``) and fetcher
+Imports rangefs.safefs (every path), state, status (``allocated_bytes``), bitmap, flights (``Abandoned``) and fetcher
 (``plan_runs``); sees rangefs.cache and cachedfile for typing only; never pyfuse3. ``Evictor.run``
 is a task of ``Cache.serve``; everything here runs on the trio thread except the blocking work
 (``allocated_bytes``, ``_scan``, ``_punch``, ``_evict_closed``, ``_touch``), which runs in worker
@@ -47,6 +47,7 @@ from rangefs import safefs, state
 from rangefs.bitmap import Bitmap
 from rangefs.fetcher import plan_runs
 from rangefs.flights import Abandoned
+from rangefs.status import allocated_bytes
 
 if TYPE_CHECKING:
     from rangefs.cache import Cache
@@ -81,23 +82,6 @@ def punch(fd: int, offset: int, length: int) -> None:
     if _fallocate(fd, _PUNCH, offset, length) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
-
-
-def allocated_bytes(cache_dir: Path) -> int:
-    """What ``du`` counts of ``cache_dir``: the allocated bytes of everything under it, each
-    inode once, never following a symbolic link (blocking)."""
-    total, seen = 0, set()
-    paths: Iterator[str] = (os.path.join(top, name) for top, dirs, files in os.walk(cache_dir)
-                            for name in (*dirs, *files))  # os.walk lists a link to a directory, never enters it
-    for path in (str(cache_dir), *paths):
-        try:
-            st = os.lstat(path)
-        except OSError:  # removed meanwhile
-            continue
-        if (st.st_dev, st.st_ino) not in seen:
-            seen.add((st.st_dev, st.st_ino))
-            total += st.st_blocks * 512
-    return total
 
 
 class Reading:

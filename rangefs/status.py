@@ -19,6 +19,7 @@ import errno
 import fcntl
 import os
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -62,26 +63,19 @@ def filesystem_bytes(cache_dir: Path) -> int:
 
 
 def allocated_bytes(cache_dir: Path) -> int:
-    """What `du` counts of the cache directory: the blocks allocated to everything under it."""
-    try:
-        total = os.lstat(cache_dir).st_blocks * 512  # du counts the directory itself too
-    except OSError:
-        return 0
-    pending = [str(cache_dir)]
-    while pending:
-        directory = pending.pop()
+    """What ``du`` counts of ``cache_dir``: the allocated bytes of everything under it, each
+    inode once, never following a symbolic link (blocking). The evictor's count too."""
+    total, seen = 0, set()
+    paths: Iterator[str] = (os.path.join(top, name) for top, dirs, files in os.walk(cache_dir)
+                            for name in (*dirs, *files))  # os.walk lists a link to a directory, never enters it
+    for path in (str(cache_dir), *paths):
         try:
-            with os.scandir(directory) as entries:
-                for entry in entries:
-                    try:
-                        st = entry.stat(follow_symlinks=False)
-                    except OSError:
-                        continue  # removed meanwhile
-                    total += st.st_blocks * 512
-                    if stat.S_ISDIR(st.st_mode):
-                        pending.append(entry.path)
-        except OSError:
+            st = os.lstat(path)
+        except OSError:  # removed meanwhile
             continue
+        if (st.st_dev, st.st_ino) not in seen:
+            seen.add((st.st_dev, st.st_ino))
+            total += st.st_blocks * 512
     return total
 
 

@@ -75,7 +75,7 @@ class Spread:
                     self._backoff *= 2
         elif self._hold > 0:
             self._hold -= 1
-        elif self.starved and pieces < self.most and self.rate.get(pieces, math.inf) < self.slow_below:
+        elif self.starved and pieces < self.most and self.slow():
             self._trying_from = pieces
             self.pieces = min(self.most, 2 * pieces)
             self.rate.pop(self.pieces, None)  # measured afresh: conditions change
